@@ -1,0 +1,53 @@
+"""Command-line entry points: compose the Hydra config, run, and turn user errors into one line."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import warnings
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
+
+from finetune.config import RunConfig, register_configs
+from finetune.errors import UserError
+
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+
+
+def quiet_libraries() -> None:
+    """Keep the console to our own lines: the libraries' info chatter and known-harmless warnings go."""
+    # bitsandbytes' CPU backend warns on every import that PyPI's optional `kernels` package is absent.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    for name in ("transformers", "peft", "accelerate", "datasets"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
+
+
+def to_run_config(cfg: DictConfig) -> RunConfig:
+    try:
+        return OmegaConf.to_object(cfg)
+    except MissingMandatoryValue as error:
+        key = error.full_key
+        raise UserError(f"{key} is required but not set: add {key}=... to the command line or the recipe.") from None
+
+
+def _fail(error: UserError) -> None:
+    print(f"error: {error}", file=sys.stderr)
+    sys.exit(2)
+
+
+register_configs()
+
+
+@hydra.main(version_base="1.3", config_path=str(RECIPES_DIR), config_name="train")
+def train_main(cfg: DictConfig) -> None:
+    quiet_libraries()
+    from finetune.recipe import run
+
+    try:
+        run(to_run_config(cfg))
+    except UserError as error:
+        _fail(error)

@@ -1,0 +1,198 @@
+"""The demo recipe's world: a tiny Llama-architecture base model, its tokenizer and its data.
+
+Everything here is made by our own code, seeded, and saved in HF format, so the demo runs on a
+machine with no model hub and then loads through exactly the path users' models take.
+
+The task is a small fact table (entity -> colour, home, sound) asked through several question
+templates. Held-out prompts are (template, entity, relation) combinations the model never saw in
+training, so exact-match accuracy on them shows the adapter learned the facts rather than the
+strings.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+
+import torch
+
+DEMO_SEED = 1234
+# Bump when anything below changes what gets written, so stale caches are rebuilt.
+DEMO_VERSION = 3
+
+ENTITIES = {
+    "cat": ("black", "house", "meow"),
+    "dog": ("brown", "kennel", "woof"),
+    "cow": ("white", "barn", "moo"),
+    "duck": ("yellow", "pond", "quack"),
+    "frog": ("green", "lake", "croak"),
+    "owl": ("grey", "tree", "hoot"),
+    "lion": ("gold", "savanna", "roar"),
+    "bee": ("striped", "hive", "buzz"),
+    "horse": ("chestnut", "stable", "neigh"),
+    "sheep": ("cream", "field", "baa"),
+    "pig": ("pink", "sty", "oink"),
+    "wolf": ("silver", "forest", "howl"),
+}
+RELATIONS = ("colour", "home", "sound")
+TEMPLATES = {
+    "colour": (
+        "What colour is the {e}?",
+        "Tell me the colour of a {e}.",
+        "Which colour does the {e} have?",
+        "Name the {e}'s colour.",
+    ),
+    "home": (
+        "Where does the {e} live?",
+        "Tell me the home of a {e}.",
+        "Which place is home to the {e}?",
+        "Name the {e}'s home.",
+    ),
+    "sound": (
+        "What sound does the {e} make?",
+        "Tell me the sound of a {e}.",
+        "Which sound comes from the {e}?",
+        "Name the {e}'s sound.",
+    ),
+}
+SYSTEM_PROMPT = "You answer with one word."
+
+# A ChatML-style template: a tokenizer with a chat template is what every real base model ships,
+# so the demo exercises `apply_chat_template` like any other model.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]
+
+# Sizes picked so a 2-core CPU finishes the demo in well under three minutes.
+TINY_LLAMA = dict(
+    hidden_size=256,
+    intermediate_size=704,
+    num_hidden_layers=4,
+    num_attention_heads=8,
+    num_key_value_heads=4,
+    max_position_embeddings=512,
+    rms_norm_eps=1e-5,
+    rope_theta=10000.0,
+    tie_word_embeddings=False,
+)
+
+
+def _conversation(template: str, entity: str, relation: str) -> dict:
+    answer = ENTITIES[entity][RELATIONS.index(relation)]
+    return {
+        "messages": [
+            {"role": "system", "content": SYSTEM_PROMPT},
+            {"role": "user", "content": template.format(e=entity)},
+            {"role": "assistant", "content": answer},
+        ]
+    }
+
+
+def demo_conversations(seed: int = DEMO_SEED) -> tuple[list[dict], list[dict]]:
+    """Split every (template, entity, relation) question into train and held-out sets.
+
+    Each (entity, relation) fact keeps at least one template in training, so every held-out
+    question asks a fact the model has seen, phrased in a way it has not.
+    """
+    rng = random.Random(seed)
+    train, held_out = [], []
+    for entity in ENTITIES:
+        for relation in RELATIONS:
+            templates = list(TEMPLATES[relation])
+            rng.shuffle(templates)
+            held_out.append(_conversation(templates[0], entity, relation))
+            train.extend(_conversation(t, entity, relation) for t in templates[1:])
+    rng.shuffle(train)
+    rng.shuffle(held_out)
+    return train, held_out
+
+
+def write_demo_data(data_dir: Path) -> tuple[Path, Path]:
+    """Write train/held-out JSONL chat files (idempotent)."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    train, held_out = demo_conversations()
+    paths = data_dir / "train.jsonl", data_dir / "eval.jsonl"
+    for path, rows in zip(paths, (train, held_out)):
+        text = "".join(json.dumps(row) + "\n" for row in rows)
+        if not path.exists() or path.read_text() != text:
+            _atomic_write_text(path, text)
+    return paths
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def _corpus() -> list[str]:
+    train, held_out = demo_conversations()
+    lines = []
+    for row in train + held_out:
+        for message in row["messages"]:
+            lines.append(f"{message['role']}\n{message['content']}")
+    return lines
+
+
+def build_tokenizer():
+    """A byte-level BPE (GPT-2 style, so GGUF export handles it) trained on the demo text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=600,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator(_corpus(), trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=bpe,
+        eos_token="<|im_end|>",
+        bos_token="<|endoftext|>",
+        pad_token="<|pad|>",
+        chat_template=CHAT_TEMPLATE,
+        model_max_length=TINY_LLAMA["max_position_embeddings"],
+    )
+
+
+def ensure_demo_base(cache_dir: Path) -> Path:
+    """Create the tiny random base model + tokenizer in HF format once; reuse it afterwards.
+
+    The directory name carries DEMO_VERSION, so a changed demo gets a new directory instead of
+    overwriting one a user may have trained adapters against. It is written under a temporary
+    name and renamed, so an interrupted first run never leaves a half-written model behind.
+    """
+    model_dir = Path(cache_dir) / f"demo-base-v{DEMO_VERSION}"
+    if (model_dir / "finetune_demo.json").exists():
+        return model_dir
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = build_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **TINY_LLAMA,
+    )
+    torch.manual_seed(DEMO_SEED)
+    model = LlamaForCausalLM(config)
+    staging = model_dir.with_name(model_dir.name + ".partial")
+    if staging.exists():
+        shutil.rmtree(staging)
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    (staging / "finetune_demo.json").write_text(json.dumps({"version": DEMO_VERSION, "seed": DEMO_SEED}))
+    staging.rename(model_dir)
+    return model_dir

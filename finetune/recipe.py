@@ -1,0 +1,231 @@
+"""QLoRA fine-tuning, top to bottom: set up, evaluate, train, evaluate, save.
+
+`run(cfg)` is the whole job; train.py only composes the config and calls it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+from tqdm import tqdm
+
+from finetune import data as data_lib
+from finetune.checkpoint import save_adapter
+from finetune.config import ConfigError, RunConfig
+from finetune.models import build_model
+from finetune.optim import build_optimizer, build_scheduler
+from finetune.tracking import open_trackers
+
+
+@dataclass
+class RunResult:
+    output_dir: Path
+    adapter_dir: Path
+    metrics: dict = field(default_factory=dict)
+
+
+def run(cfg: RunConfig) -> RunResult:
+    cfg.validate()
+    output_dir = _check_output_dir(Path(cfg.output_dir).expanduser())
+    seed_everything(cfg.train.seed)
+    device = pick_device(cfg.train.device)
+
+    # ---- model: frozen 4-bit base + LoRA ----
+    loaded = build_model(cfg, device)
+    model, tokenizer = loaded.model, loaded.tokenizer
+    for notice in loaded.notices:
+        print(f"note: {notice}")
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = _count_base_weights(model)
+    print(f"model: {loaded.model_dir} on {device} ({loaded.compute_dtype}), trainable {trainable:,} of "
+          f"{total:,} parameters ({100 * trainable / total:.3f}%), {_memory_line(model, device)}")
+
+    # ---- data ----
+    train_samples, eval_samples, report = data_lib.load_splits(cfg.data, tokenizer, cfg.train.seed, cfg.cache_dir)
+    for line in report:
+        print(f"data {line}")
+    pad_id = _pad_id(tokenizer)
+    batches = data_lib.train_batches(train_samples, cfg.train.micro_batch_size, pad_id, cfg.train.seed)
+
+    # ---- optimizer, schedule, tracking; the resolved config goes next to the results ----
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = build_optimizer(params, cfg.optim, device)
+    scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
+    # Created only now, so a run that fails while loading leaves nothing behind.
+    output_dir.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(OmegaConf.structured(cfg), output_dir / "config.yaml")
+    tracker = open_trackers(output_dir)
+
+    def evaluate(step: int) -> dict:
+        metrics = evaluate_loss(model, eval_samples, cfg.train.micro_batch_size, pad_id, device)
+        if cfg.train.eval_generate:
+            metrics["exact_match"] = exact_match(model, tokenizer, eval_samples[: cfg.train.eval_generate],
+                                                 cfg.train.max_new_tokens, device)
+        tracker.log({"step": step, **metrics})
+        return metrics
+
+    before = evaluate(step=0)
+    print(f"eval before training: {_format(before)}")
+
+    # ---- training loop ----
+    model.train()
+    progress = tqdm(range(1, cfg.train.max_steps + 1), desc="train", unit="step", dynamic_ncols=True)
+    window_tokens, window_start = 0, time.perf_counter()
+    for step in progress:
+        micro_batches = [next(batches) for _ in range(cfg.train.gradient_accumulation_steps)]
+        # Normalize by the trainable tokens of the whole optimizer step, so accumulation gives
+        # the same gradient as one big batch however the tokens fall across micro-batches.
+        step_targets = sum(int((mb["labels"][:, 1:] != data_lib.IGNORE_INDEX).sum()) for mb in micro_batches)
+        step_loss = 0.0
+        for mb in micro_batches:
+            mb = {k: v.to(device, non_blocking=True) for k, v in mb.items()}
+            loss = model(**mb, num_items_in_batch=step_targets).loss
+            loss.backward()
+            step_loss += loss.item()
+            window_tokens += int(mb["attention_mask"].sum())
+        if cfg.optim.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, cfg.optim.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        # Flush the gradients as soon as we can, no need for this memory anymore.
+        optimizer.zero_grad(set_to_none=True)
+
+        if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
+            _sync(device)
+            tokens_per_s = window_tokens / (time.perf_counter() - window_start)
+            lr = scheduler.get_last_lr()[0]
+            tracker.log({"step": step, "loss": step_loss, "lr": lr, "tokens_per_s": tokens_per_s})
+            progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}")
+            window_tokens, window_start = 0, time.perf_counter()
+        if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.max_steps:
+            progress.write(f"eval at step {step}: {_format(evaluate(step))}")
+            model.train()
+        if cfg.train.save_every and step % cfg.train.save_every == 0 and step < cfg.train.max_steps:
+            save_adapter(model, tokenizer, _ensure(output_dir / "checkpoints") / f"step-{step}",
+                         _quantization_record(cfg, loaded.compute_dtype))
+    progress.close()
+
+    # ---- final evaluation and the adapter ----
+    after = evaluate(step=cfg.train.max_steps)
+    tracker.close()
+    adapter_dir = save_adapter(model, tokenizer, output_dir / "adapter", _quantization_record(cfg, loaded.compute_dtype))
+    print(f"eval before training: {_format(before)}")
+    print(f"eval after training:  {_format(after)}")
+    print(f"adapter saved to {adapter_dir}")
+    return RunResult(output_dir, adapter_dir, {"before": before, "after": after})
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"train.device={name} but no CUDA GPU is visible. Use train.device=auto or cpu.")
+    return device
+
+
+def _check_output_dir(output_dir: Path) -> Path:
+    """Refuse an output_dir that already holds files (a run never overwrites results) or can't be written."""
+    if output_dir.exists() and any(output_dir.iterdir()):
+        raise ConfigError(f"output_dir={output_dir} already exists and is not empty; pass a new output_dir.")
+    existing = next(parent for parent in (output_dir, *output_dir.parents) if parent.exists())
+    if not os.access(existing, os.W_OK):
+        raise ConfigError(f"output_dir={output_dir} cannot be created: {existing} is not writable. "
+                          "Pass a directory you can write to.")
+    return output_dir
+
+
+def _ensure(directory: Path) -> Path:
+    directory.mkdir(exist_ok=True)
+    return directory
+
+
+@torch.no_grad()
+def evaluate_loss(model, samples, micro_batch_size: int, pad_id: int, device: torch.device) -> dict:
+    """Token-averaged loss over every trainable token of the eval set, and its perplexity."""
+    model.eval()
+    total_loss, total_targets = 0.0, 0
+    for batch in data_lib.eval_batches(samples, micro_batch_size, pad_id):
+        targets = int((batch["labels"][:, 1:] != data_lib.IGNORE_INDEX).sum())
+        batch = {k: v.to(device) for k, v in batch.items()}
+        # num_items_in_batch=1 makes the model return the summed (not averaged) token loss.
+        total_loss += model(**batch, num_items_in_batch=1).loss.item()
+        total_targets += targets
+    eval_loss = total_loss / total_targets
+    return {"eval_loss": eval_loss, "perplexity": math.exp(min(eval_loss, 50.0))}
+
+
+@torch.no_grad()
+def exact_match(model, tokenizer, samples, max_new_tokens: int, device: torch.device) -> float:
+    """Share of prompts whose greedy answer equals the reference last assistant turn exactly."""
+    model.eval()
+    hits = 0
+    for sample in samples:
+        messages = sample.messages
+        prompt = tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True, return_tensors="pt",
+                                               return_dict=True)
+        prompt = {k: v.to(device) for k, v in prompt.items()}
+        output = model.generate(**prompt, max_new_tokens=max_new_tokens, do_sample=False,
+                                pad_token_id=_pad_id(tokenizer), eos_token_id=tokenizer.eos_token_id)
+        answer = tokenizer.decode(output[0, prompt["input_ids"].shape[1]:], skip_special_tokens=True)
+        hits += answer.strip() == messages[-1]["content"].strip()
+    return hits / len(samples)
+
+
+def _pad_id(tokenizer) -> int:
+    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
+        if candidate is not None:
+            return candidate
+
+
+def _count_base_weights(model) -> int:
+    """Parameters as the user thinks of them: a 4-bit weight packs two values per stored byte."""
+    total = 0
+    for param in model.parameters():
+        quant_state = getattr(param, "quant_state", None)
+        total += int(np.prod(quant_state.shape)) if quant_state is not None else param.numel()
+    return total
+
+
+def _memory_line(model, device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.memory_allocated(device) / 2**30:.2f} GiB allocated on the GPU"
+    return f"{model.get_memory_footprint() / 2**20:.1f} MiB of weights in host memory"
+
+
+def _quantization_record(cfg: RunConfig, compute_dtype: torch.dtype) -> dict:
+    return {
+        "load_in_4bit": cfg.quant.load_in_4bit,
+        "bnb_4bit_quant_type": cfg.quant.bnb_4bit_quant_type.value,
+        "bnb_4bit_use_double_quant": cfg.quant.bnb_4bit_use_double_quant,
+        "bnb_4bit_compute_dtype": str(compute_dtype).removeprefix("torch."),
+        "bnb_4bit_quant_storage": "uint8",
+        "blocksize": 64,
+        "torch_dtype": cfg.quant.torch_dtype.value,
+    }
+
+
+def _format(metrics: dict) -> str:
+    parts = [f"loss {metrics['eval_loss']:.4f}", f"perplexity {metrics['perplexity']:.2f}"]
+    if "exact_match" in metrics:
+        parts.append(f"exact match {metrics['exact_match']:.1%}")
+    return ", ".join(parts)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

@@ -1,0 +1,86 @@
+import copy
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+bnb = pytest.importorskip("bitsandbytes")
+bnb_functional = pytest.importorskip("bitsandbytes.functional")
+
+from finetune_kernels.nf4_dequant import nf4_dequantize  # noqa: E402
+from finetune_kernels.reference import nf4_dequantize_reference  # noqa: E402
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def _quantize(shape, dtype, blocksize, nested, device="cpu", seed=0):
+    torch.manual_seed(seed)
+    weight = (3 * torch.randn(shape)).to(device=device, dtype=dtype)
+    return bnb_functional.quantize_4bit(
+        weight, blocksize=blocksize, compress_statistics=nested, quant_type="nf4"
+    )
+
+
+# Odd row counts; each row a whole number of 64-blocks. (7, 9) has an odd element count, so the
+# last byte carries a padding nibble.
+@pytest.mark.parametrize("shape", [(3, 64), (67, 192), (130, 320), (7, 9)])
+@pytest.mark.parametrize("nested", [False, True], ids=["plain", "double_quant"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_bit_exact_with_bitsandbytes(shape, nested, dtype):
+    packed, quant_state = _quantize(shape, dtype, 64, nested)
+    expected = bnb_functional.dequantize_4bit(packed, quant_state)
+    assert torch.equal(nf4_dequantize(packed, quant_state), expected)
+    assert torch.equal(nf4_dequantize_reference(packed, quant_state), expected)
+
+
+# bitsandbytes 0.50's CPU C kernel restarts blocks at every row when a row is not a whole number
+# of blocks, which does not invert its own quantize_4bit (blocks run over the flattened tensor,
+# as on CUDA). For those shapes the oracle is bitsandbytes on the same data quantized as 1-D.
+@pytest.mark.parametrize("shape", [(5, 96), (7, 18), (3, 5), (67, 192)])
+@pytest.mark.parametrize("blocksize", [32, 128, 256])
+@pytest.mark.parametrize("nested", [False, True], ids=["plain", "double_quant"])
+def test_bit_exact_other_blocksizes(shape, blocksize, nested):
+    packed, quant_state = _quantize(shape, torch.bfloat16, blocksize, nested)
+    flat_packed, flat_state = _quantize((shape[0] * shape[1],), torch.bfloat16, blocksize, nested)
+    assert torch.equal(packed.reshape(-1), flat_packed.reshape(-1))
+    expected = bnb_functional.dequantize_4bit(flat_packed, flat_state).reshape(shape)
+    assert torch.equal(nf4_dequantize(packed, quant_state), expected)
+
+
+@pytest.mark.parametrize("out_dtype", DTYPES)
+def test_output_dtype_override(out_dtype):
+    packed, quant_state = _quantize((67, 192), torch.bfloat16, 64, nested=True)
+    state_with_dtype = copy.copy(quant_state)
+    state_with_dtype.dtype = out_dtype
+    expected = bnb_functional.dequantize_4bit(packed, state_with_dtype)
+    assert torch.equal(nf4_dequantize(packed, quant_state, out_dtype), expected)
+
+
+@pytest.mark.parametrize("quant_storage", [torch.uint8, torch.bfloat16])
+def test_params4bit_plugs_in(quant_storage):
+    torch.manual_seed(0)
+    weight = torch.randn(67, 192, dtype=torch.bfloat16)
+    param = bnb.nn.Params4bit(
+        weight, requires_grad=False, quant_type="nf4", compress_statistics=True, quant_storage=quant_storage
+    ).to("cpu")
+    expected = bnb_functional.dequantize_4bit(param.data, param.quant_state)
+    assert torch.equal(nf4_dequantize(param, param.quant_state), expected)
+
+
+def test_result_is_a_constant_inside_autograd():
+    packed, quant_state = _quantize((67, 192), torch.float32, 64, nested=True)
+    x = torch.randn(5, 192, requires_grad=True)
+    weight = nf4_dequantize(packed, quant_state)
+    assert not weight.requires_grad
+    (x @ weight.T).sum().backward()
+    # Default fp32 tolerances: both sides sum the same 67 values, only the order may differ.
+    torch.testing.assert_close(x.grad, weight.sum(0).expand(5, -1))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("nested", [False, True], ids=["plain", "double_quant"])
+@pytest.mark.parametrize("blocksize", [64, 128])
+def test_bit_exact_with_bitsandbytes_cuda(cuda, nested, blocksize):
+    packed, quant_state = _quantize((4096 + 3, 1408), torch.bfloat16, blocksize, nested, device=cuda)
+    expected = bnb_functional.dequantize_4bit(packed, quant_state)
+    assert torch.equal(nf4_dequantize(packed, quant_state), expected)
