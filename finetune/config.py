@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
@@ -48,8 +48,33 @@ class Scheduler(str, enum.Enum):
     constant = "constant"
 
 
+class DataFormat(str, enum.Enum):
+    # Chat conversations: a list of {role, content} messages rendered with the chat template.
+    messages = "messages"
+    # Alpaca rows (instruction, optional input, output), rendered as a user/assistant exchange.
+    instruction = "instruction"
+    # Plain prompt and completion strings, concatenated without a template.
+    prompt_completion = "prompt_completion"
+    # Plain text for continued pre-training; every token is trained.
+    text = "text"
+
+
 class LossOn(str, enum.Enum):
+    # Every assistant turn (the completion, the output), through its end-of-turn token.
     assistant = "assistant"
+    # Only the final assistant turn: earlier turns are context.
+    last_assistant = "last_assistant"
+    # Every turn of every role, each with its template header and end-of-turn token.
+    all_turns = "all_turns"
+    # Every token of the rendered text, template scaffolding included.
+    everything = "everything"
+
+
+class Truncation(str, enum.Enum):
+    # Keep the first max_seq_len tokens.
+    truncate = "truncate"
+    # Leave the whole sample out.
+    drop = "drop"
 
 
 class Tracker(str, enum.Enum):
@@ -121,25 +146,97 @@ class LoraConfig:
             )
 
 
+# The columns each format reads, by their default names; data.columns renames them.
+FORMAT_COLUMNS = {
+    DataFormat.messages: ("messages",),
+    DataFormat.instruction: ("instruction", "input", "output"),
+    DataFormat.prompt_completion: ("prompt", "completion"),
+    DataFormat.text: ("text",),
+}
+
+
+@dataclass
+class DataSource:
+    """One dataset of a mixture."""
+
+    # A local .json/.jsonl/.parquet/.csv/.arrow file, a directory written by `save_to_disk`, or a
+    # Hugging Face hub dataset name.
+    path: str = MISSING
+    # Share of the training samples drawn from this source, relative to the other sources' weights;
+    # a source is repeated (upsampled) when its share exceeds its size.
+    weight: float = 1.0
+    # Hub datasets only: the configuration ("subset") and split to load.
+    subset: Optional[str] = None
+    split: str = "train"
+    # Override data.format and data.columns for this source, to mix e.g. chat and plain text.
+    format: Optional[DataFormat] = None
+    columns: Optional[Dict[str, str]] = None
+
+
 @dataclass
 class DataConfig:
-    """Training data: JSONL files of chat `messages`."""
+    """Training data: which datasets, how they are rendered and masked, and how batches are built."""
 
-    # A JSONL file with one {"messages": [...]} object per line, or "demo".
-    path: str = MISSING
-    # A separate evaluation file; when unset, `eval_fraction` of `path` is held out (seeded).
+    # Single-source shorthand for `sources`: a file, a hub dataset name, or "demo".
+    path: Optional[str] = None
+    # Several datasets mixed by weight, e.g. [{path: a.jsonl, weight: 0.7}, {path: b.parquet, weight: 0.3}].
+    sources: List[DataSource] = field(default_factory=list)
+    # A separate evaluation set (file or hub dataset); when unset, `eval_fraction` of each source is
+    # held out (seeded by train.seed).
     eval_path: Optional[str] = None
+    # Hub evaluation sets only: the split `eval_path` names.
+    eval_split: str = "test"
     eval_fraction: float = 0.05
-    max_seq_len: int = 2048
+    format: DataFormat = DataFormat.messages
+    # Dataset column names for the format's fields, e.g. {messages: conversations}.
+    columns: Dict[str, str] = field(default_factory=dict)
+    # Chat template for tokenizers that ship none: "chatml" or a Jinja string. A tokenizer's own
+    # template always wins, because the model was trained with it.
+    chat_template: str = "chatml"
     loss_on: LossOn = LossOn.assistant
+    max_seq_len: int = 2048
+    # What happens to samples longer than max_seq_len.
+    truncation: Truncation = Truncation.truncate
+    # Concatenate samples into one row per micro-batch (up to micro_batch_size * max_seq_len
+    # tokens), with attention kept inside each sample: no padding is computed.
+    packing: bool = False
+    # Worker processes for tokenizing; unset: one per CPU core, at most 8.
+    num_proc: Optional[int] = None
+    # Print this many rendered training samples with their trained tokens marked, then exit.
+    preview: int = 0
 
     def validate(self) -> None:
+        if self.path is None and not self.sources:
+            raise ConfigError("no training data: pass data.path=FILE_OR_HUB_NAME or "
+                              "data.sources=[{path: ..., weight: ...}, ...].")
+        if self.path is not None and self.sources:
+            raise ConfigError(f"data.path={self.path!r} and data.sources are both set; pass one of them "
+                              "(data.path is the shorthand for a single source).")
         if self.max_seq_len < 8:
             raise ConfigError(f"data.max_seq_len must be at least 8, got {self.max_seq_len}.")
         if self.eval_path is None and not 0.0 < self.eval_fraction < 1.0:
             raise ConfigError(
                 f"data.eval_fraction must be in (0, 1) when data.eval_path is unset, got {self.eval_fraction}."
             )
+        if self.num_proc is not None and self.num_proc < 1:
+            raise ConfigError(f"data.num_proc must be a positive integer, got {self.num_proc}.")
+        if self.preview < 0:
+            raise ConfigError(f"data.preview must be >= 0 (0 trains as usual), got {self.preview}.")
+        _check_columns("data.columns", self.columns, self.format)
+        for index, source in enumerate(self.sources):
+            if source.weight <= 0:
+                raise ConfigError(f"data.sources[{index}].weight must be positive, got {source.weight}.")
+            if source.columns is not None:
+                _check_columns(f"data.sources[{index}].columns", source.columns, source.format or self.format)
+
+
+def _check_columns(key: str, columns: Dict[str, str], data_format: DataFormat) -> None:
+    unknown = sorted(set(columns) - set(FORMAT_COLUMNS[data_format]))
+    if unknown:
+        raise ConfigError(
+            f"{key} renames {unknown}, which format {data_format.value} does not read; "
+            f"its columns are {list(FORMAT_COLUMNS[data_format])}."
+        )
 
 
 @dataclass

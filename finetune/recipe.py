@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 import os
 import random
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +33,7 @@ class RunResult:
     metrics: dict = field(default_factory=dict)
 
 
-def run(cfg: RunConfig) -> RunResult:
+def run(cfg: RunConfig) -> RunResult | None:
     cfg.validate()
     output_dir = _check_output_dir(Path(cfg.output_dir).expanduser())
     seed_everything(cfg.train.seed)
@@ -49,11 +50,15 @@ def run(cfg: RunConfig) -> RunResult:
           f"{total:,} parameters ({100 * trainable / total:.3f}%), {_memory_line(model, device)}")
 
     # ---- data ----
+    data_lib.set_missing_chat_template(tokenizer, cfg.data)
     train_samples, eval_samples, report = data_lib.load_splits(cfg.data, tokenizer, cfg.train.seed, cfg.cache_dir)
     for line in report:
         print(f"data {line}")
+    if cfg.data.preview:
+        print(data_lib.preview(train_samples[: cfg.data.preview], tokenizer, color=sys.stdout.isatty()))
+        return None
     pad_id = _pad_id(tokenizer)
-    batches = data_lib.train_batches(train_samples, cfg.train.micro_batch_size, pad_id, cfg.train.seed)
+    batches = data_lib.train_batches(train_samples, cfg.data, cfg.train.micro_batch_size, pad_id, cfg.train.seed)
 
     # ---- optimizer, schedule, tracking; the resolved config goes next to the results ----
     params = [p for p in model.parameters() if p.requires_grad]
@@ -86,11 +91,10 @@ def run(cfg: RunConfig) -> RunResult:
         step_targets = sum(int((mb["labels"][:, 1:] != data_lib.IGNORE_INDEX).sum()) for mb in micro_batches)
         step_loss = 0.0
         for mb in micro_batches:
-            mb = {k: v.to(device, non_blocking=True) for k, v in mb.items()}
-            loss = model(**mb, num_items_in_batch=step_targets).loss
+            loss = model(**data_lib.model_inputs(mb, device), num_items_in_batch=step_targets).loss
             loss.backward()
             step_loss += loss.item()
-            window_tokens += int(mb["attention_mask"].sum())
+            window_tokens += data_lib.count_tokens(mb)
         if cfg.optim.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(params, cfg.optim.max_grad_norm)
         optimizer.step()

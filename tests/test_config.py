@@ -1,0 +1,85 @@
+"""Every recipe composes against the schemas; bad keys, types and values fail clearly."""
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
+
+from finetune.cli import RECIPES_DIR, to_run_config
+from finetune.config import ConfigError, Optimizer, RunConfig
+from finetune.errors import UserError
+
+RECIPES = sorted(p.stem for p in (RECIPES_DIR / "recipe").rglob("*.yaml"))
+
+
+def compose_run(*overrides: str):
+    with initialize_config_dir(config_dir=str(RECIPES_DIR), version_base="1.3"):
+        return compose(config_name="train", overrides=list(overrides))
+
+
+def test_recipe_glob_finds_every_recipe():
+    # Recursive glob, and an exact count: a recipe added or lost must be noticed here.
+    assert RECIPES == ["demo", "llama3_8b_qlora", "llama70b_qlora", "mistral7b_qlora", "qwen2_5_7b_qlora"]
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_every_recipe_composes_and_validates(recipe):
+    cfg = compose_run(f"recipe={recipe}", "data.path=train.jsonl", "output_dir=/tmp/x")
+    run = to_run_config(cfg)
+    assert isinstance(run, RunConfig)
+    assert run.name == recipe
+    run.validate()
+    assert run.quant.bnb_4bit_quant_type.value == "nf4" and run.quant.bnb_4bit_use_double_quant
+    assert run.lora.target_modules == "all-linear"
+
+
+def test_demo_is_the_default_recipe():
+    assert to_run_config(compose_run()).name == "demo"
+
+
+def test_real_recipes_use_practitioner_settings():
+    big = to_run_config(compose_run("recipe=llama70b_qlora", "data.path=x"))
+    small = to_run_config(compose_run("recipe=llama3_8b_qlora", "data.path=x"))
+    assert big.optim.name is Optimizer.paged_adamw_8bit
+    assert big.optim.lr < small.optim.lr
+    assert big.train.micro_batch_size * big.train.gradient_accumulation_steps >= 8
+
+
+def test_unknown_key_fails_at_compose_naming_it():
+    with pytest.raises(ConfigCompositionException, match="lora.rank"):
+        compose_run("lora.rank=8")
+
+
+def test_wrong_type_fails_at_compose_naming_it():
+    with pytest.raises(ConfigCompositionException, match="lora.r"):
+        compose_run("lora.r=big")
+
+
+def test_value_outside_choices_fails_at_compose():
+    with pytest.raises(ConfigCompositionException, match="optim.scheduler"):
+        compose_run("optim.scheduler=exponential")
+
+
+def test_missing_required_value_names_the_key():
+    with pytest.raises(UserError, match="data.path"):
+        to_run_config(compose_run("recipe=llama3_8b_qlora"))
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [("optim.lr=-1e-4", "optim.lr"), ("lora.r=0", "lora.r"), ("train.micro_batch_size=0", "train.micro_batch_size"),
+     ("lora.lora_dropout=1.5", "lora.lora_dropout"), ("data.max_seq_len=2", "data.max_seq_len")],
+)
+def test_range_checks_name_the_key(override, key):
+    run = to_run_config(compose_run(override))
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        run.validate()
+
+
+def test_resolved_config_round_trips(tmp_path: Path):
+    run = to_run_config(compose_run("lora.r=8"))
+    OmegaConf.save(OmegaConf.structured(run), tmp_path / "config.yaml")
+    again = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RunConfig), OmegaConf.load(tmp_path / "config.yaml")))
+    assert again == run

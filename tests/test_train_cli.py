@@ -1,0 +1,111 @@
+"""The real CLI, end to end, on the demo recipe: the output contract other tools rely on."""
+
+import json
+
+import pytest
+
+from conftest import run_train
+
+
+def read_metrics(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory, cache_dir):
+    out = tmp_path_factory.mktemp("demo") / "run"
+    result = run_train(f"output_dir={out}", f"cache_dir={cache_dir}", "train.save_every=100")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out, result
+
+
+def test_demo_writes_the_output_contract(demo_run):
+    out, _ = demo_run
+    adapter = out / "adapter"
+    for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "tokenizer_config.json",
+                 "finetune_quantization.json"):
+        assert (adapter / name).is_file(), name
+    assert (out / "config.yaml").is_file()
+    assert (out / "checkpoints" / "step-100" / "adapter_model.safetensors").is_file()
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    # The adapter names the base it was trained on: the demo's own local model directory.
+    assert config["base_model_name_or_path"].endswith("demo-base-v3")
+    quant = json.loads((adapter / "finetune_quantization.json").read_text())
+    assert quant["bnb_4bit_quant_type"] == "nf4" and quant["bnb_4bit_use_double_quant"] and quant["blocksize"] == 64
+
+
+def test_demo_metrics_log_steps_and_evaluations(demo_run):
+    out, _ = demo_run
+    rows = read_metrics(out / "metrics.jsonl")
+    steps = [r for r in rows if "loss" in r]
+    evals = [r for r in rows if "eval_loss" in r]
+    assert [r["step"] for r in steps] == list(range(10, 301, 10))
+    assert all({"step", "loss", "lr", "tokens_per_s"} <= r.keys() for r in steps)
+    assert [r["step"] for r in evals] == [0, 100, 200, 300]
+
+
+def test_demo_learns_the_task(demo_run):
+    out, result = demo_run
+    evals = [r for r in read_metrics(out / "metrics.jsonl") if "eval_loss" in r]
+    before, after = evals[0], evals[-1]
+    assert after["eval_loss"] <= 0.7 * before["eval_loss"]  # the issue's bar: eval loss falls >= 30%
+    # Held-out prompts are phrasings never trained on: answering them means the facts were learned.
+    assert before["exact_match"] == 0.0 and after["exact_match"] >= 0.8
+    assert "eval before training" in result.stdout and "eval after training" in result.stdout
+    assert "trainable" in result.stdout and "parameters" in result.stdout
+
+
+def test_same_seed_gives_identical_losses(tmp_path, cache_dir):
+    runs = []
+    for name in ("a", "b"):
+        result = run_train(f"output_dir={tmp_path / name}", f"cache_dir={cache_dir}", "train.max_steps=6",
+                           "train.log_every=1", "train.eval_generate=0", "train.seed=7")
+        assert result.returncode == 0, result.stderr[-2000:]
+        runs.append([r["loss"] for r in read_metrics(tmp_path / name / "metrics.jsonl") if "loss" in r])
+    assert len(runs[0]) == 6 and runs[0] == runs[1]
+
+
+def test_different_seed_gives_different_losses(tmp_path, cache_dir):
+    losses = []
+    for seed in (1, 2):
+        out = tmp_path / f"s{seed}"
+        assert run_train(f"output_dir={out}", f"cache_dir={cache_dir}", "train.max_steps=3", "train.log_every=1",
+                         "train.eval_generate=0", f"train.seed={seed}").returncode == 0
+        losses.append([r["loss"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r])
+    assert losses[0] != losses[1]
+
+
+def test_unknown_key_exits_nonzero_naming_the_key(tmp_path):
+    result = run_train("lora.rnk=8", f"output_dir={tmp_path / 'never'}")
+    assert result.returncode != 0
+    assert "lora.rnk" in result.stderr
+    assert not (tmp_path / "never").exists()
+
+
+def test_bad_value_exits_2_without_traceback_or_output(tmp_path):
+    result = run_train("optim.lr=-1", f"output_dir={tmp_path / 'never'}")
+    assert result.returncode == 2
+    assert "optim.lr must be positive" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "never").exists()
+
+
+def test_missing_model_dir_names_it(tmp_path):
+    result = run_train(f"model.name_or_path={tmp_path / 'nope'}", f"output_dir={tmp_path / 'never'}")
+    assert result.returncode == 2
+    assert str(tmp_path / "nope") in result.stderr and not (tmp_path / "never").exists()
+
+
+def test_offline_hub_id_says_what_was_looked_for(tmp_path):
+    result = run_train("model.name_or_path=nobody-here/missing-model", f"output_dir={tmp_path / 'never'}",
+                       "recipe=demo")
+    assert result.returncode == 2
+    assert "nobody-here/missing-model" in result.stderr and "cache" in result.stderr
+
+
+def test_existing_output_dir_is_never_overwritten(tmp_path):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    result = run_train(f"output_dir={out}")
+    assert result.returncode == 2 and "not empty" in result.stderr
+    assert (out / "notes.txt").read_text() == "keep me" and sorted(p.name for p in out.iterdir()) == ["notes.txt"]
