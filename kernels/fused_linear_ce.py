@@ -117,7 +117,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
                 WRITE_GRAD=needs_grad_x or needs_grad_weight, BLOCK_VOCAB=block_vocab,
                 num_warps=max(1, min(16, block_vocab // 256)),
             )
-            grad_logits = logits
+            grad_logits = logits  # the kernel overwrote the logits with their gradient
             if needs_grad_x:
                 torch.mm(grad_logits, weight, out=grad_x[start:end])
             if needs_grad_weight:

@@ -22,6 +22,8 @@ from bitsandbytes in the last bit.
 The weight is frozen, so there is no backward: the result never requires grad.
 """
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -56,7 +58,8 @@ def _nf4_dequantize_kernel(
     BLOCKS_PER_PROGRAM: tl.constexpr,
     NESTED: tl.constexpr,
 ):
-    block_ids = tl.program_id(0) * BLOCKS_PER_PROGRAM + tl.arange(0, BLOCKS_PER_PROGRAM)
+    # int64 so that element offsets of the largest embedding matrices cannot overflow.
+    block_ids = tl.program_id(0).to(tl.int64) * BLOCKS_PER_PROGRAM + tl.arange(0, BLOCKS_PER_PROGRAM)
     block_valid = block_ids < num_blocks
 
     if NESTED:
@@ -90,7 +93,7 @@ class NF4Dequantize(torch.autograd.Function):
             raise ValueError(f"blocksize {blocksize} is not one of {SUPPORTED_BLOCKSIZES}")
         # Params4bit may store the codes in another dtype (quant_storage); the bytes are the same.
         packed = packed.contiguous().view(torch.uint8).reshape(-1)
-        numel = quant_state.shape.numel()
+        numel = math.prod(quant_state.shape)
         if packed.numel() != (numel + 1) // 2:
             raise ValueError(f"packed tensor has {packed.numel()} bytes, expected {(numel + 1) // 2}")
 
@@ -101,15 +104,17 @@ class NF4Dequantize(torch.autograd.Function):
         code = quant_state.code.to(device=packed.device, dtype=torch.float32)
         if quant_state.nested:
             nested = quant_state.state2
+            absmax_codes_or_values = quant_state.absmax
             nested_code, nested_absmax = nested.code.float(), nested.absmax.float()
             offset, nested_blocksize = quant_state.offset.float().reshape(1), nested.blocksize
         else:
+            absmax_codes_or_values = quant_state.absmax.float()
             # Never read: the NESTED=False specialization compiles those loads away.
             nested_code = nested_absmax = offset = code
             nested_blocksize = 1
         _nf4_dequantize_kernel[grid](
             packed,
-            quant_state.absmax if quant_state.nested else quant_state.absmax.float(),
+            absmax_codes_or_values,
             code,
             nested_code,
             nested_absmax,

@@ -42,10 +42,13 @@ def rope_reference(
     """q, k: (..., tokens, heads, head_dim); cos, sin: (..., tokens, head_dim), broadcast over heads."""
     cos = cos.float().unsqueeze(-2)
     sin = sin.float().unsqueeze(-2)
-    return (
-        (q.float() * cos + _rotate_half(q.float()) * sin).to(q.dtype),
-        (k.float() * cos + _rotate_half(k.float()) * sin).to(k.dtype),
-    )
+    return _rotate(q, cos, sin), _rotate(k, cos, sin)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # One upcast, so that the backward sums both terms' gradients in fp32 before rounding.
+    x_fp32 = x.float()
+    return (x_fp32 * cos + _rotate_half(x_fp32) * sin).to(x.dtype)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

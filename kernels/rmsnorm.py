@@ -117,12 +117,8 @@ class RMSNormFunction(torch.autograd.Function):
         num_rows, hidden_size = rows.shape
         grad_y = grad_y.reshape(num_rows, hidden_size).contiguous()
         grad_x = torch.empty((num_rows, hidden_size), dtype=rows.dtype, device=rows.device)
-        if rows.is_cuda:
-            sm_count = torch.cuda.get_device_properties(rows.device).multi_processor_count
-            num_programs = min(num_rows, sm_count * BACKWARD_PROGRAMS_PER_SM)
-        else:
-            num_programs = min(num_rows, BACKWARD_PROGRAMS_PER_SM)
-        num_programs = max(num_programs, 1)
+        sm_count = torch.cuda.get_device_properties(rows.device).multi_processor_count if rows.is_cuda else 1
+        num_programs = max(1, min(num_rows, sm_count * BACKWARD_PROGRAMS_PER_SM))
         rows_per_program = triton.cdiv(num_rows, num_programs)
         partial_grad_weight = torch.empty((num_programs, hidden_size), dtype=torch.float32, device=rows.device)
         block_size = triton.next_power_of_2(hidden_size)

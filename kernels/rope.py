@@ -46,22 +46,24 @@ def _rope_kernel(
     dim_mask = dims < half_dim
     cos = tl.load(cos_ptr + token * table_stride + dims, mask=dim_mask, other=0.0).to(tl.float32)
     sin = SIN_SIGN * tl.load(sin_ptr + token * table_stride + dims, mask=dim_mask, other=0.0).to(tl.float32)
-    head_dim = 2 * half_dim
-
-    q_heads = tl.arange(0, BLOCK_Q_HEADS)
-    q_offsets = token * q_token_stride + q_heads[:, None] * q_head_stride + dims[None, :]
-    q_out_offsets = (token * num_q_heads + q_heads[:, None]) * head_dim + dims[None, :]
-    _rotate_heads(q_ptr, q_out_ptr, q_offsets, q_out_offsets, half_dim, q_heads[:, None] < num_q_heads, dim_mask, cos, sin)
-
-    k_heads = tl.arange(0, BLOCK_K_HEADS)
-    k_offsets = token * k_token_stride + k_heads[:, None] * k_head_stride + dims[None, :]
-    k_out_offsets = (token * num_k_heads + k_heads[:, None]) * head_dim + dims[None, :]
-    _rotate_heads(k_ptr, k_out_ptr, k_offsets, k_out_offsets, half_dim, k_heads[:, None] < num_k_heads, dim_mask, cos, sin)
+    _rotate_heads(
+        q_ptr, q_out_ptr, token, q_token_stride, q_head_stride, num_q_heads, half_dim, cos, sin, BLOCK_Q_HEADS
+    )
+    _rotate_heads(
+        k_ptr, k_out_ptr, token, k_token_stride, k_head_stride, num_k_heads, half_dim, cos, sin, BLOCK_K_HEADS
+    )
 
 
 @triton.jit
-def _rotate_heads(in_ptr, out_ptr, in_offsets, out_offsets, half_dim, head_mask, dim_mask, cos, sin):
-    mask = head_mask & dim_mask[None, :]
+def _rotate_heads(
+    in_ptr, out_ptr, token, token_stride, head_stride, num_heads, half_dim, cos, sin, BLOCK_HEADS: tl.constexpr
+):
+    heads = tl.arange(0, BLOCK_HEADS)[:, None]
+    dims = tl.arange(0, cos.shape[0])[None, :]
+    mask = (heads < num_heads) & (dims < half_dim)
+    in_offsets = token * token_stride + heads * head_stride + dims
+    # The output is a fresh contiguous (tokens, heads, 2 * half_dim) tensor.
+    out_offsets = (token * num_heads + heads) * (2 * half_dim) + dims
     first = tl.load(in_ptr + in_offsets, mask=mask, other=0.0).to(tl.float32)
     second = tl.load(in_ptr + in_offsets + half_dim, mask=mask, other=0.0).to(tl.float32)
     rotated_first = first * cos[None, :] - second * sin[None, :]
@@ -134,7 +136,8 @@ def apply_rope(
     token_shape, head_dim = q.shape[:-2], q.shape[-1]
     if head_dim % 2 or k.shape[:-2] != token_shape or k.shape[-1] != head_dim:
         raise ValueError(f"incompatible q {tuple(q.shape)} and k {tuple(k.shape)} for RoPE")
-    if (cos is None) == (position_ids is None) or (position_ids is not None and inv_freq is None):
+    table_given, positions_given = cos is not None and sin is not None, position_ids is not None and inv_freq is not None
+    if table_given == positions_given or (cos is None) != (sin is None):
         raise ValueError("pass either position_ids with inv_freq, or cos and sin")
     if position_ids is not None:
         if position_ids.shape != token_shape:

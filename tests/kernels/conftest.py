@@ -14,3 +14,9 @@ def cuda() -> torch.device:
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
     return torch.device("cuda")
+
+
+@pytest.fixture
+def device() -> torch.device:
+    """Where the small tests run: the GPU when there is one, else the CPU under the interpreter."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")

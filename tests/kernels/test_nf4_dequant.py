@@ -13,7 +13,7 @@ from finetune_kernels.reference import nf4_dequantize_reference  # noqa: E402
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
-def _quantize(shape, dtype, blocksize, nested, device="cpu", seed=0):
+def _quantize(shape, dtype, blocksize, nested, device, seed=0):
     torch.manual_seed(seed)
     weight = (3 * torch.randn(shape)).to(device=device, dtype=dtype)
     return bnb_functional.quantize_4bit(
@@ -26,8 +26,8 @@ def _quantize(shape, dtype, blocksize, nested, device="cpu", seed=0):
 @pytest.mark.parametrize("shape", [(3, 64), (67, 192), (130, 320), (7, 9)])
 @pytest.mark.parametrize("nested", [False, True], ids=["plain", "double_quant"])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_bit_exact_with_bitsandbytes(shape, nested, dtype):
-    packed, quant_state = _quantize(shape, dtype, 64, nested)
+def test_bit_exact_with_bitsandbytes(device, shape, nested, dtype):
+    packed, quant_state = _quantize(shape, dtype, 64, nested, device)
     expected = bnb_functional.dequantize_4bit(packed, quant_state)
     assert torch.equal(nf4_dequantize(packed, quant_state), expected)
     assert torch.equal(nf4_dequantize_reference(packed, quant_state), expected)
@@ -39,17 +39,17 @@ def test_bit_exact_with_bitsandbytes(shape, nested, dtype):
 @pytest.mark.parametrize("shape", [(5, 96), (7, 18), (3, 5), (67, 192)])
 @pytest.mark.parametrize("blocksize", [32, 128, 256])
 @pytest.mark.parametrize("nested", [False, True], ids=["plain", "double_quant"])
-def test_bit_exact_other_blocksizes(shape, blocksize, nested):
-    packed, quant_state = _quantize(shape, torch.bfloat16, blocksize, nested)
-    flat_packed, flat_state = _quantize((shape[0] * shape[1],), torch.bfloat16, blocksize, nested)
+def test_bit_exact_other_blocksizes(device, shape, blocksize, nested):
+    packed, quant_state = _quantize(shape, torch.bfloat16, blocksize, nested, device)
+    flat_packed, flat_state = _quantize((shape[0] * shape[1],), torch.bfloat16, blocksize, nested, device)
     assert torch.equal(packed.reshape(-1), flat_packed.reshape(-1))
     expected = bnb_functional.dequantize_4bit(flat_packed, flat_state).reshape(shape)
     assert torch.equal(nf4_dequantize(packed, quant_state), expected)
 
 
 @pytest.mark.parametrize("out_dtype", DTYPES)
-def test_output_dtype_override(out_dtype):
-    packed, quant_state = _quantize((67, 192), torch.bfloat16, 64, nested=True)
+def test_output_dtype_override(device, out_dtype):
+    packed, quant_state = _quantize((67, 192), torch.bfloat16, 64, True, device)
     state_with_dtype = copy.copy(quant_state)
     state_with_dtype.dtype = out_dtype
     expected = bnb_functional.dequantize_4bit(packed, state_with_dtype)
@@ -57,19 +57,19 @@ def test_output_dtype_override(out_dtype):
 
 
 @pytest.mark.parametrize("quant_storage", [torch.uint8, torch.bfloat16])
-def test_params4bit_plugs_in(quant_storage):
+def test_params4bit_plugs_in(device, quant_storage):
     torch.manual_seed(0)
     weight = torch.randn(67, 192, dtype=torch.bfloat16)
     param = bnb.nn.Params4bit(
         weight, requires_grad=False, quant_type="nf4", compress_statistics=True, quant_storage=quant_storage
-    ).to("cpu")
+    ).to(device)
     expected = bnb_functional.dequantize_4bit(param.data, param.quant_state)
     assert torch.equal(nf4_dequantize(param, param.quant_state), expected)
 
 
-def test_result_is_a_constant_inside_autograd():
-    packed, quant_state = _quantize((67, 192), torch.float32, 64, nested=True)
-    x = torch.randn(5, 192, requires_grad=True)
+def test_result_is_a_constant_inside_autograd(device):
+    packed, quant_state = _quantize((67, 192), torch.float32, 64, True, device)
+    x = torch.randn(5, 192, device=device, requires_grad=True)
     weight = nf4_dequantize(packed, quant_state)
     assert not weight.requires_grad
     (x @ weight.T).sum().backward()
@@ -81,6 +81,6 @@ def test_result_is_a_constant_inside_autograd():
 @pytest.mark.parametrize("nested", [False, True], ids=["plain", "double_quant"])
 @pytest.mark.parametrize("blocksize", [64, 128])
 def test_bit_exact_with_bitsandbytes_cuda(cuda, nested, blocksize):
-    packed, quant_state = _quantize((4096 + 3, 1408), torch.bfloat16, blocksize, nested, device=cuda)
+    packed, quant_state = _quantize((4096 + 3, 1408), torch.bfloat16, blocksize, nested, cuda)
     expected = bnb_functional.dequantize_4bit(packed, quant_state)
     assert torch.equal(nf4_dequantize(packed, quant_state), expected)

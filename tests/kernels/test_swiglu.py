@@ -1,0 +1,64 @@
+import pytest
+import torch
+
+pytest.importorskip("triton")
+from transformers.activations import ACT2FN  # noqa: E402
+
+from finetune_kernels.reference import swiglu_reference  # noqa: E402
+from finetune_kernels.swiglu import swiglu  # noqa: E402
+
+SHAPES = [(7, 67), (2, 3, 130), (1, 1, 1025)]
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+def _tolerances(dtype):
+    if dtype == torch.float32:
+        # Triton's sigmoid and torch's differ by a few fp32 ulps.
+        return {"rtol": 1e-5, "atol": 1e-6}
+    # Both sides compute in fp32 and round once to bf16; the CPU interpreter truncates instead,
+    # and fp32 differences may straddle a rounding boundary: 2 ulps, 2^-6 relative.
+    return {"rtol": 2**-6, "atol": 1e-5}
+
+
+def _inputs(shape, dtype, device, seed=0):
+    torch.manual_seed(seed)
+    gate = (3 * torch.randn(shape)).to(device, dtype).requires_grad_()
+    up = torch.randn(shape).to(device, dtype).requires_grad_()
+    return gate, up
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_matches_reference(device, shape, dtype):
+    gate, up = _inputs(shape, dtype, device)
+    out = swiglu(gate, up)
+    expected = swiglu_reference(gate, up)
+    torch.testing.assert_close(out, expected, **_tolerances(dtype))
+
+    grad_out = torch.randn_like(out)
+    for got, want in zip(
+        torch.autograd.grad(out, (gate, up), grad_out), torch.autograd.grad(expected, (gate, up), grad_out)
+    ):
+        torch.testing.assert_close(got, want, **_tolerances(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_matches_transformers_llama_mlp_activation(device, dtype):
+    gate, up = _inputs((7, 67), dtype, device)
+    expected = ACT2FN["silu"](gate) * up
+    # In bf16 transformers rounds silu(g) before the product: one more ulp on its side.
+    tolerances = _tolerances(torch.float32) if dtype == torch.float32 else {"rtol": 2**-5, "atol": 1e-5}
+    torch.testing.assert_close(swiglu(gate, up), expected, **tolerances)
+
+
+@pytest.mark.gpu
+def test_matches_reference_cuda(cuda):
+    gate, up = _inputs((4, 1021, 11008), torch.bfloat16, cuda)
+    out = swiglu(gate, up)
+    expected = swiglu_reference(gate, up)
+    grad_out = torch.randn_like(out)
+    for got, want in zip(
+        (out, *torch.autograd.grad(out, (gate, up), grad_out)),
+        (expected, *torch.autograd.grad(expected, (gate, up), grad_out)),
+    ):
+        torch.testing.assert_close(got, want, **_tolerances(torch.bfloat16))
