@@ -1,0 +1,229 @@
+"""QLoRA training throughput and memory, ours against the baseline, measured in one run (shared/BENCH.md).
+
+    python scripts/bench.py --arch llama3-8b --settings 2x2048 1x8192 --sides hf liger ours
+
+Baseline ("hf") is what a user would otherwise run: transformers AutoModelForCausalLM with
+BitsAndBytesConfig(nf4, double quant, bf16 compute) + peft LoRA (r=16, alpha=16, dropout 0, all
+linear layers) + torch AdamW, SDPA attention, gradient checkpointing on, model in train mode.
+"hf-kbit" adds peft's `prepare_model_for_kbit_training` (the step peft's QLoRA guide tells users to
+take: it upcasts the embeddings, norms and LM head to fp32); "liger" adds liger-kernel's Llama
+patches to the baseline; "ours" is finetune's model path
+(`model.impl=native`, or `--ours-impl`). Each side runs in its own process on the same random-
+weight checkpoint, with random token ids, warm-up steps excluded and optimizer steps timed
+with the GPU synchronized. MFU counts 4 x linear parameters (forward + input gradient; the
+frozen weights get no weight gradient) plus causal attention (3 x forward) per token, against
+the bf16 matmul rate measured on the card in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+LORA = dict(r=16, lora_alpha=16, lora_dropout=0.0)
+
+
+def matmul_peak_tflops(n: int = 8192, iters: int = 20) -> float:
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(iters):
+        a @ b
+    torch.cuda.synchronize()
+    return 2 * n**3 * iters / (time.perf_counter() - start) / 1e12
+
+
+def useful_flops_per_token(config, seq: int) -> float:
+    h, layers = config.hidden_size, config.num_hidden_layers
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    head_dim = getattr(config, "head_dim", None) or h // heads
+    per_layer = h * heads * head_dim + 2 * h * kv_heads * head_dim + heads * head_dim * h + 3 * h * config.intermediate_size
+    linear_params = layers * per_layer + h * config.vocab_size  # + the LM head
+    attention_forward = 2 * seq * heads * head_dim * layers  # QK^T and AV, halved by the causal mask
+    return 4 * linear_params + 3 * attention_forward
+
+
+# ---------------------------------------------------------------- one side, in its own process
+
+def build_hf(checkpoint: Path, liger: bool, grad_ckpt: bool, kbit_prep: bool):
+    import peft
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    if liger:
+        from liger_kernel.transformers import apply_liger_kernel_to_llama
+
+        apply_liger_kernel_to_llama()
+    model = AutoModelForCausalLM.from_pretrained(
+        checkpoint, dtype=torch.bfloat16, device_map={"": 0}, attn_implementation="sdpa",
+        quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                               bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16))
+    if kbit_prep:
+        model = peft.prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=grad_ckpt, gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif grad_ckpt:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = peft.get_peft_model(model, peft.LoraConfig(target_modules="all-linear", task_type="CAUSAL_LM", **LORA))
+    model.train()
+
+    def step(ids):
+        return model(input_ids=ids, labels=ids).loss
+
+    return model, step
+
+
+def build_ours(checkpoint: Path, impl: str, grad_ckpt: bool, overrides: list[str]):
+    from finetune.api import compose_config
+    from finetune.models import build_model
+
+    cfg = compose_config("demo", [f"model.name_or_path={checkpoint}", f"model.impl={impl}",
+                                  f"model.gradient_checkpointing={str(grad_ckpt).lower()}",
+                                  *(f"lora.{k}={v}" for k, v in LORA.items()), *overrides])
+    model = build_model(cfg, torch.device("cuda")).model
+    model.train()
+
+    def step(ids):
+        return model(input_ids=ids, labels=ids, num_items_in_batch=ids[:, 1:].numel()).loss
+
+    return model, step
+
+
+def measure(args) -> dict:
+    torch.manual_seed(0)
+    batch, seq = args.batch, args.seq
+    if args.side == "ours":
+        model, step = build_ours(args.checkpoint, args.ours_impl, not args.no_grad_ckpt, args.ours_override)
+    else:
+        model, step = build_hf(args.checkpoint, liger=args.side == "liger", grad_ckpt=not args.no_grad_ckpt,
+                               kbit_prep=args.side == "hf-kbit")
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-5, fused=True)
+    vocab = model.config.vocab_size if hasattr(model, "config") else args.vocab
+    ids = torch.randint(0, vocab, (batch, seq), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    losses = []
+
+    def optimizer_step():
+        loss = step(ids)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+
+    for _ in range(args.warmup):
+        optimizer_step()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        optimizer_step()
+    torch.cuda.synchronize()
+    elapsed = time.perf_counter() - start
+    return {"side": args.side, "batch": batch, "seq": seq, "tokens_per_s": batch * seq * args.steps / elapsed,
+            "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "losses": losses}
+
+
+# ---------------------------------------------------------------- the driver
+
+def run_side(side: str, batch: int, seq: int, args) -> dict:
+    cmd = [sys.executable, __file__, "--one", side, "--batch", str(batch), "--seq", str(seq), "--checkpoint",
+           str(args.checkpoint), "--steps", str(args.steps), "--warmup", str(args.warmup), "--ours-impl", args.ours_impl]
+    cmd += [x for o in args.ours_override for x in ("--ours-override", o)]
+    if args.no_grad_ckpt:
+        cmd.append("--no-grad-ckpt")
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    if done.returncode != 0:
+        tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
+        return {"side": side, "batch": batch, "seq": seq, "error": " | ".join(tail)[-400:]}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def versions() -> dict:
+    import bitsandbytes
+    import peft
+    import transformers
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
+            "bitsandbytes": bitsandbytes.__version__, "card": torch.cuda.get_device_name(0)}
+
+
+def report(results: list[dict], peak_tflops: float, config, info: dict) -> str:
+    lines = [f"card: {info['card']}; bf16 matmul peak measured {peak_tflops:.0f} TFLOP/s; "
+             + ", ".join(f"{k} {v}" for k, v in info.items() if k != "card"),
+             "", "| setting | side | tok/s | vs hf | MFU | peak GiB |", "|---|---|---|---|---|---|"]
+    for r in results:
+        setting = f"bs{r['batch']} x {r['seq']}"
+        if "error" in r:
+            lines.append(f"| {setting} | {r['side']} | failed: {r['error']} | | | |")
+            continue
+        base = next((b for b in results if b["side"] == "hf" and b["batch"] == r["batch"] and b["seq"] == r["seq"]
+                     and "error" not in b), None)
+        ratio = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base else "n/a"
+        mfu = useful_flops_per_token(config, r["seq"]) * r["tokens_per_s"] / (peak_tflops * 1e12)
+        lines.append(f"| {setting} | {r['side']} | {r['tokens_per_s']:,.0f} | {ratio} | {mfu:.1%} | {r['peak_gib']:.1f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", default="llama3-8b")
+    parser.add_argument("--checkpoint", type=Path, help="existing HF checkpoint (default: write a random one)")
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/finetune-bench"))
+    parser.add_argument("--settings", nargs="+", default=["2x2048", "1x8192"], help="BATCHxSEQ")
+    parser.add_argument("--sides", nargs="+", default=["hf", "ours"], choices=["hf", "hf-kbit", "liger", "ours"])
+    parser.add_argument("--ours-impl", default="native")
+    parser.add_argument("--ours-override", action="append", default=[], help="extra config override for ours")
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--no-grad-ckpt", action="store_true")
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--one", help=argparse.SUPPRESS)
+    parser.add_argument("--batch", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--seq", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--vocab", type=int, default=128256, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.one:
+        args.side = args.one
+        print(json.dumps(measure(args)))
+        return
+
+    from finetune.models.architectures import hf_config
+
+    if args.checkpoint is None:
+        args.checkpoint = args.workdir / f"{args.arch}-random"
+        if not (args.checkpoint / "config.json").exists():
+            from make_random_checkpoint import write_random_checkpoint
+
+            start = time.perf_counter()
+            write_random_checkpoint(args.arch, args.checkpoint, "cuda")
+            print(f"wrote {args.checkpoint} in {time.perf_counter() - start:.0f} s", flush=True)
+    config = hf_config(args.arch)
+    peak = matmul_peak_tflops()
+    results = []
+    for setting in args.settings:
+        batch, seq = (int(x) for x in setting.split("x"))
+        for side in args.sides:
+            result = run_side(side, batch, seq, args)
+            print(json.dumps(result), flush=True)
+            results.append(result)
+    info = versions()
+    table = report(results, peak, config, info)
+    print(table)
+    if args.json:
+        args.json.write_text(json.dumps({"peak_tflops": peak, "versions": info, "results": results}, indent=2))
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    main()
