@@ -1,0 +1,131 @@
+"""Datasets -> tokenized, loss-masked samples -> padded or packed micro-batches.
+
+    sources.py       local files and hub datasets, checked; train/eval split; weighted mixture
+    formats.py       each row rendered to text + the character spans to train on
+    tokenization.py  spans -> per-token labels, in parallel, cached on disk
+    batches.py       padded or packed micro-batches, and the model's keyword arguments
+    report.py        statistics and the preview the user sees before training
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from finetune.config import DataConfig, DataFormat, Truncation
+from finetune.data.batches import collate, collate_packed, count_tokens, eval_batches, model_inputs, train_batches
+from finetune.data.formats import chat_template_for
+from finetune.data.report import SplitReport, preview
+from finetune.data.samples import IGNORE_INDEX, DataError, Sample, TokenizedSplit
+from finetune.data.sources import Source, held_out_split, mixture, resolve_sources
+from finetune.data.tokenization import TokenizedSource, TokenSettings, tokenize_source, tokenizer_fingerprint
+
+__all__ = [
+    "IGNORE_INDEX", "DataError", "Sample", "TokenizedSplit", "collate", "collate_packed", "count_tokens",
+    "eval_batches", "load_splits", "model_inputs", "preview", "train_batches", "use_data_chat_template",
+]
+
+CHAT_FORMATS = (DataFormat.messages, DataFormat.instruction)
+
+
+def use_data_chat_template(tokenizer, data: DataConfig) -> None:
+    """Set the chat template the data is rendered with on the tokenizer, so that generation during
+    evaluation and the tokenizer saved with the adapter use it too."""
+    if _uses_chat(data):
+        tokenizer.chat_template = chat_template_for(tokenizer, data.chat_template)
+
+
+def load_splits(data: DataConfig, tokenizer, seed: int,
+                cache_dir: str) -> tuple[TokenizedSplit, TokenizedSplit, list[str]]:
+    """Train and eval samples, plus report lines: one per source, then one per split."""
+    cache_root = Path(cache_dir).expanduser()
+    train_sources, eval_source = resolve_sources(data, cache_root)
+    template = chat_template_for(tokenizer, data.chat_template) if _uses_chat(data) else ""
+    tokenizer_id = tokenizer_fingerprint(tokenizer)
+    num_proc = data.num_proc or min(os.cpu_count() or 1, 8)
+
+    def tokenized(source: Source) -> TokenizedSource:
+        settings = TokenSettings(source.data_format, data.loss_on, data.max_seq_len,
+                                 template if source.data_format in CHAT_FORMATS else "")
+        return tokenize_source(source, tokenizer, settings, tokenizer_id, cache_root, num_proc)
+
+    train_parts = [tokenized(source) for source in train_sources]
+    if eval_source is None:
+        # Split rows before dropping any, so the eval set does not change with length settings.
+        splits = [held_out_split(len(part.dataset), data.eval_fraction, seed, part.source.name)
+                  for part in train_parts]
+        train_selection = [(part, train_rows) for part, (train_rows, _) in zip(train_parts, splits)]
+        eval_selection = [(part, eval_rows) for part, (_, eval_rows) in zip(train_parts, splits)]
+        lines = [_source_line("source", part) for part in train_parts]
+    else:
+        held_out = tokenized(eval_source)
+        train_selection = [(part, np.arange(len(part.dataset))) for part in train_parts]
+        eval_selection = [(held_out, np.arange(len(held_out.dataset)))]
+        lines = [*(_source_line("source", part) for part in train_parts), _source_line("eval source", held_out)]
+
+    train, train_report = _assemble(train_selection, data, seed, "train", weighted=True)
+    evaluation, eval_report = _assemble(eval_selection, data, seed, "eval", weighted=False)
+    return train, evaluation, lines + [train_report.line("train"), eval_report.line("eval")]
+
+
+def _uses_chat(data: DataConfig) -> bool:
+    formats = [source.format or data.format for source in data.sources] or [data.format]
+    return data.path == "demo" or any(data_format in CHAT_FORMATS for data_format in formats)
+
+
+def _source_line(kind: str, part: TokenizedSource) -> str:
+    how = "read from cache" if part.from_cache else "tokenized"
+    return f"{kind} {part.source.name}: {len(part.dataset)} rows, {how} in {part.seconds:.1f} s"
+
+
+def _assemble(parts: list[tuple[TokenizedSource, np.ndarray]], data: DataConfig, seed: int, split: str,
+              weighted: bool) -> tuple[TokenizedSplit, SplitReport]:
+    """Drop unusable rows, mix the sources by weight (train only), and report on the result."""
+    from datasets import concatenate_datasets
+
+    kept, counts = [], np.zeros(3, dtype=np.int64)  # truncated, dropped too long, dropped no trainable
+    for part, rows in parts:
+        usable, part_counts = _usable_rows(part, rows, data)
+        # A mixture needs every source; an eval set only needs some sample.
+        if not len(usable) and weighted:
+            raise DataError(f"{part.source.name}: all {len(rows)} {split} samples were dropped: "
+                            f"{_drop_reasons(part_counts[1], part_counts[2], data)}.")
+        kept.append(usable)
+        counts += part_counts
+    truncated, too_long, no_trainable = (int(count) for count in counts)
+    if not sum(len(rows) for rows in kept):
+        raise DataError(f"all {too_long + no_trainable} {split} samples were dropped: "
+                        f"{_drop_reasons(too_long, no_trainable, data)}.")
+    if too_long or no_trainable:
+        warnings.warn(f"{too_long + no_trainable} {split} samples were dropped: "
+                      f"{_drop_reasons(too_long, no_trainable, data)}.", stacklevel=3)
+    if weighted and len(parts) > 1:
+        kept = mixture(kept, [part.source.weight for part, _ in parts], seed)
+    dataset = concatenate_datasets([part.dataset.select(rows) for (part, _), rows in zip(parts, kept)])
+    lengths = np.concatenate([part.column("length")[rows] for (part, _), rows in zip(parts, kept)])
+    trainable = sum(int(part.column("trainable")[rows].sum()) for (part, _), rows in zip(parts, kept))
+    report = SplitReport(len(dataset), int(lengths.sum()), trainable, truncated, too_long, no_trainable, lengths)
+    return TokenizedSplit(dataset), report
+
+
+def _usable_rows(part: TokenizedSource, rows: np.ndarray, data: DataConfig) -> tuple[np.ndarray, np.ndarray]:
+    """The rows worth training on, and (truncated, dropped too long, dropped no trainable) counts."""
+    full_length, length, trainable = (part.column(name)[rows] for name in ("full_length", "length", "trainable"))
+    too_long = (full_length > data.max_seq_len) & (data.truncation is Truncation.drop)
+    no_trainable = (trainable == 0) & ~too_long
+    usable = ~too_long & ~no_trainable
+    truncated = (full_length > length) & usable
+    return rows[usable], np.array([truncated.sum(), too_long.sum(), no_trainable.sum()])
+
+
+def _drop_reasons(too_long: int, no_trainable: int, data: DataConfig) -> str:
+    reasons = []
+    if no_trainable:
+        reasons.append(f"{no_trainable} have no token to train on (data.loss_on={data.loss_on.value}) "
+                       f"within data.max_seq_len={data.max_seq_len}")
+    if too_long:
+        reasons.append(f"{too_long} are longer than data.max_seq_len={data.max_seq_len} (data.truncation=drop)")
+    return "; ".join(reasons)
