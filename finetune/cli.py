@@ -21,9 +21,15 @@ def quiet_libraries() -> None:
     """Keep the console to our own lines: the libraries' info chatter and known-harmless warnings go."""
     # bitsandbytes' CPU backend warns on every import that PyPI's optional `kernels` package is absent.
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    for name in ("transformers", "peft", "accelerate", "datasets"):
+    for name in ("transformers", "peft", "accelerate", "datasets", "wandb"):
         logging.getLogger(name).setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    import datasets
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    datasets.disable_progress_bars()
 
 
 def to_run_config(cfg: DictConfig) -> RunConfig:
@@ -34,20 +40,17 @@ def to_run_config(cfg: DictConfig) -> RunConfig:
         raise UserError(f"{key} is required but not set: add {key}=... to the command line or the recipe.") from None
 
 
-def _fail(error: UserError) -> None:
-    print(f"error: {error}", file=sys.stderr)
-    sys.exit(2)
-
-
 register_configs()
 
 
 @hydra.main(version_base="1.3", config_path=str(RECIPES_DIR), config_name="train")
-def train_main(cfg: DictConfig) -> None:
+def train_main(cfg: DictConfig) -> dict:
     quiet_libraries()
     from finetune.recipe import run
 
     try:
-        run(to_run_config(cfg))
+        result = run(to_run_config(cfg))
     except UserError as error:
-        _fail(error)
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    return {"output_dir": str(result.output_dir), **result.metrics}

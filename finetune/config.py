@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
@@ -34,6 +34,11 @@ class QuantType(str, enum.Enum):
 
 
 class ModelImpl(str, enum.Enum):
+    # native when the checkpoint's architecture is one it supports (and the LoRA settings too), else hf.
+    auto = "auto"
+    # Our Llama-family decoder (Llama 2/3.x, Mistral, Qwen2/2.5, Qwen3): fused kernels, packed attention.
+    native = "native"
+    # transformers + bitsandbytes + peft: any causal LM, and the reference the native path is tested against.
     hf = "hf"
 
 
@@ -77,8 +82,11 @@ class Truncation(str, enum.Enum):
     drop = "drop"
 
 
-class Tracker(str, enum.Enum):
-    jsonl = "jsonl"
+class WandbMode(str, enum.Enum):
+    # Online when an API key is configured and the server answers, offline otherwise.
+    auto = "auto"
+    online = "online"
+    offline = "offline"
 
 
 @dataclass
@@ -92,6 +100,14 @@ class ModelConfig:
     gradient_checkpointing: bool = True
     # Attention backend handed to transformers ("sdpa" picks PyTorch's flash/cuDNN kernels).
     attn_implementation: str = "sdpa"
+    # Native path: Triton kernels (RMSNorm, RoPE, SwiGLU, NF4 dequantize, fused LM head + loss) on
+    # CUDA. The CPU always runs their plain-PyTorch references.
+    use_kernels: bool = True
+    # Native path: torch.compile each decoder layer (slow first steps, faster after).
+    compile: bool = False
+    # Native path, CUDA: park each checkpointed layer's input in pinned host memory until backward.
+    # Needs gradient_checkpointing; trades PCIe traffic for GPU memory on long sequences.
+    offload_checkpoints: bool = False
     trust_remote_code: bool = False
     revision: Optional[str] = None
 
@@ -146,13 +162,27 @@ class LoraConfig:
             )
 
 
-# The columns each format reads, by their default names; data.columns renames them.
+# The fields each format reads; data.columns names the dataset column holding each.
 FORMAT_COLUMNS = {
     DataFormat.messages: ("messages",),
     DataFormat.instruction: ("instruction", "input", "output"),
     DataFormat.prompt_completion: ("prompt", "completion"),
     DataFormat.text: ("text",),
 }
+
+
+@dataclass
+class DataColumns:
+    """The dataset column holding each format field, where yours differ: e.g. messages: conversations."""
+
+    messages: str = "messages"
+    instruction: str = "instruction"
+    # Optional in the data: rows without it are instructions alone.
+    input: str = "input"
+    output: str = "output"
+    prompt: str = "prompt"
+    completion: str = "completion"
+    text: str = "text"
 
 
 @dataclass
@@ -170,7 +200,7 @@ class DataSource:
     split: str = "train"
     # Override data.format and data.columns for this source, to mix e.g. chat and plain text.
     format: Optional[DataFormat] = None
-    columns: Optional[Dict[str, str]] = None
+    columns: Optional[DataColumns] = None
 
 
 @dataclass
@@ -181,18 +211,17 @@ class DataConfig:
     path: Optional[str] = None
     # Several datasets mixed by weight, e.g. [{path: a.jsonl, weight: 0.7}, {path: b.parquet, weight: 0.3}].
     sources: List[DataSource] = field(default_factory=list)
-    # A separate evaluation set (file or hub dataset); when unset, `eval_fraction` of each source is
-    # held out (seeded by train.seed).
+    # A separate evaluation set (file or hub dataset, read with data.format and data.columns); when
+    # unset, `eval_fraction` of each source is held out (seeded by train.seed).
     eval_path: Optional[str] = None
     # Hub evaluation sets only: the split `eval_path` names.
     eval_split: str = "test"
     eval_fraction: float = 0.05
     format: DataFormat = DataFormat.messages
-    # Dataset column names for the format's fields, e.g. {messages: conversations}.
-    columns: Dict[str, str] = field(default_factory=dict)
-    # Chat template for tokenizers that ship none: "chatml" or a Jinja string. A tokenizer's own
-    # template always wins, because the model was trained with it.
-    chat_template: str = "chatml"
+    columns: DataColumns = field(default_factory=DataColumns)
+    # Chat template: "chatml" or a Jinja string. Unset: the tokenizer's own, or chatml when it has
+    # none. Whatever renders the data is also set on the tokenizer saved with the adapter.
+    chat_template: Optional[str] = None
     loss_on: LossOn = LossOn.assistant
     max_seq_len: int = 2048
     # What happens to samples longer than max_seq_len.
@@ -211,7 +240,8 @@ class DataConfig:
                               "data.sources=[{path: ..., weight: ...}, ...].")
         if self.path is not None and self.sources:
             raise ConfigError(f"data.path={self.path!r} and data.sources are both set; pass one of them "
-                              "(data.path is the shorthand for a single source).")
+                              "(data.path is the shorthand for a single source; data.path=null clears a "
+                              "recipe's).")
         if self.max_seq_len < 8:
             raise ConfigError(f"data.max_seq_len must be at least 8, got {self.max_seq_len}.")
         if self.eval_path is None and not 0.0 < self.eval_fraction < 1.0:
@@ -222,21 +252,9 @@ class DataConfig:
             raise ConfigError(f"data.num_proc must be a positive integer, got {self.num_proc}.")
         if self.preview < 0:
             raise ConfigError(f"data.preview must be >= 0 (0 trains as usual), got {self.preview}.")
-        _check_columns("data.columns", self.columns, self.format)
         for index, source in enumerate(self.sources):
             if source.weight <= 0:
                 raise ConfigError(f"data.sources[{index}].weight must be positive, got {source.weight}.")
-            if source.columns is not None:
-                _check_columns(f"data.sources[{index}].columns", source.columns, source.format or self.format)
-
-
-def _check_columns(key: str, columns: Dict[str, str], data_format: DataFormat) -> None:
-    unknown = sorted(set(columns) - set(FORMAT_COLUMNS[data_format]))
-    if unknown:
-        raise ConfigError(
-            f"{key} renames {unknown}, which format {data_format.value} does not read; "
-            f"its columns are {list(FORMAT_COLUMNS[data_format])}."
-        )
 
 
 @dataclass
@@ -281,6 +299,8 @@ class TrainConfig:
     save_every: int = 0
     # Greedy-generate answers for this many eval prompts and report exact-match accuracy.
     eval_generate: int = 0
+    # User messages answered greedily at every evaluation, printed and logged as a table.
+    sample_prompts: List[str] = field(default_factory=list)
     max_new_tokens: int = 16
     # "auto" picks CUDA when available.
     device: str = "auto"
@@ -304,9 +324,23 @@ class TrainConfig:
 
 @dataclass
 class TrackerConfig:
-    """Experiment tracking. metrics.jsonl is always written."""
+    """Experiment tracking. OUTPUT_DIR/metrics.jsonl is always written; these add backends.
 
-    backends: List[Tracker] = field(default_factory=lambda: [Tracker.jsonl])
+    Pick with `tracker=wandb`, `tracker=tensorboard`, `tracker=[wandb,tensorboard]` or `tracker=none`.
+    """
+
+    wandb: bool = False
+    tensorboard: bool = False
+    wandb_mode: WandbMode = WandbMode.auto
+    # wandb project; runs of one sweep share `group`.
+    project: str = "finetune"
+    entity: Optional[str] = None
+    # Defaults to the output directory's name.
+    run_name: Optional[str] = None
+    group: Optional[str] = None
+    tags: List[str] = field(default_factory=list)
+    # Set on resume so the tracker continues the same run.
+    run_id: Optional[str] = None
 
 
 @dataclass
@@ -316,7 +350,8 @@ class RunConfig:
     # Name of the recipe (set by recipe/<name>.yaml), used in default output paths.
     name: str = MISSING
     output_dir: str = MISSING
-    # Where the demo base model and other generated artifacts are cached between runs.
+    # Where the demo base model, tokenized data and other generated artifacts are cached
+    # between runs (recipes default it to $FINETUNE_CACHE_DIR, else ~/.cache/finetune).
     cache_dir: str = "~/.cache/finetune"
     model: ModelConfig = field(default_factory=ModelConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)
@@ -343,7 +378,13 @@ GROUP_SCHEMAS = {
 
 
 def register_configs() -> None:
-    """Register the run schema and one schema per group, referenced from recipes/ defaults lists."""
+    """Register the run schema, one schema per group, and the resolvers recipes/train.yaml uses."""
+    from omegaconf import OmegaConf
+
+    from finetune.sweep import default_output_dir, sweep_group
+
+    OmegaConf.register_new_resolver("finetune_output_dir", default_output_dir, replace=True)
+    OmegaConf.register_new_resolver("finetune_sweep_group", sweep_group, replace=True)
     store = ConfigStore.instance()
     store.store(name="run_schema", node=RunConfig)
     for group, schema in GROUP_SCHEMAS.items():

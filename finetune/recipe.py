@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 import os
 import random
+import resource
 import sys
 import time
 from dataclasses import dataclass, field
@@ -29,15 +30,16 @@ from finetune.tracking import open_trackers
 @dataclass
 class RunResult:
     output_dir: Path
-    adapter_dir: Path
-    metrics: dict = field(default_factory=dict)
+    adapter_dir: Path | None  # None when data.preview stopped the run before training
+    metrics: dict = field(default_factory=dict)  # final eval metrics, plus summary figures
 
 
-def run(cfg: RunConfig) -> RunResult | None:
+def run(cfg: RunConfig) -> RunResult:
     cfg.validate()
     output_dir = _check_output_dir(Path(cfg.output_dir).expanduser())
     seed_everything(cfg.train.seed)
     device = pick_device(cfg.train.device)
+    started = time.perf_counter()
 
     # ---- model: frozen 4-bit base + LoRA ----
     loaded = build_model(cfg, device)
@@ -50,13 +52,13 @@ def run(cfg: RunConfig) -> RunResult | None:
           f"{total:,} parameters ({100 * trainable / total:.3f}%), {_memory_line(model, device)}")
 
     # ---- data ----
-    data_lib.set_missing_chat_template(tokenizer, cfg.data)
+    data_lib.use_data_chat_template(tokenizer, cfg.data)
     train_samples, eval_samples, report = data_lib.load_splits(cfg.data, tokenizer, cfg.train.seed, cfg.cache_dir)
     for line in report:
         print(f"data {line}")
     if cfg.data.preview:
         print(data_lib.preview(train_samples[: cfg.data.preview], tokenizer, color=sys.stdout.isatty()))
-        return None
+        return RunResult(output_dir, adapter_dir=None)
     pad_id = _pad_id(tokenizer)
     batches = data_lib.train_batches(train_samples, cfg.data, cfg.train.micro_batch_size, pad_id, cfg.train.seed)
 
@@ -66,24 +68,40 @@ def run(cfg: RunConfig) -> RunResult | None:
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
     # Created only now, so a run that fails while loading leaves nothing behind.
     output_dir.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(OmegaConf.structured(cfg), output_dir / "config.yaml")
-    tracker = open_trackers(output_dir)
+    resolved = OmegaConf.structured(cfg)
+    OmegaConf.save(resolved, output_dir / "config.yaml")
+    tracker = open_trackers(cfg.tracker, output_dir, output_dir.name, OmegaConf.to_container(resolved, enum_to_str=True))
+    tracker.log({"trainable_params": trainable, "total_params": total}, step=0)
+
+    # Exact match needs a reference answer: a conversation that ends with an assistant turn.
+    answerable = [s for s in eval_samples if s.messages and s.messages[-1]["role"] == "assistant"]
+    answerable = answerable[: cfg.train.eval_generate]
+    if cfg.train.eval_generate and not answerable:
+        print("note: train.eval_generate skipped: no eval sample ends with an assistant turn to compare against.")
 
     def evaluate(step: int) -> dict:
         metrics = evaluate_loss(model, eval_samples, cfg.train.micro_batch_size, pad_id, device)
-        if cfg.train.eval_generate:
-            metrics["exact_match"] = exact_match(model, tokenizer, eval_samples[: cfg.train.eval_generate],
-                                                 cfg.train.max_new_tokens, device)
-        tracker.log({"step": step, **metrics})
+        if answerable:
+            metrics["exact_match"] = exact_match(model, tokenizer, answerable, cfg.train.max_new_tokens, device)
+        tracker.log(metrics, step)
+        if cfg.train.sample_prompts:
+            rows = [[step, prompt, generate_answer(model, tokenizer, [{"role": "user", "content": prompt}],
+                                                   cfg.train.max_new_tokens, device)]
+                    for prompt in cfg.train.sample_prompts]
+            tracker.log_table("samples", ["step", "prompt", "completion"], rows, step)
+            for _, prompt, completion in rows:
+                tqdm.write(f"  sample: {prompt!r} -> {completion!r}")
         return metrics
 
     before = evaluate(step=0)
     print(f"eval before training: {_format(before)}")
+    evals = [before]
 
     # ---- training loop ----
     model.train()
+    _reset_peak_memory(device)
     progress = tqdm(range(1, cfg.train.max_steps + 1), desc="train", unit="step", dynamic_ncols=True)
-    window_tokens, window_start = 0, time.perf_counter()
+    window_tokens, window_start, total_tokens = 0, time.perf_counter(), 0
     for step in progress:
         micro_batches = [next(batches) for _ in range(cfg.train.gradient_accumulation_steps)]
         # Normalize by the trainable tokens of the whole optimizer step, so accumulation gives
@@ -91,12 +109,12 @@ def run(cfg: RunConfig) -> RunResult | None:
         step_targets = sum(int((mb["labels"][:, 1:] != data_lib.IGNORE_INDEX).sum()) for mb in micro_batches)
         step_loss = 0.0
         for mb in micro_batches:
-            loss = model(**data_lib.model_inputs(mb, device), num_items_in_batch=step_targets).loss
+            loss = model(**data_lib.model_inputs(mb, model, device), num_items_in_batch=step_targets).loss
             loss.backward()
             step_loss += loss.item()
             window_tokens += data_lib.count_tokens(mb)
-        if cfg.optim.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(params, cfg.optim.max_grad_norm)
+        max_norm = cfg.optim.max_grad_norm if cfg.optim.max_grad_norm > 0 else math.inf
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
         optimizer.step()
         scheduler.step()
         # Flush the gradients as soon as we can, no need for this memory anymore.
@@ -104,27 +122,45 @@ def run(cfg: RunConfig) -> RunResult | None:
 
         if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
             _sync(device)
-            tokens_per_s = window_tokens / (time.perf_counter() - window_start)
+            elapsed = time.perf_counter() - window_start
+            steps_in_window = step % cfg.train.log_every or cfg.train.log_every
             lr = scheduler.get_last_lr()[0]
-            tracker.log({"step": step, "loss": step_loss, "lr": lr, "tokens_per_s": tokens_per_s})
-            progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}")
+            metrics = {"loss": step_loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": window_tokens / elapsed,
+                       "step_time_s": elapsed / steps_in_window, "peak_memory_gib": _peak_memory_gib(device)}
+            tracker.log(metrics, step)
+            progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{metrics['tokens_per_s']:,.0f}")
+            progress.write(f"step {step:>6}  loss {step_loss:.4f}  lr {lr:.2e}  grad norm {grad_norm:.3f}  "
+                           f"{metrics['tokens_per_s']:,.0f} tok/s  peak {metrics['peak_memory_gib']:.2f} GiB")
+            total_tokens += window_tokens
             window_tokens, window_start = 0, time.perf_counter()
         if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.max_steps:
-            progress.write(f"eval at step {step}: {_format(evaluate(step))}")
+            evals.append(evaluate(step))
+            progress.write(f"eval at step {step}: {_format(evals[-1])}")
             model.train()
         if cfg.train.save_every and step % cfg.train.save_every == 0 and step < cfg.train.max_steps:
             save_adapter(model, tokenizer, _ensure(output_dir / "checkpoints") / f"step-{step}",
                          _quantization_record(cfg, loaded.compute_dtype))
     progress.close()
 
-    # ---- final evaluation and the adapter ----
+    # ---- final evaluation, the adapter, and a summary ----
     after = evaluate(step=cfg.train.max_steps)
-    tracker.close()
+    evals.append(after)
     adapter_dir = save_adapter(model, tokenizer, output_dir / "adapter", _quantization_record(cfg, loaded.compute_dtype))
+    summary = {
+        "time_s": time.perf_counter() - started,
+        "train_tokens": total_tokens,
+        "best_eval_loss": min(e["eval_loss"] for e in evals),
+        "peak_memory_gib": _peak_memory_gib(device),
+        **{f"final_{k}": v for k, v in after.items()},
+    }
+    tracker.log(summary, cfg.train.max_steps)
+    tracker.close()
     print(f"eval before training: {_format(before)}")
     print(f"eval after training:  {_format(after)}")
+    print(f"done in {summary['time_s']:.0f} s: {total_tokens:,} tokens, best eval loss {summary['best_eval_loss']:.4f}, "
+          f"peak memory {summary['peak_memory_gib']:.2f} GiB")
     print(f"adapter saved to {adapter_dir}")
-    return RunResult(output_dir, adapter_dir, {"before": before, "after": after})
+    return RunResult(output_dir, adapter_dir, summary)
 
 
 def seed_everything(seed: int) -> None:
@@ -174,19 +210,20 @@ def evaluate_loss(model, samples, micro_batch_size: int, pad_id: int, device: to
 
 
 @torch.no_grad()
+def generate_answer(model, tokenizer, messages: list[dict], max_new_tokens: int, device: torch.device) -> str:
+    """Greedy answer to a conversation, rendered with the chat template as in training."""
+    model.eval()
+    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    prompt = {k: v.to(device) for k, v in prompt.items()}
+    output = model.generate(**prompt, max_new_tokens=max_new_tokens, do_sample=False,
+                            pad_token_id=_pad_id(tokenizer), eos_token_id=tokenizer.eos_token_id)
+    return tokenizer.decode(output[0, prompt["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+
+
 def exact_match(model, tokenizer, samples, max_new_tokens: int, device: torch.device) -> float:
     """Share of prompts whose greedy answer equals the reference last assistant turn exactly."""
-    model.eval()
-    hits = 0
-    for sample in samples:
-        messages = sample.messages
-        prompt = tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True, return_tensors="pt",
-                                               return_dict=True)
-        prompt = {k: v.to(device) for k, v in prompt.items()}
-        output = model.generate(**prompt, max_new_tokens=max_new_tokens, do_sample=False,
-                                pad_token_id=_pad_id(tokenizer), eos_token_id=tokenizer.eos_token_id)
-        answer = tokenizer.decode(output[0, prompt["input_ids"].shape[1]:], skip_special_tokens=True)
-        hits += answer.strip() == messages[-1]["content"].strip()
+    hits = sum(generate_answer(model, tokenizer, s.messages[:-1], max_new_tokens, device) == s.messages[-1]["content"].strip()
+               for s in samples)
     return hits / len(samples)
 
 
@@ -209,6 +246,18 @@ def _memory_line(model, device: torch.device) -> str:
     if device.type == "cuda":
         return f"{torch.cuda.memory_allocated(device) / 2**30:.2f} GiB allocated on the GPU"
     return f"{model.get_memory_footprint() / 2**20:.1f} MiB of weights in host memory"
+
+
+def _reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _peak_memory_gib(device: torch.device) -> float:
+    """GPU: peak allocated by torch since training began. CPU: the process's peak resident memory."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is in KiB on Linux
 
 
 def _quantization_record(cfg: RunConfig, compute_dtype: torch.dtype) -> dict:

@@ -64,7 +64,7 @@ def test_value_outside_choices_fails_at_compose():
 
 def test_missing_required_value_names_the_key():
     with pytest.raises(UserError, match="data.path"):
-        to_run_config(compose_run("recipe=llama3_8b_qlora"))
+        to_run_config(compose_run("recipe=llama3_8b_qlora")).validate()
 
 
 @pytest.mark.parametrize(
