@@ -13,15 +13,17 @@ from finetune.errors import UserError
 def compose_config(recipe: str = "demo", overrides: list[str] | tuple[str, ...] = ()):
     """The run config `python train.py recipe=<recipe> <overrides>` would use, validated against the schemas."""
     from hydra import compose, initialize_config_dir
-    from hydra.errors import ConfigCompositionException
 
-    from finetune.cli import RECIPES_DIR, to_run_config
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from finetune.cli import RECIPES_DIR, explain_compose_error, to_run_config
 
     try:
         with initialize_config_dir(config_dir=str(RECIPES_DIR), version_base="1.3"):
             cfg = compose(config_name="train", overrides=[f"recipe={recipe}", *overrides])
-    except ConfigCompositionException as error:
-        raise UserError(str(error.__cause__ or error)) from None
+    except (HydraException, OmegaConfBaseException) as error:
+        raise UserError(explain_compose_error(error)) from None
     return to_run_config(cfg)
 
 

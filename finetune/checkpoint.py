@@ -1,34 +1,53 @@
-"""Atomic writes of adapters: a directory appears complete or not at all."""
+"""Crash-safe checkpoints: a directory appears complete or not at all, and resumes exactly.
+
+A checkpoint `checkpoints/step-N/` holds the PEFT adapter (+ tokenizer + the quantization it was
+trained against) and `trainer_state.pt` (optimizer, scheduler, RNG states: tensors and plain
+values only, so it loads with `torch.load(weights_only=True)`) plus `trainer_state.json` (step,
+data position, tracker run id, config hash). It is written under a temporary name, every file
+fsync'ed, then renamed into place and the parent directory fsync'ed: after a crash at any
+moment the newest complete checkpoint is still readable.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import random
 import shutil
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+import torch
 
-def _fsync_tree(directory: Path) -> None:
-    for path in directory.rglob("*"):
+from finetune.errors import UserError
+
+STATE_JSON = "trainer_state.json"
+STATE_TENSORS = "trainer_state.pt"
+COMPLETE_MARKER = "COMPLETE"
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _publish(staging: Path, target: Path) -> None:
+    """Make `staging` appear as `target` in one rename, replacing an older `target` if present."""
+    for path in staging.rglob("*"):
         if path.is_file():
-            with open(path, "rb") as handle:
-                os.fsync(handle.fileno())
-
-
-def save_adapter(model, tokenizer, target: Path, quantization: dict) -> Path:
-    """Write a PEFT adapter (+ tokenizer + the quantization it was trained against) to `target`.
-
-    It is written beside the target under a temporary name, synced, then renamed into place,
-    so a crash mid-save leaves either the previous adapter or the new one, never a mix.
-    """
-    staging = target.with_name(target.name + ".partial")
-    if staging.exists():
-        shutil.rmtree(staging)
-    model.save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
-    # Merging needs the exact storage the adapter was trained against (dequant(NF4(W)), not W).
-    (staging / "finetune_quantization.json").write_text(json.dumps(quantization, indent=2) + "\n")
-    _fsync_tree(staging)
+            _fsync_file(path)
+    _fsync_dir(staging)
     if target.exists():
         retired = target.with_name(target.name + ".old")
         shutil.rmtree(retired, ignore_errors=True)
@@ -37,4 +56,157 @@ def save_adapter(model, tokenizer, target: Path, quantization: dict) -> Path:
         shutil.rmtree(retired)
     else:
         staging.rename(target)
+    _fsync_dir(target.parent)
+
+
+def _write_adapter(model, tokenizer, directory: Path, quantization: dict) -> None:
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    # Merging needs the exact storage the adapter was trained against (dequant(NF4(W)), not W).
+    (directory / "finetune_quantization.json").write_text(json.dumps(quantization, indent=2) + "\n")
+
+
+class _SaveErrors:
+    """Turn an OS failure while saving (disk full, quota, permissions) into one clear user-facing line."""
+
+    def __init__(self, target: Path):
+        self.target = target
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, traceback):
+        if isinstance(error, OSError):
+            raise UserError(f"could not save {self.target}: {error.strerror or error}. Free space or fix permissions "
+                            "under output_dir, then resume with train.resume=auto.") from None
+        return False
+
+
+def _staging_dir(target: Path) -> Path:
+    staging = target.with_name(f".{target.name}.partial-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    return staging
+
+
+def save_adapter(model, tokenizer, target: Path, quantization: dict) -> Path:
+    """Write a PEFT adapter (+ tokenizer + quantization record) to `target`, atomically."""
+    with _SaveErrors(target):
+        staging = _staging_dir(target)
+        try:
+            _write_adapter(model, tokenizer, staging, quantization)
+            _publish(staging, target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def config_hash(resolved_config: dict) -> str:
+    """A hash of the settings that change what training computes (paths and tracker names excluded)."""
+    relevant = {k: v for k, v in resolved_config.items() if k not in ("output_dir", "cache_dir", "tracker", "name")}
+    train = dict(relevant.get("train", {}))
+    for key in ("max_steps", "resume", "overwrite", "save_every", "keep_last", "eval_every", "log_every"):
+        train.pop(key, None)
+    relevant["train"] = train
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def rng_states() -> dict:
+    states = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def restore_rng_states(states: dict) -> None:
+    random.setstate(_as_python_state(states["python"]))
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def _as_python_state(state):
+    # torch.load returns the tuple's inner tuple as a list; random.setstate needs tuples.
+    version, internal, gauss = state
+    return version, tuple(internal), gauss
+
+
+def _rng_for_saving(states: dict) -> dict:
+    """numpy's state tuple becomes plain arrays and numbers so weights_only loading accepts it."""
+    kind, keys, pos, has_gauss, cached = states["numpy"]
+    saved = dict(states)
+    saved["numpy"] = (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached))
+    return saved
+
+
+def _rng_for_loading(states: dict) -> dict:
+    kind, keys, pos, has_gauss, cached = states["numpy"]
+    loaded = dict(states)
+    loaded["numpy"] = (kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached)
+    return loaded
+
+
+@dataclass
+class TrainerState:
+    step: int
+    micro_batches_consumed: int  # the data position: batches are replayed up to here on resume
+    config_hash: str
+    tracker_run_id: str | None
+    skipped_nonfinite: int = 0
+
+
+def save_checkpoint(directory: Path, step: int, model, tokenizer, quantization: dict, optimizer, scheduler,
+                    state: TrainerState, keep_last: int) -> Path:
+    """Write checkpoints/step-N atomically, then keep only the newest `keep_last` complete ones."""
+    target = directory / f"step-{step}"
+    with _SaveErrors(target):
+        directory.mkdir(parents=True, exist_ok=True)
+        staging = _staging_dir(target)
+        try:
+            _write_adapter(model, tokenizer, staging, quantization)
+            torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                        "rng": _rng_for_saving(rng_states())}, staging / STATE_TENSORS)
+            (staging / STATE_JSON).write_text(json.dumps(state.__dict__, indent=2) + "\n")
+            # Written last: a directory without it was never finished.
+            (staging / COMPLETE_MARKER).write_text("")
+            _publish(staging, target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    for old in complete_checkpoints(directory)[:-keep_last] if keep_last > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def _step_of(path: Path) -> int:
+    try:
+        return int(path.name.removeprefix("step-"))
+    except ValueError:
+        return -1
+
+
+def complete_checkpoints(directory: Path) -> list[Path]:
+    """Checkpoints with every file in place, oldest first (partial writes are never listed)."""
+    if not directory.is_dir():
+        return []
+    found = [p for p in directory.iterdir() if p.is_dir() and p.name.startswith("step-") and _step_of(p) >= 0]
+    return sorted((p for p in found if (p / COMPLETE_MARKER).exists()), key=_step_of)
+
+
+def load_latest_checkpoint(directory: Path):
+    """The newest checkpoint that loads, as (path, TrainerState, tensors); unreadable ones are skipped with a warning."""
+    for path in reversed(complete_checkpoints(directory)):
+        try:
+            state = TrainerState(**json.loads((path / STATE_JSON).read_text()))
+            tensors = torch.load(path / STATE_TENSORS, weights_only=True, map_location="cpu")
+            tensors["rng"] = _rng_for_loading(tensors["rng"])
+            if not (path / "adapter_model.safetensors").is_file():
+                raise FileNotFoundError("adapter_model.safetensors")
+            return path, state, tensors
+        except Exception as error:  # noqa: BLE001 - any unreadable checkpoint is skipped, never trusted
+            warnings.warn(f"skipping checkpoint {path}: it cannot be read ({type(error).__name__}: {error}).")
+    return None

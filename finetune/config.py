@@ -82,6 +82,13 @@ class Truncation(str, enum.Enum):
     drop = "drop"
 
 
+class Resume(str, enum.Enum):
+    # Start fresh; an output_dir holding an earlier run is refused (see train.overwrite).
+    never = "never"
+    # Continue from the newest complete checkpoint in output_dir, or start fresh if there is none.
+    auto = "auto"
+
+
 class WandbMode(str, enum.Enum):
     # Online when an API key is configured and the server answers, offline otherwise.
     auto = "auto"
@@ -304,6 +311,14 @@ class TrainConfig:
     max_new_tokens: int = 16
     # "auto" picks CUDA when available.
     device: str = "auto"
+    resume: Resume = Resume.never
+    # Start over in an output_dir that holds an earlier run: its run files are replaced
+    # (adapter, checkpoints, metrics, config, tracker files); other files are left alone.
+    overwrite: bool = False
+    # Complete checkpoints kept in output_dir/checkpoints (older ones are deleted).
+    keep_last: int = 3
+    # A non-finite loss or gradient norm skips that update; this many in a row stop the run.
+    max_nonfinite_steps: int = 5
 
     def validate(self) -> None:
         positive = {
@@ -312,6 +327,8 @@ class TrainConfig:
             "train.gradient_accumulation_steps": self.gradient_accumulation_steps,
             "train.log_every": self.log_every,
             "train.max_new_tokens": self.max_new_tokens,
+            "train.keep_last": self.keep_last,
+            "train.max_nonfinite_steps": self.max_nonfinite_steps,
         }
         for key, value in positive.items():
             if value <= 0:

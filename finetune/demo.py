@@ -186,8 +186,11 @@ def ensure_demo_base(cache_dir: Path) -> Path:
         pad_token_id=tokenizer.pad_token_id,
         **TINY_LLAMA,
     )
-    torch.manual_seed(DEMO_SEED)
-    model = LlamaForCausalLM(config)
+    # A private RNG stream: building the cache must not shift the caller's seeded random state,
+    # or a run's LoRA init would depend on whether the demo model was already cached.
+    with torch.random.fork_rng():
+        torch.manual_seed(DEMO_SEED)
+        model = LlamaForCausalLM(config)
     staging = model_dir.with_name(model_dir.name + ".partial")
     if staging.exists():
         shutil.rmtree(staging)

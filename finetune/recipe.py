@@ -5,10 +5,12 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import random
 import resource
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -20,9 +22,12 @@ from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from finetune import data as data_lib
-from finetune.checkpoint import save_adapter
-from finetune.config import ConfigError, RunConfig
-from finetune.models import build_model
+from finetune.checkpoint import (TrainerState, config_hash, load_latest_checkpoint, restore_rng_states, save_adapter,
+                                 save_checkpoint)
+from finetune.config import ConfigError, Resume, RunConfig
+from finetune.errors import TrainingStopped
+from finetune.models import build_model, load_adapter_weights
+from finetune.signals import StopRequests
 from finetune.optim import build_optimizer, build_scheduler
 from finetune.tracking import open_trackers
 
@@ -36,7 +41,10 @@ class RunResult:
 
 def run(cfg: RunConfig) -> RunResult:
     cfg.validate()
-    output_dir = _check_output_dir(Path(cfg.output_dir).expanduser())
+    output_dir = Path(cfg.output_dir).expanduser()
+    resolved = OmegaConf.to_container(OmegaConf.structured(cfg), enum_to_str=True)
+    fingerprint = config_hash(resolved)
+    resume_from = plan_output_dir(output_dir, cfg, fingerprint)  # refuses unsafe output_dirs; writes nothing
     seed_everything(cfg.train.seed)
     device = pick_device(cfg.train.device)
     started = time.perf_counter()
@@ -50,6 +58,12 @@ def run(cfg: RunConfig) -> RunResult:
     total = _count_base_weights(model)
     print(f"model: {loaded.model_dir} on {device} ({loaded.compute_dtype}), trainable {trainable:,} of "
           f"{total:,} parameters ({100 * trainable / total:.3f}%), {_memory_line(model, device)}")
+    quantization = _quantization_record(cfg, loaded.compute_dtype)
+    max_positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if max_positions and cfg.data.max_seq_len > max_positions:
+        raise ConfigError(f"data.max_seq_len={cfg.data.max_seq_len} exceeds the model's maximum sequence length "
+                          f"({max_positions}, max_position_embeddings in {loaded.model_dir / 'config.json'}); "
+                          f"pass data.max_seq_len={max_positions} or less.")
 
     # ---- data ----
     data_lib.use_data_chat_template(tokenizer, cfg.data)
@@ -62,16 +76,37 @@ def run(cfg: RunConfig) -> RunResult:
     pad_id = _pad_id(tokenizer)
     batches = data_lib.train_batches(train_samples, cfg.data, cfg.train.micro_batch_size, pad_id, cfg.train.seed)
 
-    # ---- optimizer, schedule, tracking; the resolved config goes next to the results ----
+    # ---- optimizer and schedule, restored from a checkpoint when resuming ----
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(params, cfg.optim, device)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
-    # Created only now, so a run that fails while loading leaves nothing behind.
-    output_dir.mkdir(parents=True, exist_ok=True)
-    resolved = OmegaConf.structured(cfg)
-    OmegaConf.save(resolved, output_dir / "config.yaml")
-    tracker = open_trackers(cfg.tracker, output_dir, output_dir.name, OmegaConf.to_container(resolved, enum_to_str=True))
-    tracker.log({"trainable_params": trainable, "total_params": total}, step=0)
+    state = TrainerState(step=0, micro_batches_consumed=0, config_hash=fingerprint, tracker_run_id=None)
+    if resume_from is not None:
+        checkpoint_dir, state, saved = resume_from
+        load_adapter_weights(model, checkpoint_dir)
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        # Replaying the batch stream puts the data position exactly where the checkpoint left it.
+        for _ in range(state.micro_batches_consumed):
+            next(batches)
+        restore_rng_states(saved["rng"])
+        cfg.tracker.run_id = cfg.tracker.run_id or state.tracker_run_id
+        print(f"resuming from {checkpoint_dir} (step {state.step})")
+    if state.step >= cfg.train.max_steps:
+        print(f"nothing to do: {output_dir} already finished {state.step} of train.max_steps={cfg.train.max_steps} steps.")
+        return RunResult(output_dir, output_dir / "adapter")
+
+    # ---- output dir, resolved config, trackers: created only now, so a run that fails while
+    # loading leaves nothing behind ----
+    start_output_dir(output_dir, cfg.train.overwrite and resume_from is None, keep_metrics_through=state.step)
+    OmegaConf.save(OmegaConf.create(resolved), output_dir / "config.yaml")
+    tracker = open_trackers(cfg.tracker, output_dir, output_dir.name, resolved)
+    state.tracker_run_id = tracker.run_id
+    checkpoints = output_dir / "checkpoints"
+
+    def checkpoint(step: int) -> Path:
+        return save_checkpoint(checkpoints, step, model, tokenizer, quantization, optimizer, scheduler, state,
+                               cfg.train.keep_last)
 
     # Exact match needs a reference answer: a conversation that ends with an assistant turn.
     answerable = [s for s in eval_samples if s.messages and s.messages[-1]["role"] == "assistant"]
@@ -93,74 +128,174 @@ def run(cfg: RunConfig) -> RunResult:
                 tqdm.write(f"  sample: {prompt!r} -> {completion!r}")
         return metrics
 
-    before = evaluate(step=0)
-    print(f"eval before training: {_format(before)}")
-    evals = [before]
+    evals = _logged_evals(output_dir)
+    if resume_from is None:
+        tracker.log({"trainable_params": trainable, "total_params": total}, step=0)
+        evals.append(evaluate(step=0))
+        print(f"eval before training: {_format(evals[0])}")
 
     # ---- training loop ----
     model.train()
     _reset_peak_memory(device)
-    progress = tqdm(range(1, cfg.train.max_steps + 1), desc="train", unit="step", dynamic_ncols=True)
-    window_tokens, window_start, total_tokens = 0, time.perf_counter(), 0
-    for step in progress:
-        micro_batches = [next(batches) for _ in range(cfg.train.gradient_accumulation_steps)]
-        # Normalize by the trainable tokens of the whole optimizer step, so accumulation gives
-        # the same gradient as one big batch however the tokens fall across micro-batches.
-        step_targets = sum(int((mb["labels"][:, 1:] != data_lib.IGNORE_INDEX).sum()) for mb in micro_batches)
-        step_loss = 0.0
-        for mb in micro_batches:
-            loss = model(**data_lib.model_inputs(mb, model, device), num_items_in_batch=step_targets).loss
-            loss.backward()
-            step_loss += loss.item()
-            window_tokens += data_lib.count_tokens(mb)
-        max_norm = cfg.optim.max_grad_norm if cfg.optim.max_grad_norm > 0 else math.inf
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-        optimizer.step()
-        scheduler.step()
-        # Flush the gradients as soon as we can, no need for this memory anymore.
-        optimizer.zero_grad(set_to_none=True)
+    progress = tqdm(range(state.step + 1, cfg.train.max_steps + 1), desc="train", unit="step", dynamic_ncols=True,
+                    initial=state.step, total=cfg.train.max_steps)
+    window_tokens, window_start, total_tokens, nonfinite_in_row = 0, time.perf_counter(), 0, 0
+    with StopRequests() as stop:
+        for step in progress:
+            micro_batches = [next(batches) for _ in range(cfg.train.gradient_accumulation_steps)]
+            state.micro_batches_consumed += len(micro_batches)
+            # Normalize by the trainable tokens of the whole optimizer step, so accumulation gives
+            # the same gradient as one big batch however the tokens fall across micro-batches.
+            step_targets = sum(int((mb["labels"][:, 1:] != data_lib.IGNORE_INDEX).sum()) for mb in micro_batches)
+            step_loss = 0.0
+            for mb in micro_batches:
+                loss = model(**data_lib.model_inputs(mb, model, device), num_items_in_batch=step_targets).loss
+                loss.backward()
+                step_loss += loss.item()
+                window_tokens += data_lib.count_tokens(mb)
+            max_norm = cfg.optim.max_grad_norm if cfg.optim.max_grad_norm > 0 else math.inf
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+            state.step = step
+            if math.isfinite(step_loss) and math.isfinite(grad_norm):
+                nonfinite_in_row = 0
+                optimizer.step()
+            else:
+                # A NaN/Inf update would poison every LoRA weight; skip it and keep the last good state.
+                nonfinite_in_row += 1
+                state.skipped_nonfinite += 1
+                tracker.log({"nonfinite_skipped": state.skipped_nonfinite}, step)
+                progress.write(f"step {step}: non-finite loss ({step_loss}) or gradient norm ({grad_norm}); "
+                               f"update skipped ({nonfinite_in_row} in a row)")
+                if nonfinite_in_row >= cfg.train.max_nonfinite_steps:
+                    optimizer.zero_grad(set_to_none=True)
+                    saved_at = checkpoint(step)
+                    tracker.close()
+                    raise TrainingStopped(
+                        f"{nonfinite_in_row} steps in a row had a non-finite loss or gradient norm (through step "
+                        f"{step}); the last good state is saved in {saved_at}. Lower optim.lr, check the data, or "
+                        "use bfloat16 compute; resume with train.resume=auto.")
+            scheduler.step()
+            # Flush the gradients as soon as we can, no need for this memory anymore.
+            optimizer.zero_grad(set_to_none=True)
 
-        if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
-            _sync(device)
-            elapsed = time.perf_counter() - window_start
-            steps_in_window = step % cfg.train.log_every or cfg.train.log_every
-            lr = scheduler.get_last_lr()[0]
-            metrics = {"loss": step_loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": window_tokens / elapsed,
-                       "step_time_s": elapsed / steps_in_window, "peak_memory_gib": _peak_memory_gib(device)}
-            tracker.log(metrics, step)
-            progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{metrics['tokens_per_s']:,.0f}")
-            progress.write(f"step {step:>6}  loss {step_loss:.4f}  lr {lr:.2e}  grad norm {grad_norm:.3f}  "
-                           f"{metrics['tokens_per_s']:,.0f} tok/s  peak {metrics['peak_memory_gib']:.2f} GiB")
-            total_tokens += window_tokens
-            window_tokens, window_start = 0, time.perf_counter()
-        if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.max_steps:
-            evals.append(evaluate(step))
-            progress.write(f"eval at step {step}: {_format(evals[-1])}")
-            model.train()
-        if cfg.train.save_every and step % cfg.train.save_every == 0 and step < cfg.train.max_steps:
-            save_adapter(model, tokenizer, _ensure(output_dir / "checkpoints") / f"step-{step}",
-                         _quantization_record(cfg, loaded.compute_dtype))
+            if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
+                _sync(device)
+                elapsed = time.perf_counter() - window_start
+                steps_in_window = step % cfg.train.log_every or cfg.train.log_every
+                lr = scheduler.get_last_lr()[0]
+                metrics = {"loss": step_loss, "lr": lr, "grad_norm": grad_norm,
+                           "tokens_per_s": window_tokens / elapsed, "step_time_s": elapsed / steps_in_window,
+                           "peak_memory_gib": _peak_memory_gib(device)}
+                tracker.log(metrics, step)
+                progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{metrics['tokens_per_s']:,.0f}")
+                progress.write(f"step {step:>6}  loss {step_loss:.4f}  lr {lr:.2e}  grad norm {grad_norm:.3f}  "
+                               f"{metrics['tokens_per_s']:,.0f} tok/s  peak {metrics['peak_memory_gib']:.2f} GiB")
+                total_tokens += window_tokens
+                window_tokens, window_start = 0, time.perf_counter()
+            if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.max_steps:
+                evals.append(evaluate(step))
+                progress.write(f"eval at step {step}: {_format(evals[-1])}")
+                model.train()
+            if step == cfg.train.max_steps:
+                break  # the final checkpoint follows the final evaluation
+            if stop.requested or (cfg.train.save_every and step % cfg.train.save_every == 0):
+                saved_at = checkpoint(step)
+            if stop.requested:
+                progress.close()
+                tracker.close()
+                print(f"stopped by {stop.requested} after step {step}; checkpoint {saved_at}. "
+                      "Continue with the same command plus train.resume=auto.")
+                return RunResult(output_dir, None, {"stopped_at_step": step})
     progress.close()
 
     # ---- final evaluation, the adapter, and a summary ----
     after = evaluate(step=cfg.train.max_steps)
     evals.append(after)
-    adapter_dir = save_adapter(model, tokenizer, output_dir / "adapter", _quantization_record(cfg, loaded.compute_dtype))
+    adapter_dir = save_adapter(model, tokenizer, output_dir / "adapter", quantization)
+    checkpoint(cfg.train.max_steps)  # marks the run finished for a later train.resume=auto
     summary = {
         "time_s": time.perf_counter() - started,
         "train_tokens": total_tokens,
         "best_eval_loss": min(e["eval_loss"] for e in evals),
         "peak_memory_gib": _peak_memory_gib(device),
+        "nonfinite_skipped": state.skipped_nonfinite,
         **{f"final_{k}": v for k, v in after.items()},
     }
     tracker.log(summary, cfg.train.max_steps)
     tracker.close()
-    print(f"eval before training: {_format(before)}")
+    if resume_from is None:
+        print(f"eval before training: {_format(evals[0])}")
     print(f"eval after training:  {_format(after)}")
     print(f"done in {summary['time_s']:.0f} s: {total_tokens:,} tokens, best eval loss {summary['best_eval_loss']:.4f}, "
           f"peak memory {summary['peak_memory_gib']:.2f} GiB")
     print(f"adapter saved to {adapter_dir}")
     return RunResult(output_dir, adapter_dir, summary)
+
+
+RUN_FILES = ("adapter", "checkpoints", "config.yaml", "metrics.jsonl", "tensorboard", "wandb")
+
+
+def plan_output_dir(output_dir: Path, cfg: RunConfig, fingerprint: str):
+    """Decide, before anything is written, whether output_dir is fresh, resumed, or refused.
+
+    Returns the checkpoint to resume from, or None to start fresh.
+    """
+    existing = next(parent for parent in (output_dir, *output_dir.parents) if parent.exists())
+    if not os.access(existing, os.W_OK):
+        raise ConfigError(f"output_dir={output_dir} cannot be written: {existing} is not writable. "
+                          "Pass a directory you can write to.")
+    if not output_dir.exists() or not any(output_dir.iterdir()):
+        return None
+    if not output_dir.is_dir():
+        raise ConfigError(f"output_dir={output_dir} is a file; pass a directory.")
+    holds_run = (output_dir / "config.yaml").is_file()
+    if cfg.train.resume is Resume.auto and holds_run:
+        latest = load_latest_checkpoint(output_dir / "checkpoints")
+        if latest is not None:
+            if latest[1].config_hash != fingerprint:
+                raise ConfigError(
+                    f"output_dir={output_dir} holds a run with different training settings than this command "
+                    f"(its checkpoint {latest[0].name} has config hash {latest[1].config_hash}, this run {fingerprint}). "
+                    "Resume with the settings in its config.yaml, or pass train.overwrite=true to start over.")
+            return latest
+        if not cfg.train.overwrite:
+            raise ConfigError(f"output_dir={output_dir} holds a run but no complete checkpoint to resume from; "
+                              "pass train.overwrite=true to start over there.")
+        return None
+    if cfg.train.overwrite and holds_run:
+        return None
+    if holds_run:
+        raise ConfigError(f"output_dir={output_dir} already holds a run; pass train.resume=auto to continue it, "
+                          "train.overwrite=true to start over, or a new output_dir.")
+    raise ConfigError(f"output_dir={output_dir} already exists and is not empty (and holds no run of ours); "
+                      "pass a new output_dir.")
+
+
+def start_output_dir(output_dir: Path, overwrite: bool, keep_metrics_through: int) -> None:
+    """Create output_dir; on overwrite remove the earlier run's files; on resume drop metrics logged after the checkpoint."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    if overwrite:
+        for name in RUN_FILES:
+            path = output_dir / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+    metrics = output_dir / "metrics.jsonl"
+    if metrics.exists():
+        kept = [line for line in metrics.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= keep_metrics_through]
+        tmp = metrics.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        tmp.replace(metrics)
+
+
+def _logged_evals(output_dir: Path) -> list[dict]:
+    metrics = output_dir / "metrics.jsonl"
+    if not metrics.exists():
+        return []
+    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    return [r for r in rows if "eval_loss" in r]
 
 
 def seed_everything(seed: int) -> None:
@@ -176,22 +311,6 @@ def pick_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"train.device={name} but no CUDA GPU is visible. Use train.device=auto or cpu.")
     return device
-
-
-def _check_output_dir(output_dir: Path) -> Path:
-    """Refuse an output_dir that already holds files (a run never overwrites results) or can't be written."""
-    if output_dir.exists() and any(output_dir.iterdir()):
-        raise ConfigError(f"output_dir={output_dir} already exists and is not empty; pass a new output_dir.")
-    existing = next(parent for parent in (output_dir, *output_dir.parents) if parent.exists())
-    if not os.access(existing, os.W_OK):
-        raise ConfigError(f"output_dir={output_dir} cannot be created: {existing} is not writable. "
-                          "Pass a directory you can write to.")
-    return output_dir
-
-
-def _ensure(directory: Path) -> Path:
-    directory.mkdir(exist_ok=True)
-    return directory
 
 
 @torch.no_grad()

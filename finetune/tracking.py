@@ -124,6 +124,11 @@ class Trackers:
     def __init__(self, backends: list):
         self.backends = backends
 
+    @property
+    def run_id(self) -> str | None:
+        """The wandb run's id, kept in checkpoints so a resumed run continues the same tracker run."""
+        return next((b.run.id for b in self.backends if isinstance(b, WandbTracker)), None)
+
     def log(self, metrics: dict, step: int) -> None:
         for backend in self.backends:
             backend.log(metrics, step)
