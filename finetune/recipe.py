@@ -244,10 +244,10 @@ def plan_output_dir(output_dir: Path, cfg: RunConfig, fingerprint: str):
     if not os.access(existing, os.W_OK):
         raise ConfigError(f"output_dir={output_dir} cannot be written: {existing} is not writable. "
                           "Pass a directory you can write to.")
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ConfigError(f"output_dir={output_dir} is a file; pass a directory.")
     if not output_dir.exists() or not any(output_dir.iterdir()):
         return None
-    if not output_dir.is_dir():
-        raise ConfigError(f"output_dir={output_dir} is a file; pass a directory.")
     holds_run = (output_dir / "config.yaml").is_file()
     if cfg.train.resume is Resume.auto and holds_run:
         latest = load_latest_checkpoint(output_dir / "checkpoints")
