@@ -15,7 +15,8 @@ CPU = torch.device("cpu")
 
 def demo_config(cache_dir, *overrides):
     with initialize_config_dir(config_dir=str(RECIPES_DIR), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=[f"cache_dir={cache_dir}", *overrides])
+        # This file tests the generic path (transformers + bitsandbytes + peft) itself.
+        cfg = compose(config_name="train", overrides=[f"cache_dir={cache_dir}", "model.impl=hf", *overrides])
     return to_run_config(cfg)
 
 

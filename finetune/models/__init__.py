@@ -7,14 +7,14 @@ from pathlib import Path
 
 import torch
 
-from finetune.config import Dtype, RunConfig
-from finetune.models import hf
+from finetune.config import ConfigError, Dtype, ModelImpl, RunConfig
+from finetune.models import hf, native
 from finetune.models.source import resolve_model_dir
 
 
 @dataclass
 class LoadedModel:
-    model: torch.nn.Module  # frozen 4-bit base with trainable LoRA adapters
+    model: torch.nn.Module  # frozen 4-bit base with trainable LoRA adapters (peft or native)
     tokenizer: object
     model_dir: Path  # local directory the base was loaded from
     compute_dtype: torch.dtype
@@ -36,13 +36,48 @@ def choose_compute_dtype(requested: Dtype, device: torch.device) -> tuple[torch.
     return getattr(torch, requested.value), []
 
 
+def choose_impl(cfg: RunConfig, model_dir: Path, hf_config) -> tuple[ModelImpl, str]:
+    """The model path to take, and why (model.impl=auto prefers native wherever it applies)."""
+    if cfg.model.impl is ModelImpl.hf:
+        return ModelImpl.hf, "requested"
+    reason = native.unsupported_reason(hf_config, cfg.lora, model_dir)
+    if reason is None:
+        return ModelImpl.native, f"{hf_config.model_type} is a native architecture"
+    if cfg.model.impl is ModelImpl.native:
+        raise ConfigError(f"model.impl=native cannot run {model_dir}: {reason}. Use model.impl=auto or hf.")
+    return ModelImpl.hf, reason
+
+
 def build_model(cfg: RunConfig, device: torch.device) -> LoadedModel:
     """Load the base quantized to 4 bits, attach LoRA, and load its tokenizer."""
     from transformers import AutoTokenizer
 
     model_dir = resolve_model_dir(cfg.model.name_or_path, cfg.cache_dir, cfg.model.revision)
     compute_dtype, notices = choose_compute_dtype(cfg.quant.bnb_4bit_compute_dtype, device)
+    hf_config = hf.causal_lm_config(model_dir, cfg.model.trust_remote_code)
     tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=cfg.model.trust_remote_code)
-    base = hf.load_quantized_base(model_dir, cfg.model, cfg.quant, compute_dtype, device)
-    model = hf.attach_lora(base, cfg.lora, cfg.model.gradient_checkpointing)
+    impl, why = choose_impl(cfg, model_dir, hf_config)
+    if cfg.model.impl is ModelImpl.auto:
+        notices.append(f"model.impl=auto: the {impl.value} model path ({why}).")
+    if impl is ModelImpl.native:
+        model = native.build(cfg, model_dir, compute_dtype, device)
+    else:
+        base = hf.load_quantized_base(model_dir, cfg.model, cfg.quant, compute_dtype, device)
+        model = hf.attach_lora(base, cfg.lora, cfg.model.gradient_checkpointing)
     return LoadedModel(model, tokenizer, model_dir, compute_dtype, notices)
+
+
+def load_adapter_weights(model: torch.nn.Module, adapter_dir: Path) -> None:
+    """Put the LoRA weights saved in `adapter_dir` (PEFT format) back into a built model."""
+    from safetensors.torch import load_file
+
+    weights = load_file(adapter_dir / "adapter_model.safetensors")
+    if hasattr(model, "load_adapter_weights"):
+        model.load_adapter_weights(weights)
+        return
+    import peft
+
+    result = peft.set_peft_model_state_dict(model, weights)
+    missing = [k for k in result.missing_keys if "lora_" in k]
+    if missing:
+        raise RuntimeError(f"{adapter_dir} lacks LoRA weights the model has, e.g. {missing[0]}")

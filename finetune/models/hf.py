@@ -21,21 +21,16 @@ def bnb_config(quant: QuantConfig, compute_dtype: torch.dtype):
         bnb_4bit_quant_type=quant.bnb_4bit_quant_type.value,
         bnb_4bit_use_double_quant=quant.bnb_4bit_use_double_quant,
         bnb_4bit_compute_dtype=compute_dtype,
+        bnb_4bit_quant_storage=getattr(torch, quant.bnb_4bit_quant_storage.value),
     )
 
 
 def load_quantized_base(model_dir: Path, model: ModelConfig, quant: QuantConfig, compute_dtype: torch.dtype,
                         device: torch.device):
     """Load the base with every linear layer (but the LM head) stored as 4-bit bitsandbytes weights."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    hf_config = AutoConfig.from_pretrained(model_dir, trust_remote_code=model.trust_remote_code)
-    if not _is_causal_lm(hf_config):
-        raise ConfigError(
-            f"model.name_or_path={str(model_dir)!r} is a {type(hf_config).__name__} "
-            f"(architectures={getattr(hf_config, 'architectures', None)}), not a causal language model. "
-            "Pass a decoder-only model such as Llama, Mistral or Qwen."
-        )
+    causal_lm_config(model_dir, model.trust_remote_code)
     base = AutoModelForCausalLM.from_pretrained(
         model_dir,
         quantization_config=bnb_config(quant, compute_dtype),
@@ -65,10 +60,18 @@ def keep_trainable_layout(model) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
-def _is_causal_lm(hf_config) -> bool:
-    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
+def causal_lm_config(model_dir: Path, trust_remote_code: bool):
+    """The model's transformers config, refusing models that are not causal language models."""
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, AutoConfig
 
-    return type(hf_config) in MODEL_FOR_CAUSAL_LM_MAPPING
+    hf_config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    if type(hf_config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
+        raise ConfigError(
+            f"model.name_or_path={str(model_dir)!r} is a {type(hf_config).__name__} "
+            f"(architectures={getattr(hf_config, 'architectures', None)}), not a causal language model. "
+            "Pass a decoder-only model such as Llama, Mistral or Qwen."
+        )
+    return hf_config
 
 
 def attach_lora(base, lora: LoraConfig, gradient_checkpointing: bool):

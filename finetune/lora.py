@@ -1,0 +1,264 @@
+"""LoRA over 4-bit storage, with peft's module names and adapter files.
+
+For token rows x (N, in), the frozen weight W (out, in) held as NF4 codes, A (r, in), B (out, r),
+the scaling s (lora_alpha / r, or lora_alpha / sqrt(r) with rsLoRA) and dropout written as a
+mask d (0 or 1 / (1 - p) per element; all ones without dropout), with xd = x * d, xa = xd A^T:
+
+    y  = x W^T + b + s xa B^T
+    dx = dy W + s ((dy B) A) * d
+    dA = s (dy B)^T xd
+    dB = s dy^T xa
+
+Backward saves x, the dropout mask (one byte per element), xa (N, r: small), A and B, never
+W: it is dequantized again in backward, so a layer's weight exists in full precision only while
+its own matmul runs. Layers without an adapter save nothing at all.
+
+A and B are fp32 parameters (peft's choice too), cast to the compute dtype inside the matmuls;
+their gradients come back in fp32. Adapter files use peft's keys
+(base_model.model.<module>.lora_A.weight) and peft's adapter_config.json, in both directions.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from finetune.config import ConfigError, LoraConfig
+from finetune.quant import QuantizedWeight
+
+PEFT_PREFIX = "base_model.model."
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+class LoRAFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight: QuantizedWeight, dequantize, bias, lora_A, lora_B, scaling: float, dropout_p: float):
+        y = F.linear(x, dequantize(weight).to(x.dtype), bias)  # (..., out)
+        ctx.weight, ctx.dequantize, ctx.scaling, ctx.dropout_p = weight, dequantize, scaling, dropout_p
+        if lora_A is None:
+            return y
+        mask = None
+        xd = x
+        if dropout_p > 0:
+            mask = torch.rand_like(x) >= dropout_p
+            xd = x * mask / (1 - dropout_p)
+        xa = F.linear(xd, lora_A.to(x.dtype))  # (..., r)
+        y.add_(F.linear(xa, lora_B.to(x.dtype)), alpha=scaling)
+        ctx.save_for_backward(x, mask, xa, lora_A, lora_B)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        needs_x, needs_A, needs_B = ctx.needs_input_grad[0], ctx.needs_input_grad[4], ctx.needs_input_grad[5]
+        grad_x = grad_A = grad_B = None
+        if needs_x:
+            grad_x = grad_y @ ctx.dequantize(ctx.weight).to(grad_y.dtype)  # (..., in)
+        saved = ctx.saved_tensors  # read once: checkpointing allows a single unpack
+        if saved:
+            x, mask, xa, lora_A, lora_B = saved
+            s, p = ctx.scaling, ctx.dropout_p
+            grad_xa = grad_y @ lora_B.to(grad_y.dtype)  # (..., r)
+            if needs_x:
+                grad_xd = grad_xa @ lora_A.to(grad_y.dtype)  # (..., in)
+                grad_x.add_(grad_xd if mask is None else grad_xd * mask / (1 - p), alpha=s)
+            if needs_A:
+                xd = x if mask is None else x * mask / (1 - p)
+                grad_A = (grad_xa.flatten(0, -2).T @ xd.flatten(0, -2)).mul_(s).to(lora_A.dtype)  # (r, in)
+            if needs_B:
+                grad_B = (grad_y.flatten(0, -2).T @ xa.flatten(0, -2)).mul_(s).to(lora_B.dtype)  # (out, r)
+        return grad_x, None, None, None, grad_A, grad_B, None, None
+
+
+class QLoRALinear(nn.Module):
+    """A frozen 4-bit linear layer with an optional LoRA adapter (peft's names: lora_A, lora_B).
+
+    `weight` arrives after construction (the model is built empty, then filled while loading).
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool,
+                 dequantize: Callable[[QuantizedWeight], torch.Tensor]):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.dequantize = dequantize
+        self.weight: QuantizedWeight | None = None
+        self.bias = nn.Parameter(torch.empty(out_features, device="meta"), requires_grad=False) if bias else None
+        self.lora_A: nn.Parameter | None = None
+        self.lora_B: nn.Parameter | None = None
+        self.lora_alpha, self.use_rslora, self.lora_dropout = 0.0, False, 0.0
+
+    @property
+    def scaling(self) -> float:
+        r = self.lora_A.shape[0]
+        return self.lora_alpha / (math.sqrt(r) if self.use_rslora else r)
+
+    def add_lora(self, r: int, lora_alpha: float, lora_dropout: float, use_rslora: bool) -> None:
+        # Initialized on the CPU like peft (kaiming-uniform A, zero B), so a seed gives the same
+        # adapter on any device.
+        lora_A = torch.empty(r, self.in_features)
+        nn.init.kaiming_uniform_(lora_A, a=math.sqrt(5))
+        device = self.weight.packed.device
+        self.lora_A = nn.Parameter(lora_A.to(device))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, device=device))
+        self.lora_alpha, self.use_rslora, self.lora_dropout = lora_alpha, use_rslora, lora_dropout
+
+    def remove_lora(self) -> None:
+        self.lora_A = self.lora_B = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.lora_A is None:
+            return LoRAFunction.apply(x, self.weight, self.dequantize, self.bias, None, None, 0.0, 0.0)
+        dropout_p = self.lora_dropout if self.training else 0.0
+        return LoRAFunction.apply(x, self.weight, self.dequantize, self.bias, self.lora_A, self.lora_B,
+                                  self.scaling, dropout_p)
+
+    def extra_repr(self) -> str:
+        lora = f", lora r={self.lora_A.shape[0]} scaling={self.scaling:g}" if self.lora_A is not None else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}{lora}"
+
+
+def linear_layers(model: nn.Module) -> dict[str, QLoRALinear]:
+    return {name: module for name, module in model.named_modules() if isinstance(module, QLoRALinear)}
+
+
+def adapted_layers(model: nn.Module) -> dict[str, QLoRALinear]:
+    return {name: module for name, module in linear_layers(model).items() if module.lora_A is not None}
+
+
+def select_targets(names: list[str], target_modules) -> list[str]:
+    """peft's matching: "all-linear", a regex matched against the full name, or a list of name suffixes."""
+    if target_modules == "all-linear":
+        return list(names)
+    if isinstance(target_modules, str):
+        selected = [name for name in names if re.fullmatch(target_modules, name)]
+        if not selected:
+            raise ConfigError(f"lora.target_modules={target_modules!r} matches no linear layer; "
+                              f"this model has {_leaf_names(names)}.")
+        return selected
+    unmatched = [t for t in target_modules if not any(n == t or n.endswith("." + t) for n in names)]
+    if unmatched:
+        raise ConfigError(f"lora.target_modules names {unmatched}, which this model does not have; "
+                          f"its linear layers are {_leaf_names(names)}.")
+    return [n for n in names if any(n == t or n.endswith("." + t) for t in target_modules)]
+
+
+def _leaf_names(names) -> list[str]:
+    return sorted({name.rsplit(".", 1)[-1] for name in names})
+
+
+def attach_lora(model: nn.Module, lora: LoraConfig) -> None:
+    """Freeze everything, then give each targeted layer a fresh trainable adapter."""
+    if lora.use_dora:
+        raise ConfigError("lora.use_dora=true is not supported by model.impl=native; "
+                          "use model.impl=hf (or auto, which picks hf for DoRA).")
+    model.requires_grad_(False)
+    layers = linear_layers(model)
+    for name in select_targets(list(layers), lora.target_modules):
+        layers[name].add_lora(lora.r, lora.lora_alpha, lora.lora_dropout, lora.use_rslora)
+
+
+def peft_config(model: nn.Module, base_model_name_or_path: str):
+    """The peft.LoraConfig that describes this model's adapters, as peft itself would write it.
+
+    target_modules lists the adapted layers by full name, as peft records "all-linear".
+    """
+    import peft
+
+    layers = adapted_layers(model)
+    settings = {(m.lora_A.shape[0], m.lora_alpha, m.lora_dropout, m.use_rslora) for m in layers.values()}
+    if len(settings) != 1:
+        raise ValueError(f"expected one LoRA setting across layers, found {sorted(settings)}")
+    r, lora_alpha, lora_dropout, use_rslora = settings.pop()
+    return peft.LoraConfig(
+        r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, use_rslora=use_rslora,
+        target_modules=sorted(layers), bias="none", task_type="CAUSAL_LM",
+        base_model_name_or_path=base_model_name_or_path, inference_mode=True,
+    )
+
+
+def save_adapter(model: nn.Module, directory: Path, base_model_name_or_path: str) -> None:
+    """adapter_config.json + adapter_model.safetensors, exactly as peft's save_pretrained writes them."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    peft_config(model, base_model_name_or_path).save_pretrained(str(directory))
+    tensors = {}
+    for name, module in adapted_layers(model).items():
+        tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = module.lora_A.detach().cpu().contiguous()
+        tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = module.lora_B.detach().cpu().contiguous()
+    save_file(tensors, str(directory / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+
+
+def _peft_pairs(weights: dict[str, torch.Tensor], layers: dict[str, QLoRALinear], source) -> dict[str, dict]:
+    """{layer name: {"lora_A": tensor, "lora_B": tensor}} from peft's keys; unknown keys are errors."""
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in weights.items():
+        match = re.fullmatch(re.escape(PEFT_PREFIX) + r"(.+)\.(lora_A|lora_B)\.weight", key)
+        if match is None or match.group(1) not in layers:
+            raise ConfigError(f"{source}: tensor {key!r} matches no linear layer of this model.")
+        pairs.setdefault(match.group(1), {})[match.group(2)] = tensor
+    return pairs
+
+
+def copy_adapter_weights(model: nn.Module, weights: dict[str, torch.Tensor], source="the adapter") -> None:
+    """Copy saved LoRA tensors (peft's keys) into the model's adapters in place.
+
+    In place, because resuming restores an optimizer that holds these very parameter objects.
+    """
+    layers = adapted_layers(model)
+    pairs = _peft_pairs(weights, layers, source)
+    missing = sorted(set(layers) - set(pairs))
+    if missing:
+        raise ConfigError(f"{source} lacks LoRA weights the model has, e.g. for {missing[0]}.")
+    with torch.no_grad():
+        for name, pair in pairs.items():
+            for which, tensor in pair.items():
+                target = getattr(layers[name], which)
+                if target.shape != tensor.shape:
+                    raise ConfigError(f"{source}: {name}.{which} has shape {tuple(tensor.shape)}, "
+                                      f"the model's has {tuple(target.shape)}.")
+                target.copy_(tensor)
+
+
+def load_adapter(model: nn.Module, adapter_dir: str | Path) -> None:
+    """Replace the model's adapters with a peft LoRA adapter's (trained natively or by peft).
+
+    Layers the adapter does not cover end up without one, so the model computes exactly what the
+    adapter describes.
+    """
+    from safetensors.torch import load_file
+
+    adapter_dir = Path(adapter_dir)
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    if config.get("peft_type") != "LORA":
+        raise ConfigError(f"{adapter_dir} holds a {config.get('peft_type')} adapter; only LoRA loads here.")
+    unsupported = {key: config.get(key) for key in ("use_dora", "rank_pattern", "alpha_pattern", "modules_to_save")
+                   if config.get(key)}
+    if config.get("bias", "none") != "none":
+        unsupported["bias"] = config["bias"]
+    if unsupported:
+        raise ConfigError(f"{adapter_dir}: adapter settings {unsupported} are not supported by model.impl=native; "
+                          "load it with model.impl=hf.")
+    layers = linear_layers(model)
+    pairs = _peft_pairs(load_file(str(adapter_dir / ADAPTER_WEIGHTS)), layers, adapter_dir)
+    for name, layer in layers.items():
+        layer.remove_lora()
+        if name not in pairs:
+            continue
+        lora_A, lora_B = pairs[name]["lora_A"], pairs[name]["lora_B"]
+        if lora_A.shape != (config["r"], layer.in_features) or lora_B.shape != (layer.out_features, config["r"]):
+            raise ConfigError(f"{adapter_dir}: {name} has lora_A {tuple(lora_A.shape)} and lora_B "
+                              f"{tuple(lora_B.shape)}, which do not fit r={config['r']} on a "
+                              f"{layer.out_features}x{layer.in_features} layer.")
+        device = layer.weight.packed.device
+        layer.lora_A = nn.Parameter(lora_A.to(device, torch.float32))
+        layer.lora_B = nn.Parameter(lora_B.to(device, torch.float32))
+        layer.lora_alpha, layer.use_rslora = config["lora_alpha"], config.get("use_rslora", False)
+        layer.lora_dropout = config.get("lora_dropout", 0.0)

@@ -1,0 +1,80 @@
+"""4-bit storage of frozen linear weights, through bitsandbytes' public quantize/dequantize API.
+
+A weight W (out, in), already cast to the training dtype, is quantized blockwise exactly as
+`bnb.nn.Linear4bit` does it (`bitsandbytes.functional.quantize_4bit`, blocks of 64, NF4 codes,
+optionally double-quantized absmax), so the two model paths train against bit-identical
+weights. Every tensor of the resulting QuantState is a buffer of `QuantizedWeight`, so that
+`.to(device)`, `state_dict()` and memory accounting see them; the QuantState object bitsandbytes
+and our Triton kernel take is rebuilt around those buffers on each call (no copies).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+BLOCKSIZE = 64
+
+
+class QuantizedWeight(nn.Module):
+    """A frozen (out, in) weight stored as packed 4-bit codes plus its blockwise scales."""
+
+    def __init__(self, packed: torch.Tensor, state):
+        super().__init__()
+        self.shape, self.dtype = torch.Size(state.shape), state.dtype
+        self.blocksize, self.quant_type = state.blocksize, state.quant_type
+        self.register_buffer("packed", packed)
+        self.register_buffer("absmax", state.absmax)
+        self.register_buffer("code", state.code)
+        self.nested = state.nested
+        if self.nested:
+            self.nested_blocksize = state.state2.blocksize
+            self.register_buffer("offset", state.offset)
+            self.register_buffer("nested_absmax", state.state2.absmax)
+            self.register_buffer("nested_code", state.state2.code)
+
+    @classmethod
+    def quantize(cls, weight: torch.Tensor, quant_type: str = "nf4", double_quant: bool = True) -> QuantizedWeight:
+        """Quantize on the weight's own device, as Linear4bit does when it is moved there."""
+        import bitsandbytes.functional as bnb_functional
+
+        packed, state = bnb_functional.quantize_4bit(
+            weight.contiguous(), blocksize=BLOCKSIZE, compress_statistics=double_quant, quant_type=quant_type
+        )
+        return cls(packed, state)
+
+    def quant_state(self):
+        from bitsandbytes.functional import QuantState
+
+        nested = None
+        if self.nested:
+            nested = QuantState(absmax=self.nested_absmax, code=self.nested_code, blocksize=self.nested_blocksize,
+                                dtype=torch.float32)
+        return QuantState(absmax=self.absmax, shape=self.shape, code=self.code, blocksize=self.blocksize,
+                          quant_type=self.quant_type, dtype=self.dtype, offset=getattr(self, "offset", None),
+                          state2=nested)
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    def extra_repr(self) -> str:
+        return f"{tuple(self.shape)}, {self.quant_type}, stored for {self.dtype}, double_quant={self.nested}"
+
+
+def dequantize_bnb(weight: QuantizedWeight) -> torch.Tensor:
+    """(out, in) in the weight's storage dtype, by bitsandbytes (its CPU path is vectorized C++)."""
+    import bitsandbytes.functional as bnb_functional
+
+    return bnb_functional.dequantize_4bit(weight.packed, weight.quant_state(), quant_type=weight.quant_type)
+
+
+def dequantize_triton(weight: QuantizedWeight) -> torch.Tensor:
+    """As `dequantize_bnb`, bit for bit, in one Triton kernel (NF4 only)."""
+    if weight.quant_type != "nf4":
+        return dequantize_bnb(weight)
+    from finetune_kernels.nf4_dequant import nf4_dequantize
+
+    return nf4_dequantize(weight.packed, weight.quant_state())

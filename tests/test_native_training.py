@@ -1,0 +1,98 @@
+"""Training on the native path follows the generic path step for step."""
+
+import pytest
+import torch
+
+from test_native import (bf16_config, checkpoints, copy_lora_from_peft, cuda, generic_model,  # noqa: F401
+                         native_model, random_ids, run_config)
+
+
+def train(model, batches, steps: int, lr: float = 5e-3) -> list[float]:
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    model.train()
+    losses = []
+    for step in range(steps):
+        batch = batches[step % len(batches)]
+        targets = int((batch["labels"][:, 1:] != -100).sum())
+        loss = model(**batch, num_items_in_batch=targets).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return losses
+
+
+def make_batches():
+    batches = []
+    for seed in range(3):
+        ids = random_ids(4, 24, seed=100 + seed)
+        labels = ids.clone()
+        labels[:, :8] = -100  # a prompt that is not trained on
+        batches.append({"input_ids": ids, "labels": labels})
+    return batches
+
+
+def test_twenty_steps_match_the_generic_path(checkpoints):
+    model_dir = checkpoints("qwen2")
+    torch.manual_seed(0)
+    generic = generic_model(model_dir)
+    cfg = run_config(model_dir)
+    cfg.model.gradient_checkpointing = True  # recomputation must not change the numbers
+    model = native_model(model_dir, cfg)
+    copy_lora_from_peft(generic, model)
+    batches = make_batches()
+    expected = train(generic, batches, 20)
+    actual = train(model, batches, 20)
+    assert expected[-1] < 0.8 * expected[0]  # it learns, so the comparison means something
+    for step, (a, e) in enumerate(zip(actual, expected)):
+        assert abs(a - e) <= 0.01 * e, (step, actual, expected)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(checkpoints):
+    model_dir = checkpoints("qwen3")
+    grads = []
+    for recompute in (False, True):
+        cfg = run_config(model_dir, lora_dropout=0.1)
+        cfg.model.gradient_checkpointing = recompute
+        torch.manual_seed(0)
+        model = native_model(model_dir, cfg).train()
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if name.endswith("lora_B"):
+                    param.normal_(std=0.1)
+        batch = make_batches()[0]
+        torch.manual_seed(1)  # the same dropout masks; recomputation must replay them
+        model(**batch).loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, msg=name)
+
+
+# ---- on the GPU machine: kernels, offloading and torch.compile keep training on the same track ----
+
+@pytest.mark.gpu
+def test_gpu_kernels_with_offloaded_checkpoints_train_like_the_generic_path(checkpoints, cuda):
+    model_dir = checkpoints("qwen2")
+    torch.manual_seed(0)
+    generic = generic_model(model_dir, bf16_config(model_dir, impl="hf"), cuda, torch.bfloat16)
+    cfg = bf16_config(model_dir, gradient_checkpointing=True, offload_checkpoints=True)
+    model = native_model(model_dir, cfg, cuda, torch.bfloat16)
+    copy_lora_from_peft(generic, model)
+    batches = [{k: v.to(cuda) for k, v in batch.items()} for batch in make_batches()]
+    expected = train(generic, batches, 20)
+    actual = train(model, batches, 20)
+    for step, (a, e) in enumerate(zip(actual, expected)):
+        assert abs(a - e) <= 0.03 * e, (step, actual, expected)
+
+
+@pytest.mark.gpu
+def test_gpu_compiled_layers_compute_what_eager_layers_do(checkpoints, cuda):
+    model_dir = checkpoints("llama")
+    losses = []
+    for compile_layers in (False, True):
+        torch.manual_seed(0)
+        model = native_model(model_dir, bf16_config(model_dir, compile=compile_layers), cuda, torch.bfloat16)
+        batches = [{k: v.to(cuda) for k, v in batch.items()} for batch in make_batches()]
+        losses.append(train(model, batches, 3))
+    for a, e in zip(*losses):
+        assert abs(a - e) <= 0.01 * e, losses
