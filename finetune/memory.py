@@ -1,0 +1,682 @@
+"""The memory plan of a run: what a QLoRA step keeps on the GPU, and what moves to host memory.
+
+Everything is counted from the architecture's sizes (its config.json, or the table of known
+architectures for a hub id), so `train.dry_run=true` loads no weights and needs no network. All
+figures are bytes; the printed plan shows GiB (2**30) and GB (1e9) side by side. Notation, per
+decoder layer: C hidden size, F MLP size, qd = query heads x head_dim, kvd = key/value heads x
+head_dim, L layers, V vocabulary, r LoRA rank, b bytes of the compute dtype, N tokens per micro-batch.
+
+What a step holds on the GPU:
+  - frozen weights: the seven linear projections of each layer in NF4 (half a byte per weight plus
+    the blockwise constants bitsandbytes keeps, see `nf4_tensor_bytes`); embeddings, LM head and
+    norms unquantized, as in QLoRA;
+  - LoRA: the fp32 adapters (peft's default: `autocast_adapter_dtype=True` upcasts adapters of a
+    16-bit base to fp32; finetune.lora does the same), their fp32 gradients, the optimizer states;
+  - one dequantized weight at a time (each layer's weight exists in full precision only while its
+    own matmul runs, in forward and again in backward);
+  - activations, linear in N (see `activation_bytes_per_token`), and the loss: a chunk of logits on
+    the native path's fused linear + cross-entropy, the full logits on the generic path, which
+    also materializes one layer's attention scores (quadratic in the sequence length);
+  - the CUDA runtime, and the allocator's fragmentation.
+
+When that does not fit, two things can leave the GPU (hardware.offload): checkpointed layer inputs
+wait in pinned host memory until backward, and the NF4 layer weights stream from pinned host
+memory a few layers ahead of the compute. `plan_for_run` picks the cheapest choice that fits.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from finetune.config import ConfigError, Dtype, HardwareConfig, ModelImpl, OffloadMode, Optimizer, RunConfig
+
+GiB = 2**30
+GB = 10**9
+
+# A "24 GB" consumer card (RTX 3090/4090): the budget assumed where no CUDA device answers and
+# hardware.gpu_memory_gb is unset, e.g. when planning on a laptop.
+DEFAULT_GPU_GIB = 24.0
+# Pinned host-to-device copies over PCIe 4.0 x16 (a desktop's link); BENCH.md measured 55 GB/s
+# over the H100's PCIe 5.0 x16.
+DEFAULT_HOST_LINK_GBPS = 25.0
+# Outside PyTorch's allocator: the CUDA context (about 0.5 GiB with torch 2.x on Hopper) plus
+# cuBLAS, cuDNN and Triton workspaces and loaded kernels.
+RUNTIME_BYTES = 1 * GiB
+# The caching allocator reserves more than it hands out (block rounding, split blocks that cannot
+# be reused for a larger request); 5% above the allocated peak covers a steady training loop.
+FRAGMENTATION = 0.05
+# Weight streaming keeps this many layers' NF4 weights on the GPU: the one computing and the next,
+# whose copy overlaps the compute (double buffering).
+PREFETCH_LAYERS = 2
+# With activation offload the GPU still holds two layer inputs: in forward the current input and
+# the output being copied out, in backward the one being recomputed and the next one copied back.
+OFFLOADED_CHECKPOINTS_ON_GPU = 2
+# Streamed weight transfers per micro-batch: forward, then backward; each layer's recompute runs
+# right before its own backward, so one copy serves both.
+TRANSFERS_PER_MICRO_BATCH = 2
+# A loss on full logits (the generic path, or the native one without its kernels), bytes per
+# (token, vocabulary entry): forward holds bf16 logits, their fp32 upcast (transformers'
+# ForCausalLMLoss) and the fp32 log-probs, 2 + 4 + 4; backward the saved log-probs, their gradient
+# and the logits' fp32 gradient, 4 + 4 + 4, the peak.
+FULL_LOGITS_BYTES = 12
+# The generic path's attention keeps its scores: bytes per (head, query, key) of one layer.
+# BENCH.md's generic-path peaks grow faster than the token count (17.8 GiB at 2 x 2048 tokens, 48.6
+# at 1 x 8192, Llama-3-8B on an H200); with everything else counted as below, the two rows give
+# ~12.5 bytes per score (the math SDPA kernel's bf16 scores, fp32 softmax and their gradients)
+# and a per-token residue within 5% of the derived one. The plan then allocates 17.6 and 48.1 GiB.
+HF_ATTENTION_SCORE_BYTES = 12.5
+# bitsandbytes' 8-bit optimizers keep 32-bit states for tensors smaller than this
+# (`min_8bit_size`), and one fp32 absmax per 256-element block per state for the others.
+BNB_MIN_8BIT_SIZE = 4096
+BNB_OPTIM_BLOCK = 256
+# The informative streaming estimate's compute side: 40% MFU (BENCH.md's definition) of 165 TFLOP/s,
+# the dense bf16 rate of an RTX 4090-class card, where streaming is what makes a 70B model fit.
+ASSUMED_MFU = 0.40
+ASSUMED_PEAK_TFLOPS = 165.0
+
+DTYPE_BYTES = {Dtype.bfloat16: 2, Dtype.float16: 2, Dtype.float32: 4}
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# Cheapest first: each step down costs host-link traffic the one before it does not.
+OFFLOAD_ORDER = (OffloadMode.none, OffloadMode.activations, OffloadMode.weights, OffloadMode.all)
+STREAMS_WEIGHTS = (OffloadMode.weights, OffloadMode.all)
+PARKS_ACTIVATIONS = (OffloadMode.activations, OffloadMode.all)
+
+
+# ---------------------------------------------------------------- sizes from the architecture
+
+def projection_shapes(arch: dict) -> dict[str, tuple[int, int]]:
+    """(in_features, out_features) of each linear projection of one decoder layer."""
+    C, F = arch["hidden_size"], arch["intermediate_size"]
+    qd, kvd = _attention_dims(arch)
+    return {"q_proj": (C, qd), "k_proj": (C, kvd), "v_proj": (C, kvd), "o_proj": (qd, C),
+            "gate_proj": (C, F), "up_proj": (C, F), "down_proj": (F, C)}
+
+
+def _attention_dims(arch: dict) -> tuple[int, int]:
+    heads = arch["num_attention_heads"]
+    head_dim = arch.get("head_dim") or arch["hidden_size"] // heads
+    return heads * head_dim, (arch.get("num_key_value_heads") or heads) * head_dim
+
+
+def linear_param_count(arch: dict) -> int:
+    """Weights of all layers' linear projections: the part stored in 4 bits."""
+    return arch["num_hidden_layers"] * sum(i * o for i, o in projection_shapes(arch).values())
+
+
+def nf4_tensor_bytes(numel: int, double_quant: bool = True, blocksize: int = 64) -> int:
+    """Bytes of one weight after `bitsandbytes.functional.quantize_4bit` (what finetune.quant stores).
+
+    Packed codes: half a byte per weight. One absmax per block of 64 weights: fp32, or with double
+    quantization uint8 codes plus, per 256 of them, one fp32 absmax, and an fp32 offset and the
+    256-entry fp32 code of that second quantization. Every weight carries its 16-entry fp32 NF4 code.
+    """
+    blocks = math.ceil(numel / blocksize)
+    nf4_code = 16 * 4
+    if not double_quant:
+        return math.ceil(numel / 2) + 4 * blocks + nf4_code
+    return math.ceil(numel / 2) + blocks + 4 * math.ceil(blocks / 256) + 4 + 256 * 4 + nf4_code
+
+
+def nf4_layer_bytes(arch: dict, double_quant: bool = True) -> int:
+    return sum(nf4_tensor_bytes(i * o, double_quant) for i, o in projection_shapes(arch).values())
+
+
+def nf4_linear_bytes(arch: dict, double_quant: bool = True) -> int:
+    """All layers' linear weights in NF4, constants included."""
+    return arch["num_hidden_layers"] * nf4_layer_bytes(arch, double_quant)
+
+
+def dense_weight_bytes(arch: dict, dtype_bytes: int) -> int:
+    """The unquantized weights: embeddings, LM head (unless tied to them) and RMSNorm weights.
+
+    Biases (Qwen2's q/k/v: under a megabyte) and Qwen3's per-head q/k norms are below the plan's
+    resolution and left out.
+    """
+    C, V = arch["hidden_size"], arch["vocab_size"]
+    matrices = 1 if arch.get("tie_word_embeddings", False) else 2
+    norms = 2 * arch["num_hidden_layers"] + 1
+    return (matrices * V * C + norms * C) * dtype_bytes
+
+
+def lora_targets(target_modules) -> tuple[str, ...]:
+    """The projections a lora.target_modules setting adapts ("all-linear": all seven, as peft does)."""
+    if target_modules == "all-linear":
+        return PROJECTIONS
+    names = [target_modules] if isinstance(target_modules, str) else list(target_modules)
+    unknown = [name for name in names if name not in PROJECTIONS]
+    if unknown:
+        raise ConfigError(f"the memory plan knows the projections {', '.join(PROJECTIONS)} (or 'all-linear'), "
+                          f"not lora.target_modules entry {unknown[0]!r}.")
+    return tuple(name for name in PROJECTIONS if name in names)
+
+
+def lora_tensor_sizes(arch: dict, r: int, targets) -> list[int]:
+    """Element counts of every LoRA matrix: A (r, in) and B (out, r) per adapted projection."""
+    shapes = projection_shapes(arch)
+    per_layer = [n for name in targets for n in (r * shapes[name][0], shapes[name][1] * r)]
+    return per_layer * arch["num_hidden_layers"]
+
+
+def lora_param_count(arch: dict, r: int, targets) -> int:
+    return sum(lora_tensor_sizes(arch, r, targets))
+
+
+def optimizer_state_bytes(tensor_sizes: list[int], optimizer: Optimizer) -> int:
+    """AdamW's two moments: fp32 each, or bitsandbytes' blockwise 8-bit with an fp32 absmax per block."""
+    if optimizer is Optimizer.adamw:
+        return 8 * sum(tensor_sizes)
+    return sum(8 * n if n < BNB_MIN_8BIT_SIZE else 2 * n + 2 * 4 * math.ceil(n / BNB_OPTIM_BLOCK)
+               for n in tensor_sizes)
+
+
+@dataclass(frozen=True)
+class ActivationSizes:
+    """Bytes per token of what autograd keeps during a step, grouped by how long it lives."""
+
+    checkpoint: int  # a layer's input: all a checkpointed layer keeps until its backward
+    layer: int  # what one layer keeps for its backward beyond its input
+    backward: int  # gradients alive together at the peak of one layer's backward
+    model: int  # kept once for all layers: rope tables, the final norm's output, ids and labels
+
+
+def activation_bytes_per_token(arch: dict, dtype_bytes: int, r: int, targets, lora_dropout: float,
+                               impl: ModelImpl) -> ActivationSizes:
+    """Per-token activation sizes of one training step, derived from what each op saves.
+
+    Native layer (finetune.models.native, Triton kernels), beyond its input x:
+        b (C + qd + 2 kvd + qd + C + C + 3F)    normed x; q and k after rope, v; attention output;
+                                                h = x + attn and normed h; gate, up, SwiGLU output
+        + 4 Hq + 2 * 4                          attention logsumexp, each RMSNorm's 1/rms (fp32)
+        + per adapted projection: b r           x A^T, and with dropout a 1-byte mask per input
+    Generic layer (transformers + peft), where it differs: each LlamaRMSNorm keeps an fp32 copy of
+    its input (4C instead of bC); k and v are repeated to qd heads under a padding mask; the MLP
+    keeps silu(gate) besides gate, up and their product (4F); and peft casts each adapted input to
+    fp32 for its fp32 adapter (4 in, plus the dropout mask) and keeps x A^T in fp32 (4 r).
+    Backward peak: the gradients of gate, up and the SwiGLU output with the residual stream's
+    incoming and outgoing gradient, b (3F + 2C).
+    Attention is counted as a memory-efficient kernel (cuDNN, flash, varlen), linear in the sequence
+    length; the generic path's materialized scores are a separate line (HF_ATTENTION_SCORE_BYTES).
+    """
+    C, F, b = arch["hidden_size"], arch["intermediate_size"], dtype_bytes
+    qd, kvd = _attention_dims(arch)
+    heads = arch["num_attention_heads"]
+    shapes = projection_shapes(arch)
+    # LoRA dropout keeps a 1-byte mask per input element of each adapted projection.
+    mask = {name: shapes[name][0] if lora_dropout > 0 else 0 for name in targets}
+    if impl is ModelImpl.native:
+        layer = b * (C + qd + 2 * kvd + qd + C + C + 3 * F) + 4 * heads + 2 * 4
+        layer += sum(b * r + mask[name] for name in targets)
+    else:
+        layer = 4 * C + b * C + b * 4 * qd + 4 * heads + 4 * C + b * C + b * 4 * F + 2 * 4
+        layer += sum(4 * shapes[name][0] + 4 * r + mask[name] for name in targets)
+    head_dim = qd // heads
+    model = 2 * 4 * head_dim + b * C + 3 * 8  # fp32 cos and sin, the LM head's input, int64 ids/labels/positions
+    return ActivationSizes(checkpoint=b * C, layer=layer, backward=b * (3 * F + 2 * C), model=model)
+
+
+def loss_chunk_tokens(tokens: int, hidden_size: int, vocab_size: int) -> int:
+    """Tokens per logits chunk of the fused linear + cross-entropy kernel (its default).
+
+    A chunk's logits are sized like the hidden states themselves, rounded up to a power of two, so
+    the loss costs at most about one more copy of them; kernels/fused_linear_ce.py's
+    `_default_chunk_size`, which tests/test_memory.py checks this against.
+    """
+    return max(1, min(tokens, 1 << (-(-tokens * hidden_size // vocab_size) - 1).bit_length()))
+
+
+def loss_bytes(arch: dict, tokens: int, dtype_bytes: int, chunked: bool) -> int:
+    """The loss's own memory: chunked, one chunk of logits plus the hidden-state gradient it computes
+    in forward (and fp32 per-token losses); else the full logits (FULL_LOGITS_BYTES per entry)."""
+    C, V = arch["hidden_size"], arch["vocab_size"]
+    if not chunked:
+        return tokens * V * FULL_LOGITS_BYTES
+    return loss_chunk_tokens(tokens, C, V) * V * dtype_bytes + tokens * C * dtype_bytes + tokens * 4
+
+
+def useful_flops_per_token(arch: dict, seq_len: int) -> float:
+    """BENCH.md's MFU numerator: 4 x linear weights (LM head included) plus 3 x causal attention."""
+    qd, _ = _attention_dims(arch)
+    linear = linear_param_count(arch) + arch["hidden_size"] * arch["vocab_size"]
+    attention_forward = 2 * seq_len * qd * arch["num_hidden_layers"]
+    return 4 * linear + 3 * attention_forward
+
+
+# ---------------------------------------------------------------- the architecture, offline
+
+def locate_architecture(cfg: RunConfig) -> tuple[dict, str]:
+    """The base model's HF config dict and where it came from, without weights or network.
+
+    Looked for in order: the demo's own sizes, a local model directory's config.json, the
+    Hugging Face cache, the table of known architectures (finetune.models.architectures).
+    """
+    from finetune.models.architectures import ARCHITECTURES, HUB_IDS
+
+    name = cfg.model.name_or_path
+    if name == "demo":
+        from finetune.demo import TINY_LLAMA, build_tokenizer
+
+        return dict(model_type="llama", vocab_size=len(build_tokenizer()), **TINY_LLAMA), "the demo's tiny Llama"
+    local = Path(name).expanduser()
+    if local.is_dir():
+        path = local / "config.json"
+        if not path.is_file():
+            raise ConfigError(f"model.name_or_path={name!r} is a directory without config.json: point it at a "
+                              "Hugging Face model directory.")
+        return _checked(json.loads(path.read_text()), path), str(path)
+    from huggingface_hub import constants, try_to_load_from_cache
+    from huggingface_hub.errors import HFValidationError
+
+    try:
+        cached = try_to_load_from_cache(name, "config.json", revision=cfg.model.revision)
+    except HFValidationError:  # not a hub id, e.g. a mistyped path: the error below names both
+        cached = None
+    if isinstance(cached, str):
+        return _checked(json.loads(Path(cached).read_text()), cached), cached
+    known = {hub_id.lower(): arch for hub_id, arch in HUB_IDS.items()}
+    if name.lower() in known:
+        arch = known[name.lower()]
+        return dict(ARCHITECTURES[arch]), f"{arch} in finetune's architecture table"
+    raise ConfigError(
+        f"model.name_or_path={name!r}: no sizes to plan with. Looked for a local directory {local.resolve()}, "
+        f"a cached config.json in the Hugging Face cache ({constants.HF_HUB_CACHE}), and the known hub ids "
+        f"({', '.join(sorted(HUB_IDS))}). Pass a model directory, or download the model's config.json "
+        "(huggingface-cli download ID config.json).")
+
+
+def architecture_for(cfg: RunConfig) -> dict:
+    """The base model's HF config dict, read without weights or network (see `locate_architecture`)."""
+    return locate_architecture(cfg)[0]
+
+
+def _checked(arch: dict, source) -> dict:
+    if any(key in arch for key in ("num_local_experts", "num_experts", "n_routed_experts")):
+        raise ConfigError(f"{source} describes a mixture-of-experts model; the memory plan sizes dense decoders only.")
+    missing = [key for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                               "vocab_size") if key not in arch]
+    if missing:
+        raise ConfigError(f"{source} lacks {', '.join(missing)}: the memory plan sizes Llama-like decoders only.")
+    return arch
+
+
+def resolve_impl(cfg: RunConfig, arch: dict) -> tuple[ModelImpl, str]:
+    """The model path a run would take, as `finetune.models.choose_impl` decides it, from sizes alone."""
+    if cfg.model.impl is ModelImpl.hf:
+        return ModelImpl.hf, "model.impl=hf"
+    from transformers import AutoConfig
+
+    from finetune.models import native
+
+    model_type = arch.get("model_type")
+    if model_type in native.FAMILIES:
+        settings = {k: v for k, v in arch.items() if k != "model_type"}
+        local = Path(cfg.model.name_or_path).expanduser()
+        reason = native.unsupported_reason(AutoConfig.for_model(model_type, **settings), cfg.lora,
+                                           local if local.is_dir() else None)
+    else:
+        reason = f"model_type {model_type!r} is not one of {sorted(native.FAMILIES)}"
+    if reason is None:
+        return ModelImpl.native, f"model.impl={cfg.model.impl.value}: {model_type} is a native architecture"
+    if cfg.model.impl is ModelImpl.native:
+        raise ConfigError(f"model.impl=native cannot run {cfg.model.name_or_path}: {reason}. "
+                          "Use model.impl=auto or hf.")
+    return ModelImpl.hf, f"model.impl=auto: {reason}"
+
+
+# ---------------------------------------------------------------- the plan
+
+@dataclass
+class LineItem:
+    name: str
+    bytes: int
+    note: str = ""
+
+
+@dataclass
+class StreamEstimate:
+    """Weight streaming's cost per micro-batch: informative, not a promise."""
+
+    bytes_per_micro_batch: int
+    link_gbps: float
+    link_assumed: bool
+    transfer_s: float
+    compute_s: float  # at ASSUMED_MFU of ASSUMED_PEAK_TFLOPS
+    break_even_tflops: float  # useful TFLOP/s above which the transfers, not compute, bound the step
+
+
+@dataclass
+class MemoryPlan:
+    """A run's memory: GPU and host line items, the offload decision, and the room it leaves."""
+
+    recipe: str
+    model: str
+    architecture_source: str
+    impl: ModelImpl
+    impl_reason: str
+    micro_batch_size: int
+    seq_len: int
+    gradient_checkpointing: bool
+    budget_bytes: int
+    budget_source: str
+    offload: OffloadMode  # what the plan decided: never auto
+    offload_reason: str
+    gpu: list[LineItem]
+    host: list[LineItem]
+    gpu_total: int
+    fits: bool
+    longest_seq_len: int  # at micro_batch_size, with this offload choice; 0 when nothing fits
+    max_position_embeddings: int | None
+    loss_chunk_tokens: int | None  # None: the loss forms the full logits
+    stream: StreamEstimate | None
+    gradient_accumulation_steps: int
+    host_ram_bytes: int  # physical memory of the machine that made the plan
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def streams_weights(self) -> bool:
+        return self.offload in STREAMS_WEIGHTS
+
+    @property
+    def offloads_activations(self) -> bool:
+        return self.offload in PARKS_ACTIVATIONS
+
+    @property
+    def shortfall(self) -> int:
+        return max(0, self.gpu_total - self.budget_bytes)
+
+    @property
+    def host_total(self) -> int:
+        return sum(item.bytes for item in self.host)
+
+    def figures(self) -> dict:
+        """The headline numbers, for RunResult.metrics."""
+        return {"fits": self.fits, "offload": self.offload.value, "gpu_total_gib": self.gpu_total / GiB,
+                "gpu_budget_gib": self.budget_bytes / GiB, "host_pinned_gib": self.host_total / GiB,
+                "longest_seq_len": self.longest_seq_len, "impl": self.impl.value}
+
+
+@dataclass(frozen=True)
+class _Run:
+    """What sizes a step's memory, read once from the config and the architecture."""
+
+    arch: dict
+    impl: ModelImpl
+    compute_bytes: int
+    dense_bytes: int  # dtype bytes of embeddings, head and norms: compute dtype (native) or quant.torch_dtype (hf)
+    double_quant: bool
+    r: int
+    targets: tuple
+    lora_dropout: float
+    optimizer: Optimizer
+    checkpointing: bool
+    chunked_loss: bool
+    micro_batch_size: int
+    padding_mask: bool  # native path, padded micro-batches: one (B, T, T) bool mask shared by all layers
+
+
+def _gpu_items(run: _Run, offload: OffloadMode, tokens: int) -> list[LineItem]:
+    arch, L = run.arch, run.arch["num_hidden_layers"]
+    items = []
+    if offload in STREAMS_WEIGHTS:
+        items.append(LineItem(f"NF4 linear weights, {PREFETCH_LAYERS} of {L} layers",
+                              PREFETCH_LAYERS * nf4_layer_bytes(arch, run.double_quant),
+                              "the rest stream from pinned host memory"))
+    else:
+        items.append(LineItem(f"NF4 linear weights, all {L} layers", nf4_linear_bytes(arch, run.double_quant),
+                              "0.5 byte/weight + blockwise constants"))
+    dense_name = {2: "16-bit", 4: "fp32"}[run.dense_bytes]
+    items.append(LineItem(f"embeddings, LM head, norms ({dense_name})", dense_weight_bytes(arch, run.dense_bytes),
+                          "tied" if arch.get("tie_word_embeddings") else "not quantized, as in QLoRA"))
+    sizes = lora_tensor_sizes(arch, run.r, run.targets)
+    lora = 4 * sum(sizes)
+    items.append(LineItem("LoRA weights (fp32)", lora, f"r={run.r}, {len(run.targets)} projections x {L} layers, "
+                                                      f"{sum(sizes):,} parameters"))
+    items.append(LineItem("LoRA gradients (fp32)", lora))
+    items.append(LineItem(f"optimizer states ({run.optimizer.value})", optimizer_state_bytes(sizes, run.optimizer),
+                          "pages to host under pressure" if run.optimizer is Optimizer.paged_adamw_8bit else ""))
+    largest = max(i * o for i, o in projection_shapes(arch).values())
+    items.append(LineItem("one dequantized weight", largest * run.compute_bytes, "the largest projection, while its "
+                                                                                   "matmul runs"))
+    acts = activation_bytes_per_token(arch, run.compute_bytes, run.r, run.targets, run.lora_dropout, run.impl)
+    if not run.checkpointing:
+        items.append(LineItem(f"activations, all {L} layers", tokens * L * (acts.checkpoint + acts.layer),
+                              f"{tokens:,} tokens, no checkpointing"))
+    elif offload in PARKS_ACTIVATIONS:
+        items.append(LineItem(f"layer checkpoints, {OFFLOADED_CHECKPOINTS_ON_GPU} of {L}",
+                              tokens * OFFLOADED_CHECKPOINTS_ON_GPU * acts.checkpoint,
+                              "the rest in pinned host memory"))
+    else:
+        items.append(LineItem(f"layer checkpoints, {L} layers", tokens * L * acts.checkpoint,
+                              f"{tokens:,} tokens x hidden {arch['hidden_size']}"))
+    if run.checkpointing:
+        items.append(LineItem("one layer recomputed + its backward", tokens * (acts.layer + acts.backward)))
+    else:
+        items.append(LineItem("one layer's backward", tokens * acts.backward))
+    seq_len = tokens // run.micro_batch_size
+    if run.impl is ModelImpl.hf:
+        # Checkpointed, one layer's scores exist at a time; otherwise every layer keeps its own.
+        layers = 1 if run.checkpointing else L
+        scores = layers * run.micro_batch_size * arch["num_attention_heads"] * seq_len ** 2
+        items.append(LineItem("attention scores", round(scores * HF_ATTENTION_SCORE_BYTES),
+                              "materialized on the generic path"))
+    shared = tokens * acts.model + (run.micro_batch_size * seq_len ** 2 if run.padding_mask else 0)
+    items.append(LineItem("rope tables, final hidden, ids" + (", padding mask" if run.padding_mask else ""), shared))
+    if run.chunked_loss:
+        chunk = loss_chunk_tokens(tokens, arch["hidden_size"], arch["vocab_size"])
+        items.append(LineItem("loss: one logits chunk + hidden gradient",
+                              loss_bytes(arch, tokens, run.compute_bytes, True), f"fused, {chunk:,}-token chunks"))
+    else:
+        items.append(LineItem("loss: full logits", loss_bytes(arch, tokens, run.compute_bytes, False),
+                              f"{tokens:,} x {arch['vocab_size']:,} x {FULL_LOGITS_BYTES} bytes"))
+    allocated = sum(item.bytes for item in items)
+    items.append(LineItem("allocator fragmentation", round(FRAGMENTATION * allocated),
+                          f"{FRAGMENTATION:.0%} of the above"))
+    items.append(LineItem("CUDA context + workspaces", RUNTIME_BYTES))
+    return items
+
+
+def _host_items(run: _Run, offload: OffloadMode, tokens: int) -> list[LineItem]:
+    arch, L = run.arch, run.arch["num_hidden_layers"]
+    items = []
+    if offload in STREAMS_WEIGHTS:
+        items.append(LineItem(f"NF4 linear weights, all {L} layers", nf4_linear_bytes(arch, run.double_quant),
+                              "pinned, streamed every micro-batch"))
+    if offload in PARKS_ACTIVATIONS:
+        checkpoint = activation_bytes_per_token(arch, run.compute_bytes, run.r, run.targets, run.lora_dropout,
+                                                run.impl).checkpoint
+        items.append(LineItem(f"layer checkpoints, {L} layers", tokens * L * checkpoint, "pinned"))
+    return items
+
+
+def _gpu_total(run: _Run, offload: OffloadMode, tokens: int) -> int:
+    return sum(item.bytes for item in _gpu_items(run, offload, tokens))
+
+
+def _longest_seq_len(run: _Run, offload: OffloadMode, budget: int, limit: int) -> int:
+    """The longest sequence (at micro_batch_size) whose step fits `budget`; memory grows with length."""
+    low, high = 0, limit
+    while low < high:
+        mid = (low + high + 1) // 2
+        if _gpu_total(run, offload, mid * run.micro_batch_size) <= budget:
+            low = mid
+        else:
+            high = mid - 1
+    return low
+
+
+def _offload_choices(cfg: RunConfig, impl: ModelImpl) -> list[OffloadMode]:
+    """The offload settings open to this run, cheapest first; none open is an error naming why."""
+    requested = cfg.hardware.offload
+    candidates = list(OFFLOAD_ORDER) if requested is OffloadMode.auto else [requested]
+    if cfg.model.offload_checkpoints:
+        # The recipe already parks activations on the host: only the settings that keep doing so.
+        candidates = [mode for mode in candidates if mode in PARKS_ACTIVATIONS]
+        if not candidates:
+            raise ConfigError(f"model.offload_checkpoints=true offloads activations, but hardware.offload="
+                              f"{requested.value} keeps them on the GPU; pass hardware.offload=activations, all "
+                              "or auto.")
+    reasons = {mode: _offload_unavailable(mode, cfg, impl) for mode in candidates}
+    choices = [mode for mode in candidates if reasons[mode] is None]
+    if not choices:
+        mode = candidates[0]
+        raise ConfigError(f"hardware.offload={mode.value} (model.offload_checkpoints="
+                          f"{str(cfg.model.offload_checkpoints).lower()}): {reasons[mode]}.")
+    return choices
+
+
+def _offload_unavailable(mode: OffloadMode, cfg: RunConfig, impl: ModelImpl) -> str | None:
+    if mode is not OffloadMode.none and impl is not ModelImpl.native:
+        return "offloading is a feature of the native model path; pass model.impl=auto or native"
+    if mode in PARKS_ACTIVATIONS and not cfg.model.gradient_checkpointing:
+        return "activation offload parks checkpointed layer inputs; it needs model.gradient_checkpointing=true"
+    return None
+
+
+def gpu_budget(hardware: HardwareConfig) -> tuple[int, str]:
+    """The bytes a run may use on its GPU, and where that figure came from."""
+    if hardware.gpu_memory_gb is not None:
+        return round(hardware.gpu_memory_gb * GiB), f"hardware.gpu_memory_gb={hardware.gpu_memory_gb:g}"
+    import torch
+
+    if torch.cuda.is_available():
+        free, total = torch.cuda.mem_get_info()
+        return free, f"free on {torch.cuda.get_device_name()} ({free / GiB:.1f} of {total / GiB:.1f} GiB)"
+    return round(DEFAULT_GPU_GIB * GiB), (f"assumed: no CUDA device here; pass hardware.gpu_memory_gb=GiB for "
+                                          f"your card (default {DEFAULT_GPU_GIB:g})")
+
+
+def plan_for_run(cfg: RunConfig) -> MemoryPlan:
+    """How the run `cfg` describes uses its GPU: line items, offload decision, longest sequence that fits."""
+    arch, source = locate_architecture(cfg)
+    impl, impl_reason = resolve_impl(cfg, arch)
+    compute_bytes = DTYPE_BYTES[cfg.quant.bnb_4bit_compute_dtype]
+    run = _Run(
+        arch=arch, impl=impl, compute_bytes=compute_bytes,
+        dense_bytes=compute_bytes if impl is ModelImpl.native else DTYPE_BYTES[cfg.quant.torch_dtype],
+        double_quant=cfg.quant.bnb_4bit_use_double_quant, r=cfg.lora.r,
+        targets=lora_targets(cfg.lora.target_modules), lora_dropout=cfg.lora.lora_dropout,
+        optimizer=cfg.optim.name, checkpointing=cfg.model.gradient_checkpointing,
+        chunked_loss=impl is ModelImpl.native and cfg.model.use_kernels,
+        micro_batch_size=cfg.train.micro_batch_size,
+        padding_mask=impl is ModelImpl.native and not cfg.data.packing and cfg.train.micro_batch_size > 1,
+    )
+    tokens = cfg.train.micro_batch_size * cfg.data.max_seq_len
+    budget, budget_source = gpu_budget(cfg.hardware)
+
+    choices = _offload_choices(cfg, impl)
+    totals = {mode: _gpu_total(run, mode, tokens) for mode in choices}
+    fitting = [mode for mode in choices if totals[mode] <= budget]
+    offload = fitting[0] if fitting else choices[-1]
+    offload_reason = f"hardware.offload={cfg.hardware.offload.value}"
+    if len(choices) > 1:
+        offload_reason += (" picked the cheapest that fits" if fitting else ": none fits, the most offloaded shown")
+        offload_reason += " of " + ", ".join(f"{mode.value} {totals[mode] / GiB:.1f} GiB" for mode in choices)
+
+    max_positions = arch.get("max_position_embeddings")
+    # Up to the model's context (or 1M tokens where it states none): planning further is pointless.
+    longest = _longest_seq_len(run, offload, budget, max_positions or 2**20)
+    notes = []
+    if cfg.data.max_seq_len > (max_positions or math.inf):
+        notes.append(f"data.max_seq_len={cfg.data.max_seq_len} exceeds the model's max_position_embeddings "
+                     f"({max_positions}): the run will refuse it.")
+    if impl is not ModelImpl.native and not fitting:
+        notes.append("the generic path offloads nothing; the native path (model.impl=auto or native) can stream "
+                     "weights and offload activations, and its fused loss never forms the full logits.")
+    if impl is ModelImpl.native and not cfg.model.use_kernels:
+        notes.append("model.use_kernels=false: the plain-PyTorch ops keep fp32 intermediates and full logits; "
+                     "activations are planned as the kernels' and may be underestimated.")
+    if cfg.lora.use_dora:
+        notes.append("lora.use_dora=true: DoRA's weight-norm activations are not counted.")
+
+    stream = None
+    if offload in STREAMS_WEIGHTS:
+        link = cfg.hardware.host_link_gbps or DEFAULT_HOST_LINK_GBPS
+        streamed = TRANSFERS_PER_MICRO_BATCH * nf4_linear_bytes(arch, run.double_quant)
+        flops = tokens * useful_flops_per_token(arch, cfg.data.max_seq_len)
+        transfer_s = streamed / (link * GB)
+        stream = StreamEstimate(streamed, link, cfg.hardware.host_link_gbps is None, transfer_s,
+                                flops / (ASSUMED_MFU * ASSUMED_PEAK_TFLOPS * 1e12), flops / transfer_s / 1e12)
+    return MemoryPlan(
+        recipe=cfg.name, model=cfg.model.name_or_path, architecture_source=source, impl=impl, impl_reason=impl_reason,
+        micro_batch_size=cfg.train.micro_batch_size, seq_len=cfg.data.max_seq_len,
+        gradient_checkpointing=cfg.model.gradient_checkpointing, budget_bytes=budget, budget_source=budget_source,
+        offload=offload, offload_reason=offload_reason, gpu=_gpu_items(run, offload, tokens),
+        host=_host_items(run, offload, tokens), gpu_total=totals[offload], fits=totals[offload] <= budget,
+        longest_seq_len=longest, max_position_embeddings=max_positions,
+        loss_chunk_tokens=loss_chunk_tokens(tokens, arch["hidden_size"], arch["vocab_size"]) if run.chunked_loss
+        else None,
+        stream=stream, gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
+        host_ram_bytes=os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), notes=notes,
+    )
+
+
+def check_fits(plan: MemoryPlan) -> None:
+    """Refuse a run its GPU (or this machine's RAM, for what it pins) cannot hold."""
+    if not plan.fits:
+        hint = (f"data.max_seq_len={plan.longest_seq_len} would fit" if plan.longest_seq_len
+                else "no sequence length fits")
+        raise ConfigError(
+            f"the run needs {plan.gpu_total / GiB:.1f} GiB on the GPU with hardware.offload={plan.offload.value}, "
+            f"{plan.shortfall / GiB:.1f} GiB more than the {plan.budget_bytes / GiB:.1f} GiB budget "
+            f"({plan.budget_source}); at train.micro_batch_size={plan.micro_batch_size} {hint}. "
+            "See the whole plan with train.dry_run=true.")
+    if plan.host_total > plan.host_ram_bytes:
+        raise ConfigError(
+            f"the run pins {plan.host_total / GiB:.1f} GiB of host memory (hardware.offload={plan.offload.value}) "
+            f"but this machine has {plan.host_ram_bytes / GiB:.1f} GiB; offload less or use a larger machine.")
+
+
+def format_plan(plan: MemoryPlan) -> str:
+    """The plan as a table a person reads before renting a GPU."""
+    # Whole GiB hide a small model's figures: those are shown in MiB.
+    unit, decimal, names = (GiB, GB, ("GiB", "GB")) if plan.gpu_total >= 4 * GiB else (2**20, 10**6, ("MiB", "MB"))
+
+    def row(name: str, size: int, note: str = "") -> str:
+        return f"  {name:<46}{size / unit:>9.2f}{size / decimal:>9.2f}  {note}".rstrip()
+
+    def header(title: str) -> str:
+        return f"{title:<48}{names[0]:>9}{names[1]:>9}"
+
+    lines = [
+        f"memory plan: {plan.recipe} ({plan.model}; sizes from {plan.architecture_source})",
+        f"  model path {plan.impl.value} ({plan.impl_reason}); micro-batch {plan.micro_batch_size} x "
+        f"{plan.seq_len:,} tokens; gradient checkpointing {'on' if plan.gradient_checkpointing else 'off'}",
+        f"  offload: {plan.offload.value} ({plan.offload_reason})",
+        "", header("GPU"),
+        *(row(item.name, item.bytes, item.note) for item in plan.gpu),
+        row("total", plan.gpu_total),
+        row("budget", plan.budget_bytes, plan.budget_source),
+    ]
+    if plan.fits:
+        lines.append(f"  fits, {(plan.budget_bytes - plan.gpu_total) / GiB:.2f} GiB to spare")
+    else:
+        lines.append(f"  DOES NOT FIT: {plan.shortfall / GiB:.2f} GiB ({plan.shortfall / GB:.2f} GB) short")
+    if plan.host:
+        lines += ["", header("host"), *(row(item.name, item.bytes, item.note) for item in plan.host),
+                  row("total pinned", plan.host_total, f"this machine has {plan.host_ram_bytes / GiB:.0f} GiB" +
+                      (": not enough" if plan.host_total > plan.host_ram_bytes else ""))]
+    lines.append("")
+    if plan.longest_seq_len:
+        at_limit = plan.max_position_embeddings and plan.longest_seq_len >= plan.max_position_embeddings
+        lines.append(f"longest sequence that fits: {plan.longest_seq_len:,} tokens at micro_batch_size="
+                     f"{plan.micro_batch_size}" + (" (the model's maximum)" if at_limit else ""))
+    else:
+        lines.append(f"longest sequence that fits: none at micro_batch_size={plan.micro_batch_size}")
+    lines.append("loss: " + (f"fused linear + cross-entropy, {plan.loss_chunk_tokens:,}-token logits chunks"
+                             if plan.loss_chunk_tokens else "full logits (transformers upcasts them to fp32)"))
+    if plan.stream:
+        s = plan.stream
+        link = f"{s.link_gbps:g} GB/s" + (" (assumed: PCIe 4.0 x16; set hardware.host_link_gbps)" if s.link_assumed
+                                          else "")
+        lines += [
+            f"weight streaming: {s.bytes_per_micro_batch / GB:.1f} GB per micro-batch (forward + backward) over "
+            f"{link}: {s.transfer_s:.1f} s;",
+            f"  compute at {ASSUMED_MFU:.0%} MFU of {ASSUMED_PEAK_TFLOPS:g} TFLOP/s: {s.compute_s:.1f} s; the copies "
+            f"hide behind compute unless the card sustains over {s.break_even_tflops:.0f} useful TFLOP/s "
+            f"(x{plan.gradient_accumulation_steps} micro-batches per optimizer step)",
+        ]
+    lines += [f"note: {note}" for note in plan.notes]
+    return "\n".join(lines)
