@@ -1,15 +1,17 @@
 """Crash-safe checkpoints: a directory appears complete or not at all, and resumes exactly.
 
 A checkpoint `checkpoints/step-N/` holds the PEFT adapter (+ tokenizer + the quantization it was
-trained against) and `trainer_state.pt` (optimizer, scheduler, RNG states: tensors and plain
-values only, so it loads with `torch.load(weights_only=True)`) plus `trainer_state.json` (step,
-data position, tracker run id, config hash). It is written under a temporary name, every file
-fsync'ed, then renamed into place and the parent directory fsync'ed: after a crash at any
-moment the newest complete checkpoint is still readable.
+trained against) and `trainer_state.pt` (optimizer, scheduler, every process's RNG states:
+tensors and plain values only, so it loads with `torch.load(weights_only=True)`) plus
+`trainer_state.json` (step, data position, tracker run id, config hash, number of processes).
+It is written under a temporary name, every file fsync'ed, then renamed into place and the
+parent directory fsync'ed: after a crash at any moment the newest complete checkpoint is still
+readable. With several processes, the first one writes it.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -59,11 +61,36 @@ def _publish(staging: Path, target: Path) -> None:
     _fsync_dir(target.parent)
 
 
-def _write_adapter(model, tokenizer, directory: Path, quantization: dict) -> None:
-    model.save_pretrained(directory)
+def _write_adapter(model, tokenizer, directory: Path, quantization: dict, state_dict: dict | None) -> None:
+    if state_dict is None:
+        model.save_pretrained(directory)
+    else:
+        _write_gathered_adapter(model, directory, state_dict)
     tokenizer.save_pretrained(directory)
     # Merging needs the exact storage the adapter was trained against (dequant(NF4(W)), not W).
     (directory / "finetune_quantization.json").write_text(json.dumps(quantization, indent=2) + "\n")
+
+
+FSDP_WRAPPED = "_fsdp_wrapped_module."
+
+
+def _write_gathered_adapter(model, directory: Path, full_state: dict) -> None:
+    """PEFT's files for a peft model sharded by FSDP, from its full state gathered off every shard.
+
+    The adapter is the trainable weights under PEFT's names: the parameter's name without FSDP's
+    `_fsdp_wrapped_module.` and without the adapter's name. peft's own save_pretrained finds the
+    weights by module name, which FSDP's nested units change (peft strips the marker only in
+    front), and would write an empty adapter.
+    """
+    from safetensors.torch import save_file
+
+    adapter = model.active_adapter
+    names = [name.replace(FSDP_WRAPPED, "") for name, param in model.named_parameters() if param.requires_grad]
+    weights = {name.replace(f".{adapter}.", "."): full_state[name].contiguous() for name in names}
+    save_file(weights, directory / "adapter_model.safetensors", metadata={"format": "pt"})
+    config = copy.copy(model.peft_config[adapter])
+    config.inference_mode = True
+    config.save_pretrained(directory)
 
 
 class _SaveErrors:
@@ -89,12 +116,12 @@ def _staging_dir(target: Path) -> Path:
     return staging
 
 
-def save_adapter(model, tokenizer, target: Path, quantization: dict) -> Path:
+def save_adapter(model, tokenizer, target: Path, quantization: dict, state_dict: dict | None = None) -> Path:
     """Write a PEFT adapter (+ tokenizer + quantization record) to `target`, atomically."""
     with _SaveErrors(target):
         staging = _staging_dir(target)
         try:
-            _write_adapter(model, tokenizer, staging, quantization)
+            _write_adapter(model, tokenizer, staging, quantization, state_dict)
             _publish(staging, target)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
@@ -158,19 +185,27 @@ class TrainerState:
     config_hash: str
     tracker_run_id: str | None
     skipped_nonfinite: int = 0
+    world_size: int = 1  # processes that trained it: a resume needs as many
+    fsdp: bool = False  # its optimizer state is one process's shard, so it cannot be resumed
 
 
 def save_checkpoint(directory: Path, step: int, model, tokenizer, quantization: dict, optimizer, scheduler,
-                    state: TrainerState, keep_last: int) -> Path:
-    """Write checkpoints/step-N atomically, then keep only the newest `keep_last` complete ones."""
+                    state: TrainerState, keep_last: int, rng_by_rank: list[dict] | None = None,
+                    adapter_state: dict | None = None) -> Path:
+    """Write checkpoints/step-N atomically, then keep only the newest `keep_last` complete ones.
+
+    Several processes: one of them writes, given every process's RNG states (`rng_by_rank`) and,
+    under FSDP, the adapter weights gathered from every shard (`adapter_state`).
+    """
     target = directory / f"step-{step}"
+    rng_by_rank = rng_by_rank or [rng_states()]
     with _SaveErrors(target):
         directory.mkdir(parents=True, exist_ok=True)
         staging = _staging_dir(target)
         try:
-            _write_adapter(model, tokenizer, staging, quantization)
+            _write_adapter(model, tokenizer, staging, quantization, adapter_state)
             torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                        "rng": _rng_for_saving(rng_states())}, staging / STATE_TENSORS)
+                        "rng_by_rank": [_rng_for_saving(rng) for rng in rng_by_rank]}, staging / STATE_TENSORS)
             (staging / STATE_JSON).write_text(json.dumps(state.__dict__, indent=2) + "\n")
             # Written last: a directory without it was never finished.
             (staging / COMPLETE_MARKER).write_text("")
@@ -203,7 +238,8 @@ def load_latest_checkpoint(directory: Path):
         try:
             state = TrainerState(**json.loads((path / STATE_JSON).read_text()))
             tensors = torch.load(path / STATE_TENSORS, weights_only=True, map_location="cpu")
-            tensors["rng"] = _rng_for_loading(tensors["rng"])
+            # Checkpoints from before several processes were supported hold one "rng".
+            tensors["rng_by_rank"] = [_rng_for_loading(rng) for rng in tensors.get("rng_by_rank", [tensors.get("rng")])]
             if not (path / "adapter_model.safetensors").is_file():
                 raise FileNotFoundError("adapter_model.safetensors")
             return path, state, tensors

@@ -33,6 +33,15 @@ class QuantType(str, enum.Enum):
     fp4 = "fp4"
 
 
+class QuantStorage(str, enum.Enum):
+    # bitsandbytes' default: two 4-bit values per byte.
+    uint8 = "uint8"
+    # The same bytes viewed as a float dtype, so FSDP can flatten them with a layer's other weights.
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+    float32 = "float32"
+
+
 class ModelImpl(str, enum.Enum):
     # native when the checkpoint's architecture is one it supports (and the LoRA settings too), else hf.
     auto = "auto"
@@ -89,6 +98,19 @@ class Resume(str, enum.Enum):
     auto = "auto"
 
 
+class OffloadMode(str, enum.Enum):
+    # The cheapest choice that fits the GPU: nothing offloaded, then activations, then weights, then both.
+    auto = "auto"
+    # Everything stays on the GPU.
+    none = "none"
+    # Checkpointed layer inputs wait in pinned host memory until backward (needs gradient checkpointing).
+    activations = "activations"
+    # The 4-bit layer weights live in pinned host memory and stream to the GPU a few layers at a time.
+    weights = "weights"
+    # Both of the above.
+    all = "all"
+
+
 class WandbMode(str, enum.Enum):
     # Online when an API key is configured and the server answers, offline otherwise.
     auto = "auto"
@@ -102,7 +124,7 @@ class ModelConfig:
 
     # A local HF model directory, a hub id, or "demo" for the tiny model the demo builds itself.
     name_or_path: str = MISSING
-    impl: ModelImpl = ModelImpl.hf
+    impl: ModelImpl = ModelImpl.auto
     # Activation checkpointing: recompute each layer in backward instead of storing it.
     gradient_checkpointing: bool = True
     # Attention backend handed to transformers ("sdpa" picks PyTorch's flash/cuDNN kernels).
@@ -110,7 +132,8 @@ class ModelConfig:
     # Native path: Triton kernels (RMSNorm, RoPE, SwiGLU, NF4 dequantize, fused LM head + loss) on
     # CUDA. The CPU always runs their plain-PyTorch references.
     use_kernels: bool = True
-    # Native path: torch.compile each decoder layer (slow first steps, faster after).
+    # Native path: torch.compile each decoder layer (slow first steps, faster after). CPU only
+    # for now: on CUDA it was measured to train wrongly and is refused.
     compile: bool = False
     # Native path, CUDA: park each checkpointed layer's input in pinned host memory until backward.
     # Needs gradient_checkpointing; trades PCIe traffic for GPU memory on long sequences.
@@ -130,6 +153,9 @@ class QuantConfig:
     bnb_4bit_compute_dtype: Dtype = Dtype.bfloat16
     # Dtype the checkpoint's weights are cast to before they are quantized.
     torch_dtype: Dtype = Dtype.bfloat16
+    # Dtype the packed 4-bit weights are stored in (the values are the same either way). FSDP
+    # flattens each layer's weights into one tensor of one dtype: under FSDP set it to torch_dtype.
+    bnb_4bit_quant_storage: QuantStorage = QuantStorage.uint8
 
     def validate(self) -> None:
         if not self.load_in_4bit:
@@ -319,6 +345,9 @@ class TrainConfig:
     keep_last: int = 3
     # A non-finite loss or gradient norm skips that update; this many in a row stop the run.
     max_nonfinite_steps: int = 5
+    # Print the memory plan of this recipe on hardware.* and stop: loads no weights, needs no
+    # network for the known architectures, writes nothing.
+    dry_run: bool = False
 
     def validate(self) -> None:
         positive = {
@@ -361,6 +390,25 @@ class TrackerConfig:
 
 
 @dataclass
+class HardwareConfig:
+    """The GPU a run is planned for (see train.dry_run), and what may move to host memory."""
+
+    # GPU memory for the run in GiB (2**30 bytes: a "24 GB" card is 24). Unset: the free memory of
+    # the current CUDA device, or 24 (a common consumer card) where there is none.
+    gpu_memory_gb: Optional[float] = None
+    offload: OffloadMode = OffloadMode.auto
+    # Pinned host-to-GPU copy rate in GB/s (bytes, not bits), for the weight-streaming time estimate.
+    # Unset: 25, PCIe 4.0 x16.
+    host_link_gbps: Optional[float] = None
+
+    def validate(self) -> None:
+        for key, value in {"hardware.gpu_memory_gb": self.gpu_memory_gb,
+                           "hardware.host_link_gbps": self.host_link_gbps}.items():
+            if value is not None and value <= 0:
+                raise ConfigError(f"{key} must be positive (or null to detect it), got {value}.")
+
+
+@dataclass
 class RunConfig:
     """A whole run: one field per config group, plus where everything is written."""
 
@@ -377,9 +425,10 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     tracker: TrackerConfig = field(default_factory=TrackerConfig)
+    hardware: HardwareConfig = field(default_factory=HardwareConfig)
 
     def validate(self) -> None:
-        for group in (self.quant, self.lora, self.data, self.optim, self.train):
+        for group in (self.quant, self.lora, self.data, self.optim, self.train, self.hardware):
             group.validate()
 
 
@@ -391,6 +440,7 @@ GROUP_SCHEMAS = {
     "optim": OptimConfig,
     "train": TrainConfig,
     "tracker": TrackerConfig,
+    "hardware": HardwareConfig,
 }
 
 

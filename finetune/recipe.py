@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -18,18 +19,22 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedDataParallelKwargs, DistributedType, gather_object
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from finetune import data as data_lib
-from finetune.checkpoint import (TrainerState, config_hash, load_latest_checkpoint, restore_rng_states, save_adapter,
-                                 save_checkpoint)
-from finetune.config import ConfigError, Resume, RunConfig
+from finetune import memory
+from finetune.checkpoint import (TrainerState, config_hash, load_latest_checkpoint, restore_rng_states, rng_states,
+                                 save_adapter, save_checkpoint)
+from finetune.config import ConfigError, ModelImpl, Resume, RunConfig
 from finetune.errors import TrainingStopped
 from finetune.models import build_model, load_adapter_weights
+from finetune.models.source import resolve_model_dir
 from finetune.signals import StopRequests
 from finetune.optim import build_optimizer, build_scheduler
-from finetune.tracking import open_trackers
+from finetune.tracking import Trackers, open_trackers
 
 
 @dataclass
@@ -41,25 +46,37 @@ class RunResult:
 
 def run(cfg: RunConfig) -> RunResult:
     cfg.validate()
+    if cfg.train.dry_run:
+        # The memory plan alone: no weights loaded, nothing written.
+        plan = memory.plan_for_run(cfg)
+        print(memory.format_plan(plan))
+        return RunResult(Path(cfg.output_dir).expanduser(), None, plan.figures())
     output_dir = Path(cfg.output_dir).expanduser()
     resolved = OmegaConf.to_container(OmegaConf.structured(cfg), enum_to_str=True)
     fingerprint = config_hash(resolved)
     resume_from = plan_output_dir(output_dir, cfg, fingerprint)  # refuses unsafe output_dirs; writes nothing
     seed_everything(cfg.train.seed)
-    device = pick_device(cfg.train.device)
+    # ---- processes: this one alone, or one of several started by `accelerate launch` / torchrun ----
+    accelerator, device = start_processes(cfg.train.device)
+    is_main, world, rank = accelerator.is_main_process, accelerator.num_processes, accelerator.process_index
+    fsdp = world > 1 and accelerator.distributed_type is DistributedType.FSDP
+    check_processes(cfg, accelerator, fsdp, resume_from)
+    say = accelerator.print  # one console: the first process speaks for all
     started = time.perf_counter()
 
     # ---- model: frozen 4-bit base + LoRA ----
+    with accelerator.main_process_first():  # the first process fills the shared caches (demo base, hub files)
+        resolve_model_dir(cfg.model.name_or_path, cfg.cache_dir, cfg.model.revision)
     loaded = build_model(cfg, device)
     model, tokenizer = loaded.model, loaded.tokenizer
     for notice in loaded.notices:
-        print(f"note: {notice}")
+        say(f"note: {notice}")
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = _count_base_weights(model)
-    print(f"model: {loaded.model_dir} on {device} ({loaded.compute_dtype}), trainable {trainable:,} of "
-          f"{total:,} parameters ({100 * trainable / total:.3f}%), {_memory_line(model, device)}")
+    say(f"model: {loaded.model_dir} on {device} ({loaded.compute_dtype}), trainable {trainable:,} of "
+        f"{total:,} parameters ({100 * trainable / total:.3f}%), {_memory_line(model, device)}")
     quantization = _quantization_record(cfg, loaded.compute_dtype)
-    max_positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    max_positions = json.loads((loaded.model_dir / "config.json").read_text()).get("max_position_embeddings")
     if max_positions and cfg.data.max_seq_len > max_positions:
         raise ConfigError(f"data.max_seq_len={cfg.data.max_seq_len} exceeds the model's maximum sequence length "
                           f"({max_positions}, max_position_embeddings in {loaded.model_dir / 'config.json'}); "
@@ -67,11 +84,12 @@ def run(cfg: RunConfig) -> RunResult:
 
     # ---- data ----
     data_lib.use_data_chat_template(tokenizer, cfg.data)
-    train_samples, eval_samples, report = data_lib.load_splits(cfg.data, tokenizer, cfg.train.seed, cfg.cache_dir)
+    with accelerator.main_process_first():  # tokenized once, by the first process; the others read its cache
+        train_samples, eval_samples, report = data_lib.load_splits(cfg.data, tokenizer, cfg.train.seed, cfg.cache_dir)
     for line in report:
-        print(f"data {line}")
+        say(f"data {line}")
     if cfg.data.preview:
-        print(data_lib.preview(train_samples[: cfg.data.preview], tokenizer, color=sys.stdout.isatty()))
+        say(data_lib.preview(train_samples[: cfg.data.preview], tokenizer, color=sys.stdout.isatty()))
         return RunResult(output_dir, adapter_dir=None)
     pad_id = _pad_id(tokenizer)
     batches = data_lib.train_batches(train_samples, cfg.data, cfg.train.micro_batch_size, pad_id, cfg.train.seed)
@@ -80,7 +98,8 @@ def run(cfg: RunConfig) -> RunResult:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(params, cfg.optim, device)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
-    state = TrainerState(step=0, micro_batches_consumed=0, config_hash=fingerprint, tracker_run_id=None)
+    state = TrainerState(step=0, micro_batches_consumed=0, config_hash=fingerprint, tracker_run_id=None,
+                         world_size=world, fsdp=fsdp)
     if resume_from is not None:
         checkpoint_dir, state, saved = resume_from
         load_adapter_weights(model, checkpoint_dir)
@@ -89,72 +108,123 @@ def run(cfg: RunConfig) -> RunResult:
         # Replaying the batch stream puts the data position exactly where the checkpoint left it.
         for _ in range(state.micro_batches_consumed):
             next(batches)
-        restore_rng_states(saved["rng"])
+        restore_rng_states(saved["rng_by_rank"][rank])
         cfg.tracker.run_id = cfg.tracker.run_id or state.tracker_run_id
-        print(f"resuming from {checkpoint_dir} (step {state.step})")
+        say(f"resuming from {checkpoint_dir} (step {state.step})")
     if state.step >= cfg.train.max_steps:
-        print(f"nothing to do: {output_dir} already finished {state.step} of train.max_steps={cfg.train.max_steps} steps.")
+        say(f"nothing to do: {output_dir} already finished {state.step} of train.max_steps={cfg.train.max_steps} steps.")
         return RunResult(output_dir, output_dir / "adapter")
 
+    # ---- several processes: accelerate wraps the model in DDP (each process holds the whole 4-bit
+    # base) or FSDP (each holds a shard), as `accelerate launch` was configured; either averages the
+    # LoRA gradients across processes in backward. One process trains the model as built. ----
+    if world > 1:
+        if fsdp:
+            from peft.utils.other import fsdp_auto_wrap_policy
+
+            # peft's policy gives every LoRA layer its own FSDP unit: a unit flattens one dtype, and
+            # LoRA weights are float32 beside a bfloat16 base.
+            accelerator.state.fsdp_plugin.auto_wrap_policy = fsdp_auto_wrap_policy(model)
+        model, optimizer = accelerator.prepare(model, optimizer)
+    raw_model = accelerator.unwrap_model(model)  # for generation, saving, and its forward's signature
+    micro, accumulation = cfg.train.micro_batch_size, cfg.train.gradient_accumulation_steps
+    per_step = (f"{accumulation * world} packed rows of up to {micro * cfg.data.max_seq_len} tokens"
+                if cfg.data.packing else f"{micro * accumulation * world} samples")
+    engine = "FSDP" if fsdp else "DDP" if world > 1 else "one process"
+    say(f"global batch: micro-batch {micro} x accumulation {accumulation} x {world} "
+        f"process{'es' if world > 1 else ''} = {per_step} per optimizer step, {engine}")
+
     # ---- output dir, resolved config, trackers: created only now, so a run that fails while
-    # loading leaves nothing behind ----
-    start_output_dir(output_dir, cfg.train.overwrite and resume_from is None, keep_metrics_through=state.step)
-    OmegaConf.save(OmegaConf.create(resolved), output_dir / "config.yaml")
-    tracker = open_trackers(cfg.tracker, output_dir, output_dir.name, resolved)
+    # loading leaves nothing behind. Only the first process writes: main_process_first above let it
+    # through only once the others were done reading output_dir (in plan_output_dir) ----
+    if is_main:
+        start_output_dir(output_dir, cfg.train.overwrite and resume_from is None, keep_metrics_through=state.step)
+        OmegaConf.save(OmegaConf.create(resolved), output_dir / "config.yaml")
+    tracker = open_trackers(cfg.tracker, output_dir, output_dir.name, resolved) if is_main else Trackers([])
     state.tracker_run_id = tracker.run_id
     checkpoints = output_dir / "checkpoints"
 
     def checkpoint(step: int) -> Path:
-        return save_checkpoint(checkpoints, step, model, tokenizer, quantization, optimizer, scheduler, state,
-                               cfg.train.keep_last)
+        # Every process takes part (each hands over its RNG state; FSDP gathers the adapter from every
+        # shard), the first one writes, and none runs ahead, or exits, before the checkpoint is complete.
+        adapter_state = accelerator.get_state_dict(model) if fsdp else None
+        rng_by_rank = gather_object([rng_states()])
+        if is_main:
+            save_checkpoint(checkpoints, step, raw_model, tokenizer, quantization, optimizer, scheduler, state,
+                            cfg.train.keep_last, rng_by_rank, adapter_state)
+        accelerator.wait_for_everyone()
+        return checkpoints / f"step-{step}"
 
     # Exact match needs a reference answer: a conversation that ends with an assistant turn.
     answerable = [s for s in eval_samples if s.messages and s.messages[-1]["role"] == "assistant"]
     answerable = answerable[: cfg.train.eval_generate]
     if cfg.train.eval_generate and not answerable:
-        print("note: train.eval_generate skipped: no eval sample ends with an assistant turn to compare against.")
+        say("note: train.eval_generate skipped: no eval sample ends with an assistant turn to compare against.")
 
     def evaluate(step: int) -> dict:
+        # Every process evaluates all of it and gets the same numbers: no process waits on another
+        # (FSDP's gathers line up), and the first one logs them.
         metrics = evaluate_loss(model, eval_samples, cfg.train.micro_batch_size, pad_id, device)
         if answerable:
-            metrics["exact_match"] = exact_match(model, tokenizer, answerable, cfg.train.max_new_tokens, device)
+            metrics["exact_match"] = exact_match(raw_model, tokenizer, answerable, cfg.train.max_new_tokens, device)
         tracker.log(metrics, step)
         if cfg.train.sample_prompts:
-            rows = [[step, prompt, generate_answer(model, tokenizer, [{"role": "user", "content": prompt}],
+            rows = [[step, prompt, generate_answer(raw_model, tokenizer, [{"role": "user", "content": prompt}],
                                                    cfg.train.max_new_tokens, device)]
                     for prompt in cfg.train.sample_prompts]
             tracker.log_table("samples", ["step", "prompt", "completion"], rows, step)
             for _, prompt, completion in rows:
-                tqdm.write(f"  sample: {prompt!r} -> {completion!r}")
+                if is_main:
+                    tqdm.write(f"  sample: {prompt!r} -> {completion!r}")
         return metrics
 
     evals = _logged_evals(output_dir)
     if resume_from is None:
         tracker.log({"trainable_params": trainable, "total_params": total}, step=0)
         evals.append(evaluate(step=0))
-        print(f"eval before training: {_format(evals[0])}")
+        say(f"eval before training: {_format(evals[0])}")
 
     # ---- training loop ----
     model.train()
     _reset_peak_memory(device)
     progress = tqdm(range(state.step + 1, cfg.train.max_steps + 1), desc="train", unit="step", dynamic_ncols=True,
-                    initial=state.step, total=cfg.train.max_steps)
+                    initial=state.step, total=cfg.train.max_steps, disable=not is_main)
+
+    def note(line: str) -> None:  # a line above the progress bar, from the first process
+        if is_main:
+            progress.write(line)
+
     window_tokens, window_start, total_tokens, nonfinite_in_row = 0, time.perf_counter(), 0, 0
     with StopRequests() as stop:
         for step in progress:
-            micro_batches = [next(batches) for _ in range(cfg.train.gradient_accumulation_steps)]
-            state.micro_batches_consumed += len(micro_batches)
-            # Normalize by the trainable tokens of the whole optimizer step, so accumulation gives
-            # the same gradient as one big batch however the tokens fall across micro-batches.
-            step_targets = sum(int((mb["labels"][:, 1:] != data_lib.IGNORE_INDEX).sum()) for mb in micro_batches)
-            step_loss = 0.0
-            for mb in micro_batches:
-                loss = model(**data_lib.model_inputs(mb, model, device), num_items_in_batch=step_targets).loss
-                loss.backward()
+            # Every process draws the same seeded stream and trains micro-batches rank, rank + W,
+            # rank + 2W, ... of the step's W * A: W processes with accumulation A train on exactly the
+            # samples one process trains on with accumulation W * A.
+            step_batches = [next(batches) for _ in range(cfg.train.gradient_accumulation_steps * world)]
+            state.micro_batches_consumed += len(step_batches)
+            # Normalize by the trainable tokens of the whole optimizer step (all processes), so
+            # accumulation and data parallelism give the same gradient as one big batch however the
+            # tokens fall across micro-batches.
+            step_targets = sum(int((mb["labels"][:, 1:] != data_lib.IGNORE_INDEX).sum()) for mb in step_batches)
+            micro_batches = step_batches[rank::world]
+            step_loss, step_tokens = 0.0, 0
+            for i, mb in enumerate(micro_batches):
+                # Gradients are averaged across processes once a step, in the last micro-batch's backward.
+                last = i == len(micro_batches) - 1
+                with contextlib.nullcontext() if last else accelerator.no_sync(model):
+                    loss = model(**data_lib.model_inputs(mb, raw_model, device), num_items_in_batch=step_targets).loss
+                    # DDP and FSDP average the processes' gradients, each the gradient of a share of the
+                    # step's summed loss: scaling by W makes that average the sum's gradient.
+                    (loss * world).backward()
                 step_loss += loss.item()
-                window_tokens += data_lib.count_tokens(mb)
+                step_tokens += data_lib.count_tokens(mb)
+            # The step's loss and tokens over all processes. With the gradient norm (the same everywhere
+            # once gradients are averaged) every process takes the same branch below.
+            step_loss, step_tokens = accelerator.reduce(
+                torch.tensor([step_loss, step_tokens], dtype=torch.float64, device=device)).tolist()
+            window_tokens += int(step_tokens)
             max_norm = cfg.optim.max_grad_norm if cfg.optim.max_grad_norm > 0 else math.inf
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+            grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), max_norm))
             state.step = step
             if math.isfinite(step_loss) and math.isfinite(grad_norm):
                 nonfinite_in_row = 0
@@ -164,8 +234,8 @@ def run(cfg: RunConfig) -> RunResult:
                 nonfinite_in_row += 1
                 state.skipped_nonfinite += 1
                 tracker.log({"nonfinite_skipped": state.skipped_nonfinite}, step)
-                progress.write(f"step {step}: non-finite loss ({step_loss}) or gradient norm ({grad_norm}); "
-                               f"update skipped ({nonfinite_in_row} in a row)")
+                note(f"step {step}: non-finite loss ({step_loss}) or gradient norm ({grad_norm}); "
+                     f"update skipped ({nonfinite_in_row} in a row)")
                 if nonfinite_in_row >= cfg.train.max_nonfinite_steps:
                     optimizer.zero_grad(set_to_none=True)
                     saved_at = checkpoint(step)
@@ -188,30 +258,35 @@ def run(cfg: RunConfig) -> RunResult:
                            "peak_memory_gib": _peak_memory_gib(device)}
                 tracker.log(metrics, step)
                 progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{metrics['tokens_per_s']:,.0f}")
-                progress.write(f"step {step:>6}  loss {step_loss:.4f}  lr {lr:.2e}  grad norm {grad_norm:.3f}  "
-                               f"{metrics['tokens_per_s']:,.0f} tok/s  peak {metrics['peak_memory_gib']:.2f} GiB")
+                note(f"step {step:>6}  loss {step_loss:.4f}  lr {lr:.2e}  grad norm {grad_norm:.3f}  "
+                     f"{metrics['tokens_per_s']:,.0f} tok/s  peak {metrics['peak_memory_gib']:.2f} GiB")
                 total_tokens += window_tokens
                 window_tokens, window_start = 0, time.perf_counter()
             if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.max_steps:
                 evals.append(evaluate(step))
-                progress.write(f"eval at step {step}: {_format(evals[-1])}")
+                note(f"eval at step {step}: {_format(evals[-1])}")
                 model.train()
             if step == cfg.train.max_steps:
                 break  # the final checkpoint follows the final evaluation
-            if stop.requested or (cfg.train.save_every and step % cfg.train.save_every == 0):
+            # All processes stop after the same step: as soon as any of them was asked to.
+            stopping = accelerator.reduce(torch.tensor(float(stop.requested is not None), device=device)).item() > 0
+            if stopping or (cfg.train.save_every and step % cfg.train.save_every == 0):
                 saved_at = checkpoint(step)
-            if stop.requested:
+            if stopping:
                 progress.close()
                 tracker.close()
-                print(f"stopped by {stop.requested} after step {step}; checkpoint {saved_at}. "
-                      "Continue with the same command plus train.resume=auto.")
+                say(f"stopped by {stop.requested or 'a signal to another process'} after step {step}; checkpoint "
+                    f"{saved_at}. Continue with the same command plus train.resume=auto.")
                 return RunResult(output_dir, None, {"stopped_at_step": step})
     progress.close()
 
     # ---- final evaluation, the adapter, and a summary ----
     after = evaluate(step=cfg.train.max_steps)
     evals.append(after)
-    adapter_dir = save_adapter(model, tokenizer, output_dir / "adapter", quantization)
+    adapter_dir = output_dir / "adapter"
+    adapter_state = accelerator.get_state_dict(model) if fsdp else None  # FSDP: gathered from every shard
+    if is_main:
+        save_adapter(raw_model, tokenizer, adapter_dir, quantization, adapter_state)
     checkpoint(cfg.train.max_steps)  # marks the run finished for a later train.resume=auto
     summary = {
         "time_s": time.perf_counter() - started,
@@ -224,11 +299,11 @@ def run(cfg: RunConfig) -> RunResult:
     tracker.log(summary, cfg.train.max_steps)
     tracker.close()
     if resume_from is None:
-        print(f"eval before training: {_format(evals[0])}")
-    print(f"eval after training:  {_format(after)}")
-    print(f"done in {summary['time_s']:.0f} s: {total_tokens:,} tokens, best eval loss {summary['best_eval_loss']:.4f}, "
-          f"peak memory {summary['peak_memory_gib']:.2f} GiB")
-    print(f"adapter saved to {adapter_dir}")
+        say(f"eval before training: {_format(evals[0])}")
+    say(f"eval after training:  {_format(after)}")
+    say(f"done in {summary['time_s']:.0f} s: {total_tokens:,} tokens, best eval loss {summary['best_eval_loss']:.4f}, "
+        f"peak memory {summary['peak_memory_gib']:.2f} GiB")
+    say(f"adapter saved to {adapter_dir}")
     return RunResult(output_dir, adapter_dir, summary)
 
 
@@ -304,6 +379,69 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def start_processes(device_name: str) -> tuple[Accelerator, torch.device]:
+    """This process's accelerator, and the device it trains on.
+
+    Started alone, it trains on train.device, and the accelerator only answers for one process
+    (the main one; nothing to wait for or reduce). Started by `accelerate launch` or torchrun as one
+    of several, it trains on the device accelerate gives its rank: cuda:LOCAL_RANK over NCCL, or
+    the CPU over gloo when train.device picks the CPU.
+    """
+    device = pick_device(device_name)
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return Accelerator(device_placement=False), device
+    # Every process loads the same frozen weights, so DDP need not broadcast buffers before each
+    # forward (the native model keeps its 4-bit weights in buffers).
+    unsynced_buffers = DistributedDataParallelKwargs(broadcast_buffers=False)
+    accelerator = Accelerator(cpu=device.type == "cpu", device_placement=False, kwargs_handlers=[unsynced_buffers])
+    return accelerator, accelerator.device
+
+
+def check_processes(cfg: RunConfig, accelerator: Accelerator, fsdp: bool, resume_from) -> None:
+    """Refuse, before anything loads, what these processes cannot run."""
+    world = accelerator.num_processes
+    if resume_from is not None:
+        checkpoint_dir, state, _ = resume_from
+        if state.world_size != world:
+            n = state.world_size
+            raise ConfigError(f"{checkpoint_dir} was trained by {n} process(es), this run has {world}: every "
+                              "process's random state and share of each step are in the checkpoint, so resume with "
+                              f"{n} (e.g. accelerate launch --num_processes {n} ...), or pass train.overwrite=true to "
+                              "start over.")
+        if state.fsdp or fsdp:
+            raise ConfigError(f"{checkpoint_dir}: resuming under FSDP, or an FSDP run, is not supported yet (the "
+                              "optimizer state is kept per shard and not gathered). The checkpoint's adapter is "
+                              "complete; pass train.overwrite=true to start over.")
+    if world == 1:
+        return
+    if accelerator.mixed_precision != "no":
+        raise ConfigError(f"the accelerate config sets mixed_precision: {accelerator.mixed_precision}, but QLoRA "
+                          "computes in quant.bnb_4bit_compute_dtype; set mixed_precision: 'no' (as "
+                          "recipes/accelerate/*.yaml do).")
+    if not fsdp:
+        if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+            raise ConfigError("the accelerate config asks for FSDP, which accelerate runs on GPUs only, and these "
+                              "processes train on the CPU: launch with recipes/accelerate/cpu.yaml (DDP) there.")
+        return
+    plugin = accelerator.state.fsdp_plugin
+    if plugin.fsdp_version != 1 or not plugin.use_orig_params:
+        raise ConfigError("FSDP here is FSDP1 with use_orig_params (the optimizer holds the original LoRA "
+                          "parameters): set fsdp_version: 1 and fsdp_use_orig_params: true, as "
+                          "recipes/accelerate/fsdp.yaml does.")
+    if cfg.model.impl is not ModelImpl.hf:
+        raise ConfigError(f"FSDP runs the generic model path only: pass model.impl=hf (got {cfg.model.impl.value}).")
+    if cfg.lora.use_dora:
+        raise ConfigError("lora.use_dora=true is not supported under FSDP (its adapter files are not written "
+                          "in peft's format yet): use DDP, or plain LoRA.")
+    if cfg.quant.bnb_4bit_quant_storage.value != cfg.quant.torch_dtype.value:
+        raise ConfigError("FSDP flattens each layer's weights into one tensor of one dtype: pass "
+                          f"quant.bnb_4bit_quant_storage={cfg.quant.torch_dtype.value} to store the 4-bit weights "
+                          f"like the rest (quant.torch_dtype), not as {cfg.quant.bnb_4bit_quant_storage.value}.")
+    if cfg.train.eval_generate or cfg.train.sample_prompts:
+        raise ConfigError("generating text (train.eval_generate, train.sample_prompts) is not supported under FSDP "
+                          "yet: pass train.eval_generate=0 'train.sample_prompts=[]'.")
+
+
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -353,11 +491,15 @@ def _pad_id(tokenizer) -> int:
 
 
 def _count_base_weights(model) -> int:
-    """Parameters as the user thinks of them: a 4-bit weight packs two values per stored byte."""
+    """Parameters as the user thinks of them: a 4-bit weight counts its unpacked elements."""
+    from finetune.quant import QuantizedWeight
+
     total = 0
     for param in model.parameters():
-        quant_state = getattr(param, "quant_state", None)
+        quant_state = getattr(param, "quant_state", None)  # bitsandbytes Params4bit (generic path)
         total += int(np.prod(quant_state.shape)) if quant_state is not None else param.numel()
+    # The native path keeps 4-bit weights as buffers of QuantizedWeight modules.
+    total += sum(m.shape.numel() for m in model.modules() if isinstance(m, QuantizedWeight))
     return total
 
 
@@ -385,7 +527,7 @@ def _quantization_record(cfg: RunConfig, compute_dtype: torch.dtype) -> dict:
         "bnb_4bit_quant_type": cfg.quant.bnb_4bit_quant_type.value,
         "bnb_4bit_use_double_quant": cfg.quant.bnb_4bit_use_double_quant,
         "bnb_4bit_compute_dtype": str(compute_dtype).removeprefix("torch."),
-        "bnb_4bit_quant_storage": "uint8",
+        "bnb_4bit_quant_storage": cfg.quant.bnb_4bit_quant_storage.value,
         "blocksize": 64,
         "torch_dtype": cfg.quant.torch_dtype.value,
     }
