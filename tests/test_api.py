@@ -8,7 +8,7 @@ import finetune
 from finetune.errors import UserError
 from finetune.recipe import generate_answer
 
-from conftest import run_train
+from runner import run_train
 
 
 @pytest.mark.slow

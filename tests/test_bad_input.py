@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, run_train
+from runner import REPO, run_train
 
 FAST = ["train.max_steps=1", "train.eval_generate=0", "train.sample_prompts=[]"]
 
@@ -29,12 +29,11 @@ def data_path(tmp_path, text: str | bytes) -> str:
     return f"data.path={write(tmp_path / 'd.jsonl', text)}"
 
 
-def bert_dir(tmp_path):
-    from transformers import BertConfig
+def encoder_decoder_dir(tmp_path):
+    from transformers import T5Config
 
-    directory = tmp_path / "bert"
-    BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-               intermediate_size=64).save_pretrained(directory)
+    directory = tmp_path / "t5"
+    T5Config(vocab_size=100, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=2).save_pretrained(directory)
     return directory
 
 
@@ -54,7 +53,7 @@ CASES = [
     ("seq-above-model-max", lambda t: ["data.max_seq_len=4096"], "exceeds the model's maximum sequence length"),
     ("missing-model-dir", lambda t: [f"model.name_or_path={t / 'no-model'}"], "no such directory"),
     ("hub-id-offline", lambda t: ["model.name_or_path=nobody-here/missing-model"], "not in the Hugging Face cache"),
-    ("not-a-causal-lm", lambda t: [f"model.name_or_path={bert_dir(t)}"], "not a causal language model"),
+    ("not-a-causal-lm", lambda t: [f"model.name_or_path={encoder_decoder_dir(t)}"], "not a causal language model"),
     ("target-modules-match-nothing", lambda t: ["lora.target_modules=[no_such_proj]"], "lora.target_modules"),
     ("paged-optimizer-without-gpu", lambda t: ["optim.name=paged_adamw_8bit"], "needs a CUDA GPU"),
     ("cuda-device-without-gpu", lambda t: ["train.device=cuda"], "no CUDA GPU is visible"),

@@ -2,7 +2,7 @@
 
 import pytest
 
-from conftest import run_train
+from runner import run_train
 
 pytestmark = pytest.mark.slow
 

@@ -3,7 +3,7 @@
 import subprocess
 import sys
 
-from conftest import REPO
+from runner import REPO
 
 PROBE = """
 import importlib.util, sys

@@ -17,7 +17,7 @@ import finetune.recipe
 from finetune.checkpoint import complete_checkpoints, load_latest_checkpoint
 from finetune.errors import TrainingStopped, UserError
 
-from conftest import REPO, run_train
+from runner import REPO, run_train
 
 FAST = ["train.eval_generate=0", "train.sample_prompts=[]", "train.log_every=1", "train.eval_every=0"]
 

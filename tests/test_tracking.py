@@ -9,7 +9,7 @@ import pytest
 from finetune.config import TrackerConfig, WandbMode
 from finetune.tracking import JsonlTracker, choose_wandb_mode, open_trackers
 
-from conftest import run_train
+from runner import run_train
 
 
 def read_wandb_history(run_file: Path) -> list[dict]:

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from conftest import run_train
+from runner import run_train
 
 
 def read_metrics(path):
