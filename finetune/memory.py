@@ -245,6 +245,23 @@ def useful_flops_per_token(arch: dict, seq_len: int) -> float:
     return 4 * linear + 3 * attention_forward
 
 
+def matmul_peak_flops(device, n: int = 8192, iters: int = 10) -> float:
+    """The card's measured bf16 matmul rate (FLOP/s): MFU's denominator, as BENCH.md defines it."""
+    import time
+
+    import torch
+
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    a @ b  # warm-up: cuBLAS picks its kernel on the first call
+    torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    for _ in range(iters):
+        a @ b
+    torch.cuda.synchronize(device)
+    return 2 * n**3 * iters / (time.perf_counter() - start)
+
+
 # ---------------------------------------------------------------- the architecture, offline
 
 def locate_architecture(cfg: RunConfig) -> tuple[dict, str]:

@@ -76,6 +76,11 @@ def run(cfg: RunConfig) -> RunResult:
     say(f"model: {loaded.model_dir} on {device} ({loaded.compute_dtype}), trainable {trainable:,} of "
         f"{total:,} parameters ({100 * trainable / total:.3f}%), {_memory_line(model, device)}")
     quantization = _quantization_record(cfg, loaded.compute_dtype)
+    # MFU needs the card's own matmul rate, measured once here (a fraction of a second).
+    if device.type == "cuda":
+        architecture = json.loads((loaded.model_dir / "config.json").read_text())
+        flops_per_token = memory.useful_flops_per_token(architecture, cfg.data.max_seq_len)
+        peak_flops = memory.matmul_peak_flops(device)
     max_positions = json.loads((loaded.model_dir / "config.json").read_text()).get("max_position_embeddings")
     if max_positions and cfg.data.max_seq_len > max_positions:
         raise ConfigError(f"data.max_seq_len={cfg.data.max_seq_len} exceeds the model's maximum sequence length "
@@ -256,6 +261,8 @@ def run(cfg: RunConfig) -> RunResult:
                 metrics = {"loss": step_loss, "lr": lr, "grad_norm": grad_norm,
                            "tokens_per_s": window_tokens / elapsed, "step_time_s": elapsed / steps_in_window,
                            "peak_memory_gib": _peak_memory_gib(device)}
+                if device.type == "cuda":
+                    metrics["mfu"] = flops_per_token * metrics["tokens_per_s"] / peak_flops
                 tracker.log(metrics, step)
                 progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{metrics['tokens_per_s']:,.0f}")
                 note(f"step {step:>6}  loss {step_loss:.4f}  lr {lr:.2e}  grad norm {grad_norm:.3f}  "

@@ -27,31 +27,10 @@ from pathlib import Path
 
 import torch
 
+from finetune.memory import useful_flops_per_token
+
 REPO = Path(__file__).resolve().parent.parent
 LORA = dict(r=16, lora_alpha=16, lora_dropout=0.0)
-
-
-def matmul_peak_tflops(n: int = 8192, iters: int = 20) -> float:
-    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    for _ in range(3):
-        a @ b
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(iters):
-        a @ b
-    torch.cuda.synchronize()
-    return 2 * n**3 * iters / (time.perf_counter() - start) / 1e12
-
-
-def useful_flops_per_token(config, seq: int) -> float:
-    h, layers = config.hidden_size, config.num_hidden_layers
-    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
-    head_dim = getattr(config, "head_dim", None) or h // heads
-    per_layer = h * heads * head_dim + 2 * h * kv_heads * head_dim + heads * head_dim * h + 3 * h * config.intermediate_size
-    linear_params = layers * per_layer + h * config.vocab_size  # + the LM head
-    attention_forward = 2 * seq * heads * head_dim * layers  # QK^T and AV, halved by the causal mask
-    return 4 * linear_params + 3 * attention_forward
 
 
 # ---------------------------------------------------------------- one side, in its own process
@@ -199,6 +178,7 @@ def main(argv=None) -> None:
         return
 
     from finetune.models.architectures import hf_config
+    from finetune.memory import matmul_peak_flops
 
     if args.checkpoint is None:
         args.checkpoint = args.workdir / f"{args.arch}-random"
@@ -208,8 +188,8 @@ def main(argv=None) -> None:
             start = time.perf_counter()
             write_random_checkpoint(args.arch, args.checkpoint, "cuda")
             print(f"wrote {args.checkpoint} in {time.perf_counter() - start:.0f} s", flush=True)
-    config = hf_config(args.arch)
-    peak = matmul_peak_tflops()
+    config = hf_config(args.arch).to_dict()
+    peak = matmul_peak_flops(torch.device("cuda")) / 1e12
     results = []
     for setting in args.settings:
         batch, seq = (int(x) for x in setting.split("x"))
