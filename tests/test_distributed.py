@@ -244,35 +244,33 @@ def one_gpu(*overrides: str) -> subprocess.CompletedProcess:
     return launch(sys.executable, str(REPO / "train.py"), *overrides)
 
 
-@pytest.mark.slow
-@pytest.mark.gpu
-@two_gpus
-@pytest.mark.parametrize("impl", ["hf", "native"])
-def test_ddp_on_two_gpus_trains_like_one_gpu(tmp_path, impl):
-    one = one_gpu(f"output_dir={tmp_path / 'one'}", f"model.impl={impl}", *ONE)
+def two_gpus_train_like_one(tmp_path, accelerate_config: str, *settings: str):
+    """One GPU with accumulation 2A against two GPUs with A: same steps, one writer, same adapter."""
+    one = one_gpu(f"output_dir={tmp_path / 'one'}", *ONE, *settings)
     assert one.returncode == 0, one.stderr[-3000:]
-    two = accelerate_launch("ddp.yaml", f"output_dir={tmp_path / 'two'}", f"model.impl={impl}", *TWO)
+    two = accelerate_launch(accelerate_config, f"output_dir={tmp_path / 'two'}", *TWO, *settings)
     assert two.returncode == 0, two.stderr[-3000:]
     assert_same_steps(steps(tmp_path / "two"), steps(tmp_path / "one"))
     assert_written_once(tmp_path / "two", two.stdout)
     assert_same_adapter(tmp_path / "two" / "adapter", tmp_path / "one" / "adapter")
     assert_loads_with_peft(tmp_path / "two" / "adapter", tmp_path / "one" / "adapter")
+    return two
+
+
+@pytest.mark.slow
+@pytest.mark.gpu
+@two_gpus
+@pytest.mark.parametrize("impl", ["hf", "native"])
+def test_ddp_on_two_gpus_trains_like_one_gpu(tmp_path, impl):
+    two_gpus_train_like_one(tmp_path, "ddp.yaml", f"model.impl={impl}")
 
 
 @pytest.mark.slow
 @pytest.mark.gpu
 @two_gpus
 def test_fsdp_on_two_gpus_trains_like_one_gpu(tmp_path):
-    sharded = ["model.impl=hf", "quant.bnb_4bit_quant_storage=float32"]
-    one = one_gpu(f"output_dir={tmp_path / 'one'}", *ONE, *sharded)
-    assert one.returncode == 0, one.stderr[-3000:]
-    two = accelerate_launch("fsdp.yaml", f"output_dir={tmp_path / 'two'}", *TWO, *sharded)
-    assert two.returncode == 0, two.stderr[-3000:]
+    two = two_gpus_train_like_one(tmp_path, "fsdp.yaml", "model.impl=hf", "quant.bnb_4bit_quant_storage=float32")
     assert "FSDP" in two.stdout
-    assert_same_steps(steps(tmp_path / "two"), steps(tmp_path / "one"))
-    assert_written_once(tmp_path / "two", two.stdout)
-    assert_same_adapter(tmp_path / "two" / "adapter", tmp_path / "one" / "adapter")
-    assert_loads_with_peft(tmp_path / "two" / "adapter", tmp_path / "one" / "adapter")
 
 
 @pytest.mark.slow

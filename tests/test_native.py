@@ -280,7 +280,7 @@ def test_offloading_needs_gradient_checkpointing(checkpoints):
 def test_triton_kernels_train_like_the_references(checkpoints):
     """The kernel set's wiring (argument layouts, loss convention), on the CPU under Triton's interpreter."""
     if not KERNELS_RUN:
-        pytest.skip("triton was imported before TRITON_INTERPRET=1 was set, so its kernels cannot run on the CPU")
+        pytest.skip(reason="triton was imported before TRITON_INTERPRET=1 was set, so its kernels cannot run on the CPU")
     from finetune.lora import attach_lora
     from finetune.models.native import triton_ops
 
@@ -308,7 +308,7 @@ def test_triton_kernels_train_like_the_references(checkpoints):
 @pytest.fixture
 def cuda():
     if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU")
+        pytest.skip(reason="needs a CUDA GPU")
     return torch.device("cuda")
 
 

@@ -12,7 +12,7 @@ if not torch.cuda.is_available():
 @pytest.fixture
 def cuda() -> torch.device:
     if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU")
+        pytest.skip(reason="needs a CUDA GPU")
     return torch.device("cuda")
 
 
