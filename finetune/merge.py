@@ -37,6 +37,8 @@ import torch
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
+from finetune.config import Dtype
+
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 QUANT_FILE = "finetune_quantization.json"
@@ -107,16 +109,6 @@ class VerificationError(MergeError):
 class MergeInto(enum.Enum):
     dequantized = "dequantized"
     original = "original"
-
-
-class Dtype(enum.Enum):
-    bfloat16 = "bfloat16"
-    float16 = "float16"
-    float32 = "float32"
-
-    @property
-    def torch(self) -> torch.dtype:
-        return getattr(torch, self.value)
 
 
 class OutputFormat(enum.Enum):
@@ -805,11 +797,11 @@ def merge_adapter(cfg: MergeConfig | Mapping[str, Any]) -> Path:
         raise MergeError("gguf_type applies to format=gguf only")
     output = Path(cfg.output)
     _check_output(output, cfg.overwrite)
-    plan = plan_merge(adapter, base, spec, cfg.dtype.torch)
+    plan = plan_merge(adapter, base, spec, getattr(torch, cfg.dtype.value))
     run_verify = should_verify(cfg, base.n_params)
 
     output.parent.mkdir(parents=True, exist_ok=True)
-    needed = base.n_params * cfg.dtype.torch.itemsize
+    needed = base.n_params * getattr(torch, cfg.dtype.value).itemsize
     if cfg.format is OutputFormat.gguf:  # the GGUF is written beside the HF staging copy
         needed += base.n_params * GGUF_BYTES_PER_PARAM[gguf_type]
     if shutil.disk_usage(output.parent).free < needed:
