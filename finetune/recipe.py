@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import math
 import os
@@ -161,8 +162,8 @@ def run(cfg: RunConfig) -> RunResult:
         return checkpoints / f"step-{step}"
 
     # Exact match needs a reference answer: a conversation that ends with an assistant turn.
-    answerable = [s for s in eval_samples if s.messages and s.messages[-1]["role"] == "assistant"]
-    answerable = answerable[: cfg.train.eval_generate]
+    answerable = list(itertools.islice(
+        (s for s in eval_samples if s.messages and s.messages[-1]["role"] == "assistant"), cfg.train.eval_generate))
     if cfg.train.eval_generate and not answerable:
         say("note: train.eval_generate skipped: no eval sample ends with an assistant turn to compare against.")
 
@@ -212,7 +213,8 @@ def run(cfg: RunConfig) -> RunResult:
             # tokens fall across micro-batches.
             step_targets = sum(int((mb["labels"][:, 1:] != data_lib.IGNORE_INDEX).sum()) for mb in step_batches)
             micro_batches = step_batches[rank::world]
-            step_loss, step_tokens = 0.0, 0
+            # Summed on the device: a .item() per micro-batch would stall the GPU queue each time.
+            step_loss, step_tokens = torch.zeros((), dtype=torch.float64, device=device), 0
             for i, mb in enumerate(micro_batches):
                 # Gradients are averaged across processes once a step, in the last micro-batch's backward.
                 last = i == len(micro_batches) - 1
@@ -221,12 +223,12 @@ def run(cfg: RunConfig) -> RunResult:
                     # DDP and FSDP average the processes' gradients, each the gradient of a share of the
                     # step's summed loss: scaling by W makes that average the sum's gradient.
                     (loss * world).backward()
-                step_loss += loss.item()
+                step_loss += loss.detach().double()
                 step_tokens += data_lib.count_tokens(mb)
             # The step's loss and tokens over all processes. With the gradient norm (the same everywhere
             # once gradients are averaged) every process takes the same branch below.
             step_loss, step_tokens = accelerator.reduce(
-                torch.tensor([step_loss, step_tokens], dtype=torch.float64, device=device)).tolist()
+                torch.stack([step_loss, torch.tensor(step_tokens, dtype=torch.float64, device=device)])).tolist()
             window_tokens += int(step_tokens)
             max_norm = cfg.optim.max_grad_norm if cfg.optim.max_grad_norm > 0 else math.inf
             grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), max_norm))
