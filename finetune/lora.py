@@ -11,7 +11,14 @@ mask d (0 or 1 / (1 - p) per element; all ones without dropout), with xd = x * d
 
 Backward saves x, the dropout mask (one byte per element), xa (N, r: small), A and B, never
 W: it is dequantized again in backward, so a layer's weight exists in full precision only while
-its own matmul runs. Layers without an adapter save nothing at all.
+its own matmul runs. Layers without an adapter save nothing at all. The one exception is a layer
+under activation checkpointing (`keep_dequantized`), whose recompute hands its W to the backward
+that immediately follows.
+
+Layers that read the same input (q/k/v, gate/up) run as one group: their weights are dequantized
+into row blocks of one matrix and multiplied in a single GEMM, their A matrices stacked into one
+(sum r, in) GEMM, and each s xa B^T added into its own column block of the output by an
+in-place addmm (no full-size temporary). A layer alone is a group of one.
 
 A and B are fp32 parameters (peft's choice too), cast to the compute dtype inside the matmuls;
 their gradients come back in fp32. Adapter files use peft's keys
@@ -23,11 +30,11 @@ from __future__ import annotations
 import json
 import math
 import re
+from itertools import accumulate
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from finetune.config import ConfigError, LoraConfig
@@ -37,53 +44,141 @@ PEFT_PREFIX = "base_model.model."
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
-class LoRAFunction(torch.autograd.Function):
+def dequantize_rows(layers: Sequence[QLoRALinear], dtype: torch.dtype) -> torch.Tensor:
+    """The layers' weights stacked as one (sum out, in) matrix in `dtype`."""
+    first = layers[0]
+    if len(layers) == 1 and first.weight.dtype == dtype:
+        return first.dequantize(first.weight)
+    stacked = torch.empty(sum(layer.out_features for layer in layers), first.in_features, dtype=dtype,
+                          device=first.weight.packed.device)
+    row = 0
+    for layer in layers:
+        block = stacked[row:row + layer.out_features]
+        if layer.weight.dtype == dtype:
+            layer.dequantize(layer.weight, out=block)
+        else:
+            block.copy_(layer.dequantize(layer.weight))
+        row += layer.out_features
+    return stacked
+
+
+class QLoRAGroupFunction(torch.autograd.Function):
+    """x (..., in) -> the group's outputs side by side (..., sum out); lora_params = A1, B1, A2, B2, ...
+
+    (A_i, B_i) is (None, None) for a layer without an adapter. A and B are cast to the compute
+    dtype once per forward, and those copies (not the fp32 parameters) are what backward reads.
+    """
+
     @staticmethod
-    def forward(ctx, x, weight: QuantizedWeight, dequantize, bias, lora_A, lora_B, scaling: float, dropout_p: float):
-        y = F.linear(x, dequantize(weight).to(x.dtype), bias)  # (..., out)
-        ctx.weight, ctx.dequantize, ctx.scaling, ctx.dropout_p = weight, dequantize, scaling, dropout_p
-        if lora_A is None:
+    def forward(ctx, x, layers: tuple[QLoRALinear, ...], dropout_p: float, keep_weight: bool, *lora_params):
+        weight = dequantize_rows(layers, x.dtype)
+        biases = [layer.bias for layer in layers]
+        bias = None
+        if any(b is not None for b in biases):
+            bias = torch.cat([torch.zeros(layer.out_features, dtype=x.dtype, device=x.device) if b is None
+                              else b.to(x.dtype) for layer, b in zip(layers, biases)])
+        y = torch.nn.functional.linear(x, weight, bias)  # (..., sum out)
+        adapted = [i for i in range(len(layers)) if lora_params[2 * i] is not None]
+        ctx.layers, ctx.dropout_p, ctx.keep_weight, ctx.adapted = layers, dropout_p, keep_weight, adapted
+        kept = (weight,) if keep_weight else ()
+        if not adapted:
+            ctx.save_for_backward(*kept)
             return y
-        mask = None
-        xd = x
+        ctx.param_dtype = lora_params[2 * adapted[0]].dtype
+        x_rows, y_rows = x.reshape(-1, x.shape[-1]), y.view(-1, y.shape[-1])
+        lora_A = torch.cat([lora_params[2 * i] for i in adapted]).to(x.dtype)  # (sum r, in)
+        lora_B = [lora_params[2 * i + 1].to(x.dtype) for i in adapted]
+        columns, ranks = _column_blocks(layers), _rank_blocks(lora_B)
+        masks = []
         if dropout_p > 0:
-            mask = torch.rand_like(x) >= dropout_p
-            xd = x * mask / (1 - dropout_p)
-        xa = F.linear(xd, lora_A.to(x.dtype))  # (..., r)
-        y.add_(F.linear(xa, lora_B.to(x.dtype)), alpha=scaling)
-        ctx.save_for_backward(x, mask, xa, lora_A, lora_B)
+            # One mask per layer, drawn in layer order, as separate dropout modules would.
+            masks = [torch.rand_like(x_rows) >= dropout_p for _ in adapted]
+            xa = torch.cat([(x_rows * m / (1 - dropout_p)) @ lora_A[r].T for m, r in zip(masks, ranks)], -1)
+        else:
+            xa = x_rows @ lora_A.T  # (N, sum r)
+        for i, B, r in zip(adapted, lora_B, ranks):
+            y_rows[:, columns[i]].addmm_(xa[:, r], B.T, alpha=layers[i].scaling)
+        ctx.save_for_backward(*kept, x, xa, lora_A, *lora_B, *masks)
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        needs_x, needs_A, needs_B = ctx.needs_input_grad[0], ctx.needs_input_grad[4], ctx.needs_input_grad[5]
-        grad_x = grad_A = grad_B = None
-        if needs_x:
-            grad_x = grad_y @ ctx.dequantize(ctx.weight).to(grad_y.dtype)  # (..., in)
+        layers, adapted, p = ctx.layers, ctx.adapted, ctx.dropout_p
+        needs_x = ctx.needs_input_grad[0]
+        grad_params = [None] * (2 * len(layers))
+        grad_rows = grad_y.reshape(-1, grad_y.shape[-1])
         saved = ctx.saved_tensors  # read once: checkpointing allows a single unpack
-        if saved:
-            x, mask, xa, lora_A, lora_B = saved
-            s, p = ctx.scaling, ctx.dropout_p
-            grad_xa = grad_y @ lora_B.to(grad_y.dtype)  # (..., r)
-            if needs_x:
-                grad_xd = grad_xa @ lora_A.to(grad_y.dtype)  # (..., in)
-                grad_x.add_(grad_xd if mask is None else grad_xd * mask / (1 - p), alpha=s)
-            if needs_A:
-                xd = x if mask is None else x * mask / (1 - p)
-                grad_A = (grad_xa.flatten(0, -2).T @ xd.flatten(0, -2)).mul_(s).to(lora_A.dtype)  # (r, in)
-            if needs_B:
-                grad_B = (grad_y.flatten(0, -2).T @ xa.flatten(0, -2)).mul_(s).to(lora_B.dtype)  # (out, r)
-        return grad_x, None, None, None, grad_A, grad_B, None, None
+        if ctx.keep_weight:
+            weight, saved = saved[0], saved[1:]
+        grad_x = None
+        if needs_x:
+            grad_x = grad_rows @ (weight if ctx.keep_weight else dequantize_rows(layers, grad_y.dtype))  # (N, in)
+        if adapted:
+            n = len(adapted)
+            x, xa, lora_A = saved[:3]
+            lora_B, masks = saved[3:3 + n], saved[3 + n:]
+            x_rows = x.reshape(-1, x.shape[-1])
+            columns, ranks = _column_blocks(layers), _rank_blocks(lora_B)
+            # s (dy B) per layer, side by side like xa: (N, sum r).
+            grad_xa = torch.cat([(grad_rows[:, columns[i]] @ B).mul_(layers[i].scaling)
+                                 for i, B in zip(adapted, lora_B)], -1)
+            for i, r in zip(adapted, ranks):
+                if ctx.needs_input_grad[4 + 2 * i + 1]:
+                    grad_B = (grad_rows[:, columns[i]].T @ xa[:, r]).mul_(layers[i].scaling)
+                    grad_params[2 * i + 1] = grad_B.to(ctx.param_dtype)
+            if masks:
+                for mask, i, r in zip(masks, adapted, ranks):
+                    scale = mask / (1 - p)
+                    if needs_x:
+                        grad_x.add_((grad_xa[:, r] @ lora_A[r]) * scale)
+                    if ctx.needs_input_grad[4 + 2 * i]:
+                        grad_params[2 * i] = (grad_xa[:, r].T @ (x_rows * scale)).to(ctx.param_dtype)
+            else:
+                if needs_x:
+                    grad_x.addmm_(grad_xa, lora_A)
+                grad_A = grad_xa.T @ x_rows  # (sum r, in)
+                for i, r in zip(adapted, ranks):
+                    if ctx.needs_input_grad[4 + 2 * i]:
+                        grad_params[2 * i] = grad_A[r].to(ctx.param_dtype)
+        if grad_x is not None:
+            grad_x = grad_x.view(*grad_y.shape[:-1], grad_x.shape[-1])
+        return grad_x, None, None, None, *grad_params
+
+
+def _column_blocks(layers) -> list[slice]:
+    bounds = [0, *accumulate(layer.out_features for layer in layers)]
+    return [slice(a, b) for a, b in zip(bounds, bounds[1:])]
+
+
+def _rank_blocks(lora_B) -> list[slice]:
+    bounds = [0, *accumulate(B.shape[1] for B in lora_B)]
+    return [slice(a, b) for a, b in zip(bounds, bounds[1:])]
+
+
+def project(x: torch.Tensor, layers: Sequence[QLoRALinear]) -> torch.Tensor:
+    """The outputs of layers that all read `x`, side by side on the last dim, as one GEMM.
+
+    Split the result with `torch.split` (whose backward concatenates the gradients into the one
+    buffer this group's backward reads) rather than by slicing.
+    """
+    rates = {layer.lora_dropout if layer.training else 0.0 for layer in layers if layer.lora_A is not None}
+    if len(rates) > 1:
+        raise ValueError(f"layers projected together must share one lora_dropout, got {sorted(rates)}")
+    dropout_p = rates.pop() if rates else 0.0
+    lora_params = [t for layer in layers for t in (layer.lora_A, layer.lora_B)]
+    keep_weight = all(layer.keep_dequantized for layer in layers)
+    return QLoRAGroupFunction.apply(x, tuple(layers), dropout_p, keep_weight, *lora_params)
 
 
 class QLoRALinear(nn.Module):
     """A frozen 4-bit linear layer with an optional LoRA adapter (peft's names: lora_A, lora_B).
 
     `weight` arrives after construction (the model is built empty, then filled while loading).
+    `dequantize(weight, out=None)` gives the weight in its storage dtype.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool,
-                 dequantize: Callable[[QuantizedWeight], torch.Tensor]):
+                 dequantize: Callable[..., torch.Tensor]):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.dequantize = dequantize
@@ -92,6 +187,11 @@ class QLoRALinear(nn.Module):
         self.lora_A: nn.Parameter | None = None
         self.lora_B: nn.Parameter | None = None
         self.lora_alpha, self.use_rslora, self.lora_dropout = 0.0, False, 0.0
+        # Keep the dequantized weight from forward for backward. Only for layers under activation
+        # checkpointing: the first forward's saved tensors are dropped anyway, and the recompute
+        # runs right before this layer's backward, so one layer's weights are held briefly and
+        # each weight is dequantized twice per step instead of three times.
+        self.keep_dequantized = False
 
     @property
     def scaling(self) -> float:
@@ -112,11 +212,7 @@ class QLoRALinear(nn.Module):
         self.lora_A = self.lora_B = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.lora_A is None:
-            return LoRAFunction.apply(x, self.weight, self.dequantize, self.bias, None, None, 0.0, 0.0)
-        dropout_p = self.lora_dropout if self.training else 0.0
-        return LoRAFunction.apply(x, self.weight, self.dequantize, self.bias, self.lora_A, self.lora_B,
-                                  self.scaling, dropout_p)
+        return project(x, (self,))
 
     def extra_repr(self) -> str:
         lora = f", lora r={self.lora_A.shape[0]} scaling={self.scaling:g}" if self.lora_A is not None else ""

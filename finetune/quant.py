@@ -64,17 +64,25 @@ class QuantizedWeight(nn.Module):
         return f"{tuple(self.shape)}, {self.quant_type}, stored for {self.dtype}, double_quant={self.nested}"
 
 
-def dequantize_bnb(weight: QuantizedWeight) -> torch.Tensor:
-    """(out, in) in the weight's storage dtype, by bitsandbytes (its CPU path is vectorized C++)."""
+def dequantize_bnb(weight: QuantizedWeight, out: torch.Tensor | None = None) -> torch.Tensor:
+    """(out, in) in the weight's storage dtype, by bitsandbytes (its CPU path is vectorized C++).
+
+    `out`, when given (contiguous, that shape and dtype), receives the values.
+    """
     import bitsandbytes.functional as bnb_functional
 
-    return bnb_functional.dequantize_4bit(weight.packed, weight.quant_state(), quant_type=weight.quant_type)
+    # Not bitsandbytes' own out=: its CPU backend lacks that overload.
+    values = bnb_functional.dequantize_4bit(weight.packed, weight.quant_state(), quant_type=weight.quant_type)
+    return values if out is None else out.copy_(values)
 
 
-def dequantize_triton(weight: QuantizedWeight) -> torch.Tensor:
-    """As `dequantize_bnb`, bit for bit, in one Triton kernel (NF4 only)."""
+def dequantize_triton(weight: QuantizedWeight, out: torch.Tensor | None = None) -> torch.Tensor:
+    """As `dequantize_bnb`, bit for bit, in one Triton kernel (NF4 only), written straight into `out`."""
     if weight.quant_type != "nf4":
-        return dequantize_bnb(weight)
-    from finetune_kernels.nf4_dequant import nf4_dequantize
+        return dequantize_bnb(weight, out)
+    from finetune_kernels.nf4_dequant import nf4_dequantize_buffers
 
-    return nf4_dequantize(weight.packed, weight.quant_state())
+    nested = (weight.nested_code, weight.nested_absmax, weight.offset, weight.nested_blocksize) if weight.nested \
+        else None
+    return nf4_dequantize_buffers(weight.packed, weight.shape, weight.blocksize, weight.absmax, weight.code,
+                                  weight.dtype, nested, out)

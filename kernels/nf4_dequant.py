@@ -83,59 +83,77 @@ def _nf4_dequantize_kernel(
     tl.store(out_ptr + element_ids, values.to(out_ptr.dtype.element_ty), mask=element_ids < numel)
 
 
-class NF4Dequantize(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, packed: torch.Tensor, quant_state, dtype: torch.dtype) -> torch.Tensor:
-        if quant_state.quant_type != "nf4":
-            raise ValueError(f"expected an nf4 QuantState, got quant_type={quant_state.quant_type!r}")
-        blocksize = quant_state.blocksize
-        if blocksize not in SUPPORTED_BLOCKSIZES:
-            raise ValueError(f"blocksize {blocksize} is not one of {SUPPORTED_BLOCKSIZES}")
-        # Params4bit may store the codes in another dtype (quant_storage); the bytes are the same.
-        packed = packed.contiguous().view(torch.uint8).reshape(-1)
-        numel = math.prod(quant_state.shape)
-        if packed.numel() != (numel + 1) // 2:
-            raise ValueError(f"packed tensor has {packed.numel()} bytes, expected {(numel + 1) // 2}")
+def nf4_dequantize_buffers(
+    packed: torch.Tensor,
+    shape: torch.Size,
+    blocksize: int,
+    absmax: torch.Tensor,
+    code: torch.Tensor,
+    dtype: torch.dtype,
+    nested: tuple[torch.Tensor, torch.Tensor, torch.Tensor, int] | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The kernel on the QuantState's tensors themselves, with no QuantState object in between.
 
-        out = torch.empty(quant_state.shape, dtype=dtype, device=packed.device)
-        num_blocks = triton.cdiv(numel, blocksize)
-        blocks_per_program = max(1, ELEMENTS_PER_PROGRAM // blocksize)
-        grid = (triton.cdiv(num_blocks, blocks_per_program),)
-        code = quant_state.code.to(device=packed.device, dtype=torch.float32)
-        if quant_state.nested:
-            nested = quant_state.state2
-            absmax_codes_or_values = quant_state.absmax
-            nested_code, nested_absmax = nested.code.float(), nested.absmax.float()
-            offset, nested_blocksize = quant_state.offset.float().reshape(1), nested.blocksize
-        else:
-            absmax_codes_or_values = quant_state.absmax.float()
-            # Never read: the NESTED=False specialization compiles those loads away.
-            nested_code = nested_absmax = offset = code
-            nested_blocksize = 1
-        _nf4_dequantize_kernel[grid](
-            packed,
-            absmax_codes_or_values,
-            code,
-            nested_code,
-            nested_absmax,
-            offset,
-            out,
-            numel,
-            num_blocks,
-            BLOCKSIZE=blocksize,
-            NESTED_BLOCKSIZE=nested_blocksize,
-            BLOCKS_PER_PROGRAM=blocks_per_program,
-            NESTED=quant_state.nested,
-            enable_fp_fusion=False,
-        )
-        ctx.mark_non_differentiable(out)
-        return out
+    ``nested`` is ``(state2.code, state2.absmax, offset, state2.blocksize)`` for double-quantized
+    absmax (then ``absmax`` holds its uint8 codes). This is the training loop's per-matmul call,
+    kept to plain arguments because its host-side cost is paid hundreds of times per step.
+    """
+    if blocksize not in SUPPORTED_BLOCKSIZES:
+        raise ValueError(f"blocksize {blocksize} is not one of {SUPPORTED_BLOCKSIZES}")
+    # Params4bit may store the codes in another dtype (quant_storage); the bytes are the same.
+    packed = packed.contiguous().view(torch.uint8).reshape(-1)
+    numel = math.prod(shape)
+    if packed.numel() != (numel + 1) // 2:
+        raise ValueError(f"packed tensor has {packed.numel()} bytes, expected {(numel + 1) // 2}")
+    if out is None:
+        out = torch.empty(shape, dtype=dtype, device=packed.device)
+    elif out.shape != shape or out.dtype != dtype or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous {tuple(shape)} {dtype} tensor, got {tuple(out.shape)} {out.dtype}")
+    num_blocks = triton.cdiv(numel, blocksize)
+    blocks_per_program = max(1, ELEMENTS_PER_PROGRAM // blocksize)
+    code = code.to(device=packed.device, dtype=torch.float32)
+    if nested is not None:
+        nested_code, nested_absmax, offset, nested_blocksize = nested
+        nested_code, nested_absmax, offset = nested_code.float(), nested_absmax.float(), offset.float().reshape(1)
+    else:
+        absmax = absmax.float()
+        # Never read: the NESTED=False specialization compiles those loads away.
+        nested_code = nested_absmax = offset = code
+        nested_blocksize = 1
+    _nf4_dequantize_kernel[(triton.cdiv(num_blocks, blocks_per_program),)](
+        packed,
+        absmax,
+        code,
+        nested_code,
+        nested_absmax,
+        offset,
+        out,
+        numel,
+        num_blocks,
+        BLOCKSIZE=blocksize,
+        NESTED_BLOCKSIZE=nested_blocksize,
+        BLOCKS_PER_PROGRAM=blocks_per_program,
+        NESTED=nested is not None,
+        enable_fp_fusion=False,
+    )
+    return out
 
 
-def nf4_dequantize(packed: torch.Tensor, quant_state, dtype: torch.dtype | None = None) -> torch.Tensor:
+def nf4_dequantize(packed: torch.Tensor, quant_state, dtype: torch.dtype | None = None,
+                   out: torch.Tensor | None = None) -> torch.Tensor:
     """Dequantize ``packed`` (e.g. ``Params4bit.data``) with its bitsandbytes ``QuantState``.
 
     Bit-exact with ``bitsandbytes.functional.dequantize_4bit``. ``dtype`` defaults to
-    ``quant_state.dtype`` (bf16, fp16 or fp32).
+    ``quant_state.dtype`` (bf16, fp16 or fp32). ``out`` (contiguous, the weight's shape and
+    ``dtype``) receives the result instead of a new tensor: several weights can be dequantized
+    into row blocks of one matrix and multiplied in a single GEMM.
     """
-    return NF4Dequantize.apply(packed, quant_state, dtype or quant_state.dtype)
+    if quant_state.quant_type != "nf4":
+        raise ValueError(f"expected an nf4 QuantState, got quant_type={quant_state.quant_type!r}")
+    nested = None
+    if quant_state.nested:
+        state2 = quant_state.state2
+        nested = (state2.code, state2.absmax, quant_state.offset, state2.blocksize)
+    return nf4_dequantize_buffers(packed, quant_state.shape, quant_state.blocksize, quant_state.absmax,
+                                  quant_state.code, dtype or quant_state.dtype, nested, out)

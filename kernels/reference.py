@@ -64,8 +64,9 @@ def rope_cos_sin_reference(
     return angles.cos() * attention_scaling, angles.sin() * attention_scaling
 
 
-def swiglu_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    return (F.silu(gate.float()) * up.float()).to(gate.dtype)
+def swiglu_reference(gate_up: torch.Tensor) -> torch.Tensor:
+    gate, up = gate_up.float().chunk(2, dim=-1)
+    return (F.silu(gate) * up).to(gate_up.dtype)
 
 
 def linear_cross_entropy_reference(

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from finetune.config import ConfigError
-from finetune.lora import QLoRALinear, select_targets
+from finetune.lora import QLoRALinear, project, select_targets
 from finetune.quant import QuantizedWeight, dequantize_bnb
 
 IN, OUT, R = 64, 48, 4
@@ -56,6 +56,55 @@ def test_gradients_match_plain_autograd(dropout):
     torch.testing.assert_close(layer.lora_B.grad, B.grad)
 
 
+def make_group(outs, bias: bool, dropout: float, adapted, storage_dtype=torch.float32) -> list[QLoRALinear]:
+    """Layers reading one input, like q/k/v; `adapted` says which carry an adapter."""
+    torch.manual_seed(1)
+    layers = []
+    for out, lora in zip(outs, adapted):
+        layer = QLoRALinear(IN, out, bias, dequantize_bnb)
+        layer.weight = QuantizedWeight.quantize((torch.randn(out, IN) * 0.1).to(storage_dtype))
+        if bias:
+            layer.bias = nn.Parameter(torch.randn(out), requires_grad=False)
+        if lora:
+            layer.add_lora(R, lora_alpha=8.0, lora_dropout=dropout, use_rslora=False)
+            with torch.no_grad():
+                layer.lora_B.normal_()
+        layers.append(layer.train())
+    return layers
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+@pytest.mark.parametrize("adapted", [(True, True, True), (True, False, True)])
+@pytest.mark.parametrize("storage_dtype", [torch.float32, torch.bfloat16])
+def test_group_equals_the_layers_one_by_one(dropout, adapted, storage_dtype):
+    """One GEMM for q/k/v-like layers computes what three calls compute, values and gradients."""
+    layers = make_group((48, 16, 16), bias=True, dropout=dropout, adapted=adapted, storage_dtype=storage_dtype)
+    x = torch.randn(2, 5, IN, requires_grad=True)
+    grad_y = torch.randn(2, 5, 80)
+    params = [p for layer in layers for p in (layer.lora_A, layer.lora_B) if p is not None]
+
+    torch.manual_seed(7)  # the same dropout draws, in layer order, on both sides
+    y = project(x, layers)
+    grads = torch.autograd.grad(y, [x, *params], grad_y)
+    torch.manual_seed(7)
+    y_one_by_one = torch.cat([layer(x) for layer in layers], -1)
+    grads_one_by_one = torch.autograd.grad(y_one_by_one, [x, *params], grad_y)
+
+    # Same products, summed in another order inside the stacked GEMMs: fp32 rounding only.
+    torch.testing.assert_close(y, y_one_by_one, rtol=1e-5, atol=1e-5)
+    for got, want in zip(grads, grads_one_by_one):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_group_split_feeds_one_gradient_buffer():
+    """torch.split's backward concatenates: a consumer of some outputs only still gets zeros for the rest."""
+    layers = make_group((48, 16, 16), bias=False, dropout=0.0, adapted=(True, True, True))
+    x = torch.randn(3, IN, requires_grad=True)
+    q, k, v = project(x, layers).split([48, 16, 16], -1)
+    (q.sum() + v.sum()).backward()
+    assert layers[1].lora_B.grad.abs().sum() == 0 and layers[2].lora_B.grad.abs().sum() > 0
+
+
 def saved_for_backward(fn) -> list[torch.Tensor]:
     saved = []
 
@@ -74,7 +123,7 @@ def test_backward_saves_input_and_adapter_never_the_dequantized_weight():
     saved = [t for t in saved_for_backward(lambda: layer(x)) if t is not None]
     shapes = sorted(tuple(t.shape) for t in saved)
     # x, xa = x A^T (tokens x r), A, B: the (OUT, IN) weight is dequantized again in backward.
-    assert shapes == sorted([(3, 7, IN), (3, 7, R), (R, IN), (OUT, R)])
+    assert shapes == sorted([(3, 7, IN), (3 * 7, R), (R, IN), (OUT, R)])
     assert saved[0] is x  # the caller's tensor itself, no copy
 
 

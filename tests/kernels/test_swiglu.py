@@ -7,7 +7,8 @@ from transformers.activations import ACT2FN  # noqa: E402
 from finetune_kernels.reference import swiglu_reference  # noqa: E402
 from finetune_kernels.swiglu import swiglu  # noqa: E402
 
-SHAPES = [(7, 67), (2, 3, 130), (1, 1, 1025)]
+# The last dim is [gate | up]: odd widths (67, 1025) leave a partial block in each half.
+SHAPES = [(7, 2 * 67), (2, 3, 2 * 130), (1, 1, 2 * 1025)]
 DTYPES = [torch.float32, torch.bfloat16]
 
 
@@ -22,43 +23,43 @@ def _tolerances(dtype):
 
 def _inputs(shape, dtype, device, seed=0):
     torch.manual_seed(seed)
-    gate = (3 * torch.randn(shape)).to(device, dtype).requires_grad_()
-    up = torch.randn(shape).to(device, dtype).requires_grad_()
-    return gate, up
+    gate_up = torch.randn(shape)
+    gate_up[..., : shape[-1] // 2] *= 3  # gates spread over silu's curved part
+    return gate_up.to(device, dtype).requires_grad_()
 
 
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_matches_reference(device, shape, dtype):
-    gate, up = _inputs(shape, dtype, device)
-    out = swiglu(gate, up)
-    expected = swiglu_reference(gate, up)
+    gate_up = _inputs(shape, dtype, device)
+    out = swiglu(gate_up)
+    expected = swiglu_reference(gate_up)
     torch.testing.assert_close(out, expected, **_tolerances(dtype))
 
     grad_out = torch.randn_like(out)
-    for got, want in zip(
-        torch.autograd.grad(out, (gate, up), grad_out), torch.autograd.grad(expected, (gate, up), grad_out)
-    ):
-        torch.testing.assert_close(got, want, **_tolerances(dtype))
+    got, = torch.autograd.grad(out, gate_up, grad_out)
+    want, = torch.autograd.grad(expected, gate_up, grad_out)
+    torch.testing.assert_close(got, want, **_tolerances(dtype))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_matches_transformers_llama_mlp_activation(device, dtype):
-    gate, up = _inputs((7, 67), dtype, device)
+    gate_up = _inputs((7, 2 * 67), dtype, device)
+    gate, up = gate_up.chunk(2, dim=-1)
     expected = ACT2FN["silu"](gate) * up
     # In bf16 transformers rounds silu(g) before the product: one more ulp on its side.
     tolerances = _tolerances(torch.float32) if dtype == torch.float32 else {"rtol": 2**-5, "atol": 1e-5}
-    torch.testing.assert_close(swiglu(gate, up), expected, **tolerances)
+    torch.testing.assert_close(swiglu(gate_up), expected, **tolerances)
 
 
 @pytest.mark.gpu
 def test_matches_reference_cuda(cuda):
-    gate, up = _inputs((4, 1021, 11008), torch.bfloat16, cuda)
-    out = swiglu(gate, up)
-    expected = swiglu_reference(gate, up)
+    gate_up = _inputs((4, 1021, 2 * 11008), torch.bfloat16, cuda)
+    out = swiglu(gate_up)
+    expected = swiglu_reference(gate_up)
     grad_out = torch.randn_like(out)
     for got, want in zip(
-        (out, *torch.autograd.grad(out, (gate, up), grad_out)),
-        (expected, *torch.autograd.grad(expected, (gate, up), grad_out)),
+        (out, *torch.autograd.grad(out, gate_up, grad_out)),
+        (expected, *torch.autograd.grad(expected, gate_up, grad_out)),
     ):
         torch.testing.assert_close(got, want, **_tolerances(torch.bfloat16))
