@@ -135,6 +135,10 @@ class ModelConfig:
     # Native path: torch.compile each decoder layer (slow first steps, faster after). CPU only
     # for now: on CUDA it was measured to train wrongly and is refused.
     compile: bool = False
+    # Native path, with gradient_checkpointing: how many decoder layers (the first ones) recompute in
+    # backward; null means all. The others keep their activations: each layer left out saves about
+    # a sixth of its matmul work and costs its activations' memory (train.dry_run shows how much).
+    checkpoint_layers: Optional[int] = None
     # Native path, CUDA: park each checkpointed layer's input in pinned host memory until backward.
     # Needs gradient_checkpointing; trades PCIe traffic for GPU memory on long sequences.
     offload_checkpoints: bool = False

@@ -428,7 +428,7 @@ class _Run:
     targets: tuple
     lora_dropout: float
     optimizer: Optimizer
-    checkpointing: bool
+    checkpointed_layers: int  # 0: no checkpointing
     chunked_loss: bool
     micro_batch_size: int
     padding_mask: bool  # native path, padded micro-batches: one (B, T, T) bool mask shared by all layers
@@ -454,28 +454,35 @@ def _gpu_items(run: _Run, offload: OffloadMode, tokens: int) -> list[LineItem]:
     items.append(LineItem("LoRA gradients (fp32)", lora))
     items.append(LineItem(f"optimizer states ({run.optimizer.value})", optimizer_state_bytes(sizes, run.optimizer),
                           "pages to host under pressure" if run.optimizer is Optimizer.paged_adamw_8bit else ""))
-    largest = max(i * o for i, o in projection_shapes(arch).values())
-    items.append(LineItem("one dequantized weight", largest * run.compute_bytes, "the largest projection, while its "
-                                                                                   "matmul runs"))
-    acts = activation_bytes_per_token(arch, run.compute_bytes, run.r, run.targets, run.lora_dropout, run.impl)
-    if not run.checkpointing:
-        items.append(LineItem(f"activations, all {L} layers", tokens * L * (acts.checkpoint + acts.layer),
-                              f"{tokens:,} tokens, no checkpointing"))
-    elif offload in PARKS_ACTIVATIONS:
-        items.append(LineItem(f"layer checkpoints, {OFFLOADED_CHECKPOINTS_ON_GPU} of {L}",
-                              tokens * OFFLOADED_CHECKPOINTS_ON_GPU * acts.checkpoint,
-                              "the rest in pinned host memory"))
+    shapes = projection_shapes(arch).values()
+    if run.impl is ModelImpl.native and run.checkpointed_layers:
+        items.append(LineItem("one layer's weights dequantized", sum(i * o for i, o in shapes) * run.compute_bytes,
+                              "kept from the recompute for the backward"))
     else:
-        items.append(LineItem(f"layer checkpoints, {L} layers", tokens * L * acts.checkpoint,
+        items.append(LineItem("one dequantized weight", max(i * o for i, o in shapes) * run.compute_bytes,
+                              "the largest projection, while its matmul runs"))
+    acts = activation_bytes_per_token(arch, run.compute_bytes, run.r, run.targets, run.lora_dropout, run.impl)
+    checkpointed = run.checkpointed_layers
+    if checkpointed and offload in PARKS_ACTIVATIONS:
+        on_gpu = min(OFFLOADED_CHECKPOINTS_ON_GPU, checkpointed)
+        items.append(LineItem(f"layer checkpoints, {on_gpu} of {checkpointed}", tokens * on_gpu * acts.checkpoint,
+                              "the rest in pinned host memory"))
+    elif checkpointed:
+        items.append(LineItem(f"layer checkpoints, {checkpointed} layers", tokens * checkpointed * acts.checkpoint,
                               f"{tokens:,} tokens x hidden {arch['hidden_size']}"))
-    if run.checkpointing:
+    if checkpointed < L:
+        kept = L - checkpointed
+        items.append(LineItem(f"activations, {'all ' if not checkpointed else ''}{kept} layers",
+                              tokens * kept * (acts.checkpoint + acts.layer),
+                              f"{tokens:,} tokens, not checkpointed"))
+    if checkpointed:
         items.append(LineItem("one layer recomputed + its backward", tokens * (acts.layer + acts.backward)))
     else:
         items.append(LineItem("one layer's backward", tokens * acts.backward))
     seq_len = tokens // run.micro_batch_size
     if run.impl is ModelImpl.hf:
         # Checkpointed, one layer's scores exist at a time; otherwise every layer keeps its own.
-        layers = 1 if run.checkpointing else L
+        layers = 1 if checkpointed else L
         scores = layers * run.micro_batch_size * arch["num_attention_heads"] * seq_len ** 2
         items.append(LineItem("attention scores", round(scores * HF_ATTENTION_SCORE_BYTES),
                               "materialized on the generic path"))
@@ -565,6 +572,18 @@ def gpu_budget(hardware: HardwareConfig) -> tuple[int, str]:
                                           f"your card (default {DEFAULT_GPU_GIB:g})")
 
 
+def _checkpointed_layers(cfg: RunConfig, impl: ModelImpl, arch: dict) -> int:
+    L = arch["num_hidden_layers"]
+    if not cfg.model.gradient_checkpointing:
+        return 0
+    if cfg.model.checkpoint_layers is None or impl is not ModelImpl.native:
+        return L
+    if not 0 <= cfg.model.checkpoint_layers <= L:
+        raise ConfigError(f"model.checkpoint_layers={cfg.model.checkpoint_layers}, but the model has {L} layers; "
+                          f"pick 0 to {L} (or null for all).")
+    return cfg.model.checkpoint_layers
+
+
 def plan_for_run(cfg: RunConfig) -> MemoryPlan:
     """How the run `cfg` describes uses its GPU: line items, offload decision, longest sequence that fits."""
     arch, source = locate_architecture(cfg)
@@ -575,7 +594,7 @@ def plan_for_run(cfg: RunConfig) -> MemoryPlan:
         dense_bytes=compute_bytes if impl is ModelImpl.native else DTYPE_BYTES[cfg.quant.torch_dtype],
         double_quant=cfg.quant.bnb_4bit_use_double_quant, r=cfg.lora.r,
         targets=lora_targets(cfg.lora.target_modules), lora_dropout=cfg.lora.lora_dropout,
-        optimizer=cfg.optim.name, checkpointing=cfg.model.gradient_checkpointing,
+        optimizer=cfg.optim.name, checkpointed_layers=_checkpointed_layers(cfg, impl, arch),
         chunked_loss=impl is ModelImpl.native and cfg.model.use_kernels,
         micro_batch_size=cfg.train.micro_batch_size,
         padding_mask=impl is ModelImpl.native and not cfg.data.packing and cfg.train.micro_batch_size > 1,

@@ -205,6 +205,23 @@ def test_conflicting_offload_settings_are_config_errors():
     assert forced.offload is OffloadMode.activations
 
 
+def test_partial_checkpointing_adds_the_unchecked_layers_activations():
+    args = ("recipe=llama3_8b_qlora", NATIVE, "hardware.gpu_memory_gb=80", "data.max_seq_len=2048", "lora.r=16",
+            "lora.lora_dropout=0")
+    plans = [plan(*args, *extra) for extra in
+             ([], ["model.checkpoint_layers=24"], ["model.gradient_checkpointing=false"])]
+    full, part, none = (p.gpu_total for p in plans)
+    assert full < part < none
+    acts = memory.activation_bytes_per_token(LLAMA3_8B, 2, 16, memory.lora_targets("all-linear"), 0.0,
+                                             ModelImpl.native)
+    # Eight layers keep everything; fragmentation scales each line item alike.
+    tokens = plans[0].micro_batch_size * 2048
+    expected = tokens * 8 * acts.layer * (1 + memory.FRAGMENTATION)
+    assert abs((part - full) - expected) <= 0.01 * expected
+    with pytest.raises(ConfigError, match="checkpoint_layers=40"):
+        plan(*args, "model.checkpoint_layers=40")
+
+
 def test_longest_sequence_grows_with_budget_and_is_the_boundary():
     longest = [plan("recipe=llama70b_qlora", NATIVE, "hardware.offload=weights", f"hardware.gpu_memory_gb={gib}")
                .longest_seq_len for gib in (12, 16, 24, 32, 48)]

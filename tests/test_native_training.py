@@ -49,11 +49,12 @@ def test_twenty_steps_match_the_generic_path(checkpoints):
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(checkpoints):
+    """None, some (model.checkpoint_layers) or all layers recomputed: the same gradients, dropout included."""
     model_dir = checkpoints("qwen3")
     grads = []
-    for recompute in (False, True):
+    for recompute, layers in ((False, None), (True, None), (True, 1)):
         cfg = run_config(model_dir, lora_dropout=0.1)
-        cfg.model.gradient_checkpointing = recompute
+        cfg.model.gradient_checkpointing, cfg.model.checkpoint_layers = recompute, layers
         torch.manual_seed(0)
         model = native_model(model_dir, cfg).train()
         with torch.no_grad():
@@ -65,7 +66,40 @@ def test_gradient_checkpointing_gives_the_same_gradients(checkpoints):
         model(**batch).loss.backward()
         grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
     for name, grad in grads[0].items():
-        torch.testing.assert_close(grads[1][name], grad, msg=name)
+        for other in grads[1:]:
+            torch.testing.assert_close(other[name], grad, msg=name)
+
+
+def test_only_checkpointed_layers_keep_their_dequantized_weights(checkpoints):
+    """Kept weights live from the recompute to the backward only; unchecked layers never keep theirs."""
+    model_dir = checkpoints("llama")
+    cfg = run_config(model_dir)
+    cfg.model.gradient_checkpointing, cfg.model.checkpoint_layers = True, 1
+    model = native_model(model_dir, cfg).train()
+    keep = [{lin.keep_dequantized for lin in layer.modules() if hasattr(lin, "keep_dequantized")}
+            for layer in model.model.layers]
+    assert keep[0] == {True} and all(k == {False} for k in keep[1:])
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+        model(**make_batches()[0]).loss.backward()
+    weight_shapes = {(lin.out_features, lin.in_features) for lin in model.model.layers[0].modules()
+                     if hasattr(lin, "keep_dequantized")}
+    # Only tensors saved outside the checkpoint's own hooks reach this one: the unchecked layer
+    # (same shapes as layer 0) and the loss. None of them may be a dequantized weight.
+    assert saved and not weight_shapes & set(saved)
+
+
+def test_checkpoint_layers_is_checked(checkpoints):
+    from finetune.config import ConfigError
+
+    model_dir = checkpoints("llama")
+    cfg = run_config(model_dir)
+    cfg.model.gradient_checkpointing, cfg.model.checkpoint_layers = True, 99
+    with pytest.raises(ConfigError, match="checkpoint_layers=99.*layers"):
+        native_model(model_dir, cfg)
+    cfg.model.checkpoint_layers, cfg.model.gradient_checkpointing = 1, False
+    with pytest.raises(ConfigError, match="needs model.gradient_checkpointing=true"):
+        native_model(model_dir, cfg)
 
 
 # ---- on the GPU machine: kernels, offloading and torch.compile keep training on the same track ----

@@ -62,6 +62,9 @@ def build_model(cfg: RunConfig, device: torch.device) -> LoadedModel:
     if impl is ModelImpl.native:
         model = native.build(cfg, model_dir, compute_dtype, device)
     else:
+        if cfg.model.checkpoint_layers is not None:
+            raise ConfigError(f"model.checkpoint_layers={cfg.model.checkpoint_layers} applies to the native model "
+                              f"path, but this run takes the {impl.value} path ({why}); remove it.")
         base = hf.load_quantized_base(model_dir, cfg.model, cfg.quant, compute_dtype, device)
         model = hf.attach_lora(base, cfg.lora, cfg.model.gradient_checkpointing)
     return LoadedModel(model, tokenizer, model_dir, compute_dtype, notices)

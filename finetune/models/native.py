@@ -30,7 +30,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
 from finetune.config import ConfigError, LoraConfig, RunConfig
-from finetune.lora import QLoRALinear, attach_lora, copy_adapter_weights, linear_layers, save_adapter
+from finetune.lora import QLoRALinear, attach_lora, copy_adapter_weights, linear_layers, project, save_adapter
 from finetune.quant import QuantizedWeight, dequantize_bnb, dequantize_triton
 
 IGNORE_INDEX = -100
@@ -141,9 +141,9 @@ class Ops:
 
     rmsnorm: Callable  # (x, weight, eps) -> y
     rope: Callable  # (q, k, cos, sin) -> (q, k); q, k (B, T, H, D); cos, sin (B, T, D) fp32
-    swiglu: Callable  # (gate, up) -> silu(gate) * up
+    swiglu: Callable  # [gate | up] (..., 2F) -> silu(gate) * up (..., F)
     linear_cross_entropy: Callable  # (x, weight, shifted labels, num_items_in_batch=) -> loss
-    dequantize: Callable  # QuantizedWeight -> (out, in) in its storage dtype
+    dequantize: Callable  # (QuantizedWeight, out=None) -> (out, in) in its storage dtype
 
 
 def torch_ops() -> Ops:
@@ -278,9 +278,12 @@ class Attention(nn.Module):
 
     def forward(self, x, rope, layout: AttentionLayout):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, -1, self.head_dim)  # (B, T, Hq, D)
-        k = self.k_proj(x).view(B, T, -1, self.head_dim)  # (B, T, Hkv, D)
-        v = self.v_proj(x).view(B, T, -1, self.head_dim)
+        qkv = project(x, (self.q_proj, self.k_proj, self.v_proj))
+        q, k, v = qkv.split([self.q_proj.out_features, self.k_proj.out_features, self.v_proj.out_features], -1)
+        q = q.view(B, T, -1, self.head_dim)  # (B, T, Hq, D)
+        k = k.view(B, T, -1, self.head_dim)  # (B, T, Hkv, D)
+        # A copy, so that attention's saved v does not keep the whole q/k/v output alive.
+        v = v.contiguous().view(B, T, -1, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.ops.rope(q, k, *rope)
@@ -298,7 +301,7 @@ class MLP(nn.Module):
         self.ops = ops
 
     def forward(self, x):
-        return self.down_proj(self.ops.swiglu(self.gate_proj(x), self.up_proj(x)))
+        return self.down_proj(self.ops.swiglu(project(x, (self.gate_proj, self.up_proj))))
 
 
 class DecoderLayer(nn.Module):
@@ -322,8 +325,18 @@ class Decoder(nn.Module):
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps, ops)
         self.register_buffer("inv_freq", rope_frequencies(args.head_dim, args.rope).to(device), persistent=False)
         self.use_varlen = False  # set by the loader: CUDA with a 16-bit compute dtype
-        self.gradient_checkpointing = False
+        self.checkpointed_layers = 0  # the first this many layers recompute in backward: set_checkpointing
         self.offload_checkpoints = False
+
+    def set_checkpointing(self, layers: int, offload: bool = False) -> None:
+        """Recompute the first `layers` decoder layers in backward; `offload` parks their inputs in pinned host memory."""
+        if not 0 <= layers <= len(self.layers):
+            raise ConfigError(f"model.checkpoint_layers={layers}, but the model has {len(self.layers)} layers; "
+                              f"pick 0 to {len(self.layers)} (or null for all).")
+        self.checkpointed_layers, self.offload_checkpoints = layers, offload
+        for index, layer in enumerate(self.layers):
+            for linear in linear_layers(layer).values():
+                linear.keep_dequantized = index < layers
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, cu_seqlens=None):
         position_ids, layout = plan_attention(input_ids, attention_mask, position_ids, cu_seqlens, self.use_varlen)
@@ -331,14 +344,16 @@ class Decoder(nn.Module):
         angles = torch.cat([angles, angles], dim=-1)
         rope = angles.cos(), angles.sin()  # (B, T, D) fp32, HF's layout
         x = self.embed_tokens(input_ids)  # (B, T, C)
-        recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        recompute = self.checkpointed_layers if self.training and torch.is_grad_enabled() else 0
         # Checkpointed layers keep only their input x; offloading parks it in pinned host memory
         # (rope and layout are passed as non-tensors, so the one copy is shared by all layers).
         offload = torch.autograd.graph.save_on_cpu(pin_memory=True) if recompute and self.offload_checkpoints \
             else contextlib.nullcontext()
         with offload:
-            for layer in self.layers:
-                x = checkpoint(layer, x, rope, layout, use_reentrant=False) if recompute else layer(x, rope, layout)
+            for layer in self.layers[:recompute]:
+                x = checkpoint(layer, x, rope, layout, use_reentrant=False)
+        for layer in self.layers[recompute:]:
+            x = layer(x, rope, layout)
         return self.norm(x)
 
 
@@ -488,6 +503,13 @@ def _check_shape(name: str, tensor: torch.Tensor, expected: tuple, model_dir: Pa
         raise ConfigError(f"{model_dir}: {name} has shape {tuple(tensor.shape)}, but config.json implies {expected}.")
 
 
+def checkpointed_layers(cfg: RunConfig, num_layers: int) -> int:
+    """How many layers the run recomputes in backward (model.gradient_checkpointing, model.checkpoint_layers)."""
+    if not cfg.model.gradient_checkpointing:
+        return 0
+    return num_layers if cfg.model.checkpoint_layers is None else cfg.model.checkpoint_layers
+
+
 def build(cfg: RunConfig, model_dir: Path, compute_dtype: torch.dtype, device: torch.device) -> NativeCausalLM:
     """The recipe's model: 4-bit base loaded from `model_dir`, LoRA attached per cfg.lora."""
     if cfg.model.compile and device.type == "cuda":
@@ -495,6 +517,9 @@ def build(cfg: RunConfig, model_dir: Path, compute_dtype: torch.dtype, device: t
         # where eager fell from 6.2 to 4.9 in six demo steps), so CUDA compile stays off until fixed.
         raise ConfigError("model.compile=true gives wrong gradients on CUDA in this version; "
                           "train with model.compile=false.")
+    if cfg.model.checkpoint_layers is not None and not cfg.model.gradient_checkpointing:
+        raise ConfigError(f"model.checkpoint_layers={cfg.model.checkpoint_layers} picks layers to checkpoint; "
+                          "it needs model.gradient_checkpointing=true.")
     if cfg.model.offload_checkpoints and not cfg.model.gradient_checkpointing:
         raise ConfigError("model.offload_checkpoints=true offloads the inputs of checkpointed layers; "
                           "it needs model.gradient_checkpointing=true.")
@@ -505,10 +530,11 @@ def build(cfg: RunConfig, model_dir: Path, compute_dtype: torch.dtype, device: t
         double_quant=cfg.quant.bnb_4bit_use_double_quant,
         use_kernels=cfg.model.use_kernels,
     )
+    args = model.args
     attach_lora(model, cfg.lora)
-    model.model.gradient_checkpointing = cfg.model.gradient_checkpointing
     # Pinned host memory needs CUDA; on the CPU the activations are already in host memory.
-    model.model.offload_checkpoints = cfg.model.offload_checkpoints and device.type == "cuda"
+    model.model.set_checkpointing(checkpointed_layers(cfg, args.num_hidden_layers),
+                                  cfg.model.offload_checkpoints and device.type == "cuda")
     if cfg.model.compile:
         for layer in model.model.layers:
             layer.compile()
