@@ -103,6 +103,8 @@ def measure(args) -> dict:
     for _ in range(args.warmup):
         optimizer_step()
     torch.cuda.synchronize()
+    if args.profile:
+        profile_steps(optimizer_step, args.profile / f"{args.side}-bs{batch}x{seq}.txt")
     start = time.perf_counter()
     for _ in range(args.steps):
         optimizer_step()
@@ -112,12 +114,58 @@ def measure(args) -> dict:
             "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "losses": losses}
 
 
+# Kernel-name patterns for the profile summary, first match wins.
+KERNEL_KINDS = [
+    ("attention", ("fmha", "flash", "cudnn", "attn", "sdpa")),
+    ("gemm", ("gemm", "cutlass", "xmma", "nvjet", "cublas", "matmul", "splitk")),
+    ("nf4 dequantize", ("nf4", "dequant")),
+    ("fused linear+CE", ("cross_entropy",)),
+    ("rmsnorm", ("rmsnorm",)),
+    ("rope", ("rope",)),
+    ("swiglu", ("swiglu",)),
+    ("optimizer", ("adam", "foreach", "multi_tensor")),
+    ("copy/cast", ("copy", "cat", "fill", "memcpy", "memset")),
+]
+
+
+def profile_steps(optimizer_step, path: Path, steps: int = 2) -> None:
+    """Where the GPU time of `steps` optimizer steps goes: kernel kinds, top kernels, and idle time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            optimizer_step()
+        torch.cuda.synchronize()
+    wall_us = (time.perf_counter() - start) * 1e6
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    busy_us = sum(e.time_range.elapsed_us() for e in kernels)
+    kinds: dict[str, float] = {}
+    counts: dict[str, int] = {}
+    for e in kernels:
+        name = e.name.lower()
+        kind = next((k for k, pats in KERNEL_KINDS if any(p in name for p in pats)), "other elementwise")
+        kinds[kind] = kinds.get(kind, 0.0) + e.time_range.elapsed_us()
+        counts[kind] = counts.get(kind, 0) + 1
+    lines = [f"{steps} steps: wall {wall_us / 1e3:.1f} ms, GPU busy {busy_us / 1e3:.1f} ms "
+             f"({busy_us / wall_us:.0%}), {len(kernels)} kernels", "", "| kind | ms/step | share of busy | kernels/step |",
+             "|---|---|---|---|"]
+    for kind, us in sorted(kinds.items(), key=lambda kv: -kv[1]):
+        lines.append(f"| {kind} | {us / steps / 1e3:.1f} | {us / busy_us:.1%} | {counts[kind] // steps} |")
+    lines += ["", prof.key_averages().table(sort_by="self_device_time_total", row_limit=45, max_name_column_width=90)]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines))
+
+
 # ---------------------------------------------------------------- the driver
 
 def run_side(side: str, batch: int, seq: int, args) -> dict:
     cmd = [sys.executable, __file__, "--one", side, "--batch", str(batch), "--seq", str(seq), "--checkpoint",
            str(args.checkpoint), "--steps", str(args.steps), "--warmup", str(args.warmup), "--ours-impl", args.ours_impl]
     cmd += [x for o in args.ours_override for x in ("--ours-override", o)]
+    if args.profile:
+        cmd += ["--profile", str(args.profile)]
     if args.no_grad_ckpt:
         cmd.append("--no-grad-ckpt")
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -166,6 +214,7 @@ def main(argv=None) -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--no-grad-ckpt", action="store_true")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--profile", type=Path, help="also write a kernel-time breakdown per side into this directory")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--batch", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--seq", type=int, help=argparse.SUPPRESS)
