@@ -142,6 +142,10 @@ class ModelConfig:
     # Native path, CUDA: park each checkpointed layer's input in pinned host memory until backward.
     # Needs gradient_checkpointing; trades PCIe traffic for GPU memory on long sequences.
     offload_checkpoints: bool = False
+    # Native path: a directory for the pre-quantized (NF4) base. Read when it exists (it must come
+    # from this checkpoint with these quant settings), written after quantizing when it does not;
+    # later runs then skip reading and quantizing the checkpoint. name_or_path may also be a cache.
+    nf4_cache: Optional[str] = None
     trust_remote_code: bool = False
     revision: Optional[str] = None
 

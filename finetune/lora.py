@@ -198,12 +198,12 @@ class QLoRALinear(nn.Module):
         r = self.lora_A.shape[0]
         return self.lora_alpha / (math.sqrt(r) if self.use_rslora else r)
 
-    def add_lora(self, r: int, lora_alpha: float, lora_dropout: float, use_rslora: bool) -> None:
+    def add_lora(self, r: int, lora_alpha: float, lora_dropout: float, use_rslora: bool,
+                 device: torch.device) -> None:
         # Initialized on the CPU like peft (kaiming-uniform A, zero B), so a seed gives the same
         # adapter on any device.
         lora_A = torch.empty(r, self.in_features)
         nn.init.kaiming_uniform_(lora_A, a=math.sqrt(5))
-        device = self.weight.packed.device
         self.lora_A = nn.Parameter(lora_A.to(device))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, device=device))
         self.lora_alpha, self.use_rslora, self.lora_dropout = lora_alpha, use_rslora, lora_dropout
@@ -217,6 +217,11 @@ class QLoRALinear(nn.Module):
     def extra_repr(self) -> str:
         lora = f", lora r={self.lora_A.shape[0]} scaling={self.scaling:g}" if self.lora_A is not None else ""
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}{lora}"
+
+
+def compute_device(model: nn.Module) -> torch.device:
+    """Where adapters belong: with the model's unquantized weights (its 4-bit ones may stream from host memory)."""
+    return next(p.device for p in model.parameters() if not p.is_meta)
 
 
 def linear_layers(model: nn.Module) -> dict[str, QLoRALinear]:
@@ -256,7 +261,7 @@ def attach_lora(model: nn.Module, lora: LoraConfig) -> None:
     model.requires_grad_(False)
     layers = linear_layers(model)
     for name in select_targets(list(layers), lora.target_modules):
-        layers[name].add_lora(lora.r, lora.lora_alpha, lora.lora_dropout, lora.use_rslora)
+        layers[name].add_lora(lora.r, lora.lora_alpha, lora.lora_dropout, lora.use_rslora, compute_device(model))
 
 
 def peft_config(model: nn.Module, base_model_name_or_path: str):
@@ -353,7 +358,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path) -> None:
             raise ConfigError(f"{adapter_dir}: {name} has lora_A {tuple(lora_A.shape)} and lora_B "
                               f"{tuple(lora_B.shape)}, which do not fit r={config['r']} on a "
                               f"{layer.out_features}x{layer.in_features} layer.")
-        device = layer.weight.packed.device
+        device = compute_device(model)
         layer.lora_A = nn.Parameter(lora_A.to(device, torch.float32))
         layer.lora_B = nn.Parameter(lora_B.to(device, torch.float32))
         layer.lora_alpha, layer.use_rslora = config["lora_alpha"], config.get("use_rslora", False)

@@ -61,14 +61,21 @@ def build_hf(checkpoint: Path, liger: bool, grad_ckpt: bool, kbit_prep: bool):
     return model, step
 
 
-def build_ours(checkpoint: Path, impl: str, grad_ckpt: bool, overrides: list[str]):
+def build_ours(checkpoint: Path, impl: str, grad_ckpt: bool, overrides: list[str], batch: int, seq: int):
     from finetune.api import compose_config
+    from finetune.memory import GiB, plan_for_run
     from finetune.models import build_model
 
     cfg = compose_config("demo", [f"model.name_or_path={checkpoint}", f"model.impl={impl}",
                                   f"model.gradient_checkpointing={str(grad_ckpt).lower()}",
+                                  f"data.max_seq_len={seq}", f"train.micro_batch_size={batch}",
                                   *(f"lora.{k}={v}" for k, v in LORA.items()), *overrides])
-    model = build_model(cfg, torch.device("cuda")).model
+    plan = plan_for_run(cfg)
+    loaded = build_model(cfg, torch.device("cuda"))
+    for notice in loaded.notices:
+        print(notice, file=sys.stderr)
+    model = loaded.model
+    model.plan = {"plan_gib": plan.gpu_total / GiB, "plan_offload": plan.offload.value}
     model.train()
 
     def step(ids):
@@ -78,13 +85,19 @@ def build_ours(checkpoint: Path, impl: str, grad_ckpt: bool, overrides: list[str
 
 
 def measure(args) -> dict:
+    if args.cap_gib:
+        # A smaller card on a big one (shared/BENCH.md): the allocator refuses beyond the cap.
+        torch.cuda.set_per_process_memory_fraction(args.cap_gib * 2**30 / torch.cuda.get_device_properties(0).total_memory)
     torch.manual_seed(0)
+    load_start = time.perf_counter()
     batch, seq = args.batch, args.seq
     if args.side == "ours":
-        model, step = build_ours(args.checkpoint, args.ours_impl, not args.no_grad_ckpt, args.ours_override)
+        model, step = build_ours(args.checkpoint, args.ours_impl, not args.no_grad_ckpt, args.ours_override,
+                                 batch, seq)
     else:
         model, step = build_hf(args.checkpoint, liger=args.side == "liger", grad_ckpt=not args.no_grad_ckpt,
                                kbit_prep=args.side == "hf-kbit")
+    load_s = time.perf_counter() - load_start
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-5, fused=True)
     vocab = model.config.vocab_size if hasattr(model, "config") else args.vocab
@@ -111,7 +124,9 @@ def measure(args) -> dict:
     torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
     return {"side": args.side, "batch": batch, "seq": seq, "tokens_per_s": batch * seq * args.steps / elapsed,
-            "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "losses": losses}
+            "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "losses": losses, "load_s": load_s,
+            "cap_gib": args.cap_gib, "overrides": args.ours_override if args.side == "ours" else [],
+            **getattr(model, "plan", {})}
 
 
 # Kernel-name patterns for the profile summary, first match wins.
@@ -168,6 +183,8 @@ def run_side(side: str, batch: int, seq: int, args) -> dict:
         cmd += ["--profile", str(args.profile)]
     if args.no_grad_ckpt:
         cmd.append("--no-grad-ckpt")
+    if args.cap_gib:
+        cmd += ["--cap-gib", str(args.cap_gib)]
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     if done.returncode != 0:
         tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
@@ -214,6 +231,7 @@ def main(argv=None) -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--no-grad-ckpt", action="store_true")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--cap-gib", type=float, help="cap each side's GPU memory (set_per_process_memory_fraction)")
     parser.add_argument("--profile", type=Path, help="also write a kernel-time breakdown per side into this directory")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--batch", type=int, help=argparse.SUPPRESS)

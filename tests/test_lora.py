@@ -20,7 +20,7 @@ def make_layer(bias: bool = True, dropout: float = 0.0, use_rslora: bool = False
     if bias:
         layer.bias = nn.Parameter(torch.randn(OUT), requires_grad=False)
     if lora:
-        layer.add_lora(R, lora_alpha=8.0, lora_dropout=dropout, use_rslora=use_rslora)
+        layer.add_lora(R, lora_alpha=8.0, lora_dropout=dropout, use_rslora=use_rslora, device=torch.device("cpu"))
         with torch.no_grad():
             layer.lora_B.normal_()  # B starts at zero; a trained adapter does not
     return layer
@@ -66,7 +66,7 @@ def make_group(outs, bias: bool, dropout: float, adapted, storage_dtype=torch.fl
         if bias:
             layer.bias = nn.Parameter(torch.randn(out), requires_grad=False)
         if lora:
-            layer.add_lora(R, lora_alpha=8.0, lora_dropout=dropout, use_rslora=False)
+            layer.add_lora(R, lora_alpha=8.0, lora_dropout=dropout, use_rslora=False, device=torch.device("cpu"))
             with torch.no_grad():
                 layer.lora_B.normal_()
         layers.append(layer.train())
@@ -148,7 +148,7 @@ def test_bf16_compute_keeps_fp32_adapter_and_fp32_gradients():
 def test_init_and_scaling_follow_peft():
     layer = make_layer(lora=False)
     torch.manual_seed(3)
-    layer.add_lora(R, lora_alpha=8.0, lora_dropout=0.0, use_rslora=False)
+    layer.add_lora(R, lora_alpha=8.0, lora_dropout=0.0, use_rslora=False, device=torch.device("cpu"))
     torch.manual_seed(3)
     expected_A = nn.init.kaiming_uniform_(torch.empty(R, IN), a=math.sqrt(5))
     assert torch.equal(layer.lora_A, expected_A) and torch.count_nonzero(layer.lora_B) == 0

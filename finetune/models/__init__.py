@@ -7,7 +7,8 @@ from pathlib import Path
 
 import torch
 
-from finetune.config import ConfigError, Dtype, ModelImpl, RunConfig
+from finetune import memory
+from finetune.config import ConfigError, Dtype, ModelImpl, OffloadMode, RunConfig
 from finetune.models import hf, native
 from finetune.models.source import resolve_model_dir
 
@@ -48,6 +49,23 @@ def choose_impl(cfg: RunConfig, model_dir: Path, hf_config) -> tuple[ModelImpl, 
     return ModelImpl.hf, reason
 
 
+def offload_decision(cfg: RunConfig, device: torch.device, notices: list[str]) -> tuple[bool, bool]:
+    """(stream weights, park checkpoints): hardware.offload, with auto settled by the memory planner.
+
+    Only CUDA moves anything: elsewhere the weights and activations are in host memory already.
+    """
+    if device.type != "cuda":
+        return False, False
+    mode = cfg.hardware.offload
+    if mode is OffloadMode.auto:
+        plan = memory.plan_for_run(cfg)
+        mode = plan.offload
+        notices.append(f"hardware.offload=auto: {mode.value}, planned peak {plan.gpu_total / memory.GiB:.1f} GiB "
+                       f"of {plan.budget_bytes / memory.GiB:.1f} GiB ({plan.budget_source})"
+                       + ("" if plan.fits else "; the plan says it does not fit, see train.dry_run=true"))
+    return mode in memory.STREAMS_WEIGHTS, mode in memory.PARKS_ACTIVATIONS or cfg.model.offload_checkpoints
+
+
 def build_model(cfg: RunConfig, device: torch.device) -> LoadedModel:
     """Load the base quantized to 4 bits, attach LoRA, and load its tokenizer."""
     from transformers import AutoTokenizer
@@ -60,7 +78,8 @@ def build_model(cfg: RunConfig, device: torch.device) -> LoadedModel:
     if cfg.model.impl is ModelImpl.auto:
         notices.append(f"model.impl=auto: the {impl.value} model path ({why}).")
     if impl is ModelImpl.native:
-        model = native.build(cfg, model_dir, compute_dtype, device)
+        stream_weights, offload_checkpoints = offload_decision(cfg, device, notices)
+        model = native.build(cfg, model_dir, compute_dtype, device, stream_weights, offload_checkpoints)
     else:
         if cfg.model.checkpoint_layers is not None:
             raise ConfigError(f"model.checkpoint_layers={cfg.model.checkpoint_layers} applies to the native model "

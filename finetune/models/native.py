@@ -31,6 +31,7 @@ from torch.utils.checkpoint import checkpoint
 
 from finetune.config import ConfigError, LoraConfig, RunConfig
 from finetune.lora import QLoRALinear, attach_lora, copy_adapter_weights, linear_layers, project, save_adapter
+from finetune.models.streaming import WeightStreamer
 from finetune.quant import QuantizedWeight, dequantize_bnb, dequantize_triton
 
 IGNORE_INDEX = -100
@@ -99,7 +100,10 @@ def _rope_parameters(config) -> dict:
 def unsupported_reason(config, lora: LoraConfig | None = None, model_dir: Path | None = None) -> str | None:
     """Why the native path cannot run this model (None when it can)."""
     if model_dir is not None and checkpoint_files(Path(model_dir)) is None:
-        return "it has no safetensors checkpoint"
+        from finetune.models.nf4_cache import is_cache
+
+        if not is_cache(Path(model_dir)):
+            return "it has no safetensors checkpoint"
     if config.model_type not in FAMILIES:
         return f"model_type {config.model_type!r} is not one of {sorted(FAMILIES)}"
     if getattr(config, "hidden_act", "silu") != "silu":
@@ -327,6 +331,11 @@ class Decoder(nn.Module):
         self.use_varlen = False  # set by the loader: CUDA with a 16-bit compute dtype
         self.checkpointed_layers = 0  # the first this many layers recompute in backward: set_checkpointing
         self.offload_checkpoints = False
+        self.streamer: WeightStreamer | None = None  # set by stream_weights
+
+    def stream_weights(self, device: torch.device) -> None:
+        """Keep the layers' 4-bit weights in pinned host memory and bring each to `device` just before use."""
+        self.streamer = WeightStreamer(self.layers, device)
 
     def set_checkpointing(self, layers: int, offload: bool = False) -> None:
         """Recompute the first `layers` decoder layers in backward; `offload` parks their inputs in pinned host memory."""
@@ -345,15 +354,20 @@ class Decoder(nn.Module):
         rope = angles.cos(), angles.sin()  # (B, T, D) fp32, HF's layout
         x = self.embed_tokens(input_ids)  # (B, T, C)
         recompute = self.checkpointed_layers if self.training and torch.is_grad_enabled() else 0
-        # Checkpointed layers keep only their input x; offloading parks it in pinned host memory
-        # (rope and layout are passed as non-tensors, so the one copy is shared by all layers).
-        offload = torch.autograd.graph.save_on_cpu(pin_memory=True) if recompute and self.offload_checkpoints \
-            else contextlib.nullcontext()
-        with offload:
-            for layer in self.layers[:recompute]:
-                x = checkpoint(layer, x, rope, layout, use_reentrant=False)
-        for layer in self.layers[recompute:]:
-            x = layer(x, rope, layout)
+        streamer = self.streamer
+        for index, layer in enumerate(self.layers):
+            if streamer is not None:
+                streamer.acquire(index, index + 1)
+            if index < recompute:
+                # A checkpointed layer keeps only its input x; offloading parks it in pinned host
+                # memory (rope and layout are non-tensors, so all layers share their one copy).
+                with torch.autograd.graph.save_on_cpu(pin_memory=True) if self.offload_checkpoints \
+                        else contextlib.nullcontext():
+                    x = checkpoint(layer, x, rope, layout, use_reentrant=False)
+            else:
+                x = layer(x, rope, layout)
+            if streamer is not None:
+                x = streamer.before_backward(x, index)
         return self.norm(x)
 
 
@@ -445,26 +459,44 @@ def checkpoint_tensors(model_dir: Path):
 
 def load_pretrained(model_dir, device: torch.device, compute_dtype: torch.dtype = torch.float32,
                     storage_dtype: torch.dtype | None = None, quant_type: str = "nf4", double_quant: bool = True,
-                    use_kernels: bool = True, ops: Ops | None = None) -> NativeCausalLM:
+                    use_kernels: bool = True, ops: Ops | None = None, weights_device: torch.device | None = None,
+                    cache_dir: Path | None = None) -> NativeCausalLM:
     """Build the decoder empty, then stream the checkpoint into it, quantizing linear weights on arrival.
 
     Linear weights are cast to `storage_dtype` (the checkpoint's dtype cast, quant.torch_dtype)
     before quantizing, exactly as the generic path does; everything else then goes to `compute_dtype`.
+    Quantized weights end up on `weights_device` (default `device`; the CPU when they will stream).
     `ops` defaults to the Triton kernels on CUDA (with use_kernels) and the references elsewhere;
     tests pass triton_ops() to run the kernels on the CPU under TRITON_INTERPRET=1.
+
+    A pre-quantized NF4 cache (finetune.models.nf4_cache) skips the checkpoint: `model_dir` may be
+    one itself, and `cache_dir` is read when it exists (once checked to come from this checkpoint
+    with these settings) and written after quantizing when it does not.
     """
     from transformers import AutoConfig
 
+    from finetune.models import nf4_cache
+
     model_dir = Path(model_dir)
-    config = AutoConfig.from_pretrained(model_dir)
-    reason = unsupported_reason(config)
-    if reason:
-        raise ConfigError(f"model.impl=native cannot run {model_dir}: {reason}. Use model.impl=hf or auto.")
-    args = ModelArgs.from_hf(config)
+    weights_device = weights_device or device
     storage_dtype = storage_dtype or compute_dtype
-    ops = ops or (triton_ops() if use_kernels and device.type == "cuda" else torch_ops())
-    model = NativeCausalLM(args, ops, device, str(model_dir))
-    model.model.use_varlen = device.type == "cuda" and compute_dtype in (torch.float16, torch.bfloat16)
+    fingerprint = None
+    if nf4_cache.is_cache(model_dir):
+        cache_dir = model_dir
+    elif cache_dir is not None:
+        cache_dir = Path(cache_dir)
+        fingerprint = nf4_cache.source_fingerprint(model_dir)
+    if cache_dir is not None and cache_dir.exists():
+        config, meta, _ = nf4_cache.read_cache(cache_dir)
+        nf4_cache.check_cache(cache_dir, meta, fingerprint=fingerprint, quant_type=quant_type,
+                              double_quant=double_quant, storage_dtype=storage_dtype, compute_dtype=compute_dtype)
+        model = _empty_model(config, device, compute_dtype, use_kernels, ops, model_dir)
+        nf4_cache.load_into(model, cache_dir, device, compute_dtype, weights_device)
+        return model
+
+    config = AutoConfig.from_pretrained(model_dir)
+    model = _empty_model(config, device, compute_dtype, use_kernels, ops, model_dir)
+    args = model.args
     linears = linear_layers(model)
     for name, tensor in checkpoint_tensors(model_dir):
         if name.endswith("rotary_emb.inv_freq") or (name == "lm_head.weight" and args.tie_word_embeddings):
@@ -474,17 +506,35 @@ def load_pretrained(model_dir, device: torch.device, compute_dtype: torch.dtype 
         if module_name in linears and leaf == "weight":
             layer = linears[module_name]
             _check_shape(name, tensor, (layer.out_features, layer.in_features), model_dir)
-            layer.weight = QuantizedWeight.quantize(tensor, quant_type, double_quant)
+            layer.weight = QuantizedWeight.quantize(tensor, quant_type, double_quant).to(weights_device)
         else:
             _assign(model, module_name, leaf, tensor.to(compute_dtype), model_dir)
     if args.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
-    missing = [name for name, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
-    missing += [f"{name}.weight" for name, layer in linears.items() if layer.weight is None]
-    if missing:
-        raise ConfigError(f"{model_dir}: the checkpoint lacks {missing[:5]}{' ...' if len(missing) > 5 else ''} "
-                          f"({len(missing)} tensors); is it a complete {config.model_type} model?")
+    check_complete(model, f"{model_dir}: the checkpoint", f"is it a complete {config.model_type} model?")
+    if cache_dir is not None:
+        nf4_cache.write_cache(model, config, cache_dir, fingerprint)
     return model
+
+
+def _empty_model(config, device: torch.device, compute_dtype: torch.dtype, use_kernels: bool, ops: Ops | None,
+                 model_dir: Path) -> NativeCausalLM:
+    reason = unsupported_reason(config)
+    if reason:
+        raise ConfigError(f"model.impl=native cannot run {model_dir}: {reason}. Use model.impl=hf or auto.")
+    ops = ops or (triton_ops() if use_kernels and device.type == "cuda" else torch_ops())
+    model = NativeCausalLM(ModelArgs.from_hf(config), ops, device, str(model_dir))
+    model.model.use_varlen = device.type == "cuda" and compute_dtype in (torch.float16, torch.bfloat16)
+    return model
+
+
+def check_complete(model: NativeCausalLM, source: str, hint: str) -> None:
+    """Refuse a model some of whose tensors never arrived (still on the meta device)."""
+    missing = [name for name, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
+    missing += [f"{name}.weight" for name, layer in linear_layers(model).items() if layer.weight is None]
+    if missing:
+        raise ConfigError(f"{source} lacks {missing[:5]}{' ...' if len(missing) > 5 else ''} "
+                          f"({len(missing)} tensors); {hint}")
 
 
 def _assign(model: nn.Module, module_name: str, leaf: str, tensor: torch.Tensor, model_dir: Path) -> None:
@@ -510,8 +560,13 @@ def checkpointed_layers(cfg: RunConfig, num_layers: int) -> int:
     return num_layers if cfg.model.checkpoint_layers is None else cfg.model.checkpoint_layers
 
 
-def build(cfg: RunConfig, model_dir: Path, compute_dtype: torch.dtype, device: torch.device) -> NativeCausalLM:
-    """The recipe's model: 4-bit base loaded from `model_dir`, LoRA attached per cfg.lora."""
+def build(cfg: RunConfig, model_dir: Path, compute_dtype: torch.dtype, device: torch.device,
+          stream_weights: bool = False, offload_checkpoints: bool = False) -> NativeCausalLM:
+    """The recipe's model: 4-bit base loaded from `model_dir`, LoRA attached per cfg.lora.
+
+    `stream_weights` keeps the layers' 4-bit weights in pinned host memory (streaming.py);
+    `offload_checkpoints` parks checkpointed layers' inputs there (both CUDA only).
+    """
     if cfg.model.compile and device.type == "cuda":
         # Measured on an H200 (torch 2.11): compiled layers trained visibly wrong (the loss stalled
         # where eager fell from 6.2 to 4.9 in six demo steps), so CUDA compile stays off until fixed.
@@ -529,12 +584,16 @@ def build(cfg: RunConfig, model_dir: Path, compute_dtype: torch.dtype, device: t
         quant_type=cfg.quant.bnb_4bit_quant_type.value,
         double_quant=cfg.quant.bnb_4bit_use_double_quant,
         use_kernels=cfg.model.use_kernels,
+        weights_device=torch.device("cpu") if stream_weights else device,
+        cache_dir=Path(cfg.model.nf4_cache).expanduser() if cfg.model.nf4_cache else None,
     )
     args = model.args
     attach_lora(model, cfg.lora)
     # Pinned host memory needs CUDA; on the CPU the activations are already in host memory.
     model.model.set_checkpointing(checkpointed_layers(cfg, args.num_hidden_layers),
-                                  cfg.model.offload_checkpoints and device.type == "cuda")
+                                  offload_checkpoints and device.type == "cuda")
+    if stream_weights:
+        model.model.stream_weights(device)
     if cfg.model.compile:
         for layer in model.model.layers:
             layer.compile()

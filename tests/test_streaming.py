@@ -1,0 +1,95 @@
+"""Weight streaming and the NF4 cache as runs use them: same numbers as a resident model loaded from the checkpoint."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from finetune.lora import linear_layers
+from finetune.models import native, nf4_cache
+from finetune.models.streaming import LayerWeights
+from test_native import COMMON, FAMILIES, bf16_config, checkpoints, cuda, random_ids, run_config  # noqa: F401
+from test_native_training import make_batches, train
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+from make_random_checkpoint import write_random_nf4_cache  # noqa: E402
+
+CPU = torch.device("cpu")
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model.eval()(input_ids=ids).logits
+
+
+def test_packed_layer_buffers_are_views_of_one_host_buffer_and_compute_the_same(checkpoints):
+    model = native.build(run_config(checkpoints("qwen2")), checkpoints("qwen2"), torch.float32, CPU)
+    ids = random_ids(2, 12)
+    before = logits(model, ids)
+    packed = [LayerWeights(layer, pin=False) for layer in model.model.layers]
+    for layer, weights in zip(model.model.layers, packed):
+        start, end = weights.host.data_ptr(), weights.host.data_ptr() + weights.nbytes
+        for linear in linear_layers(layer).values():
+            for buffer in linear.weight.buffers():
+                assert start <= buffer.data_ptr() < end
+    assert torch.equal(logits(model, ids), before)
+    # Pointing a layer at another copy of its bytes (what a GPU slot is) changes nothing either.
+    for weights in packed:
+        weights.point_to(weights.host.clone())
+    assert torch.equal(logits(model, ids), before)
+
+
+def test_nf4_cache_setting_writes_then_reads_the_same_model(checkpoints, tmp_path):
+    model_dir = checkpoints("llama")
+    cfg = run_config(model_dir)
+    cfg.model.nf4_cache = str(tmp_path / "cache")
+    written = native.build(cfg, model_dir, torch.float32, CPU)
+    assert nf4_cache.is_cache(tmp_path / "cache")
+    read = native.build(cfg, model_dir, torch.float32, CPU)
+    ids = random_ids(2, 12)
+    assert torch.equal(logits(read, ids), logits(written, ids))
+    cfg.quant.bnb_4bit_use_double_quant = False  # the cache was made with double quantization
+    with pytest.raises(Exception, match="double_quant"):
+        native.build(cfg, model_dir, torch.float32, CPU)
+
+
+def test_a_random_nf4_cache_is_a_model_directory(tmp_path, capsys):
+    """What the 70B benchmark does: model.name_or_path names a cache, with no checkpoint anywhere."""
+    import transformers
+
+    from finetune.api import compose_config
+    from finetune.models import build_model
+
+    config_class, extra = FAMILIES["llama"]
+    write_random_nf4_cache(getattr(transformers, config_class)(**{**COMMON, **extra}), tmp_path / "cache", "cpu")
+    cfg = compose_config("demo", [f"model.name_or_path={tmp_path / 'cache'}", "model.impl=auto"])
+    loaded = build_model(cfg, CPU)
+    assert isinstance(loaded.model, native.NativeCausalLM)
+    assert torch.isfinite(logits(loaded.model, random_ids(1, 8))).all()
+
+
+# ---- on the GPU machine: streamed weights train exactly like resident ones ----
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("checkpoint_layers", [None, 1, 0])
+def test_gpu_streamed_weights_train_exactly_like_resident_ones(checkpoints, cuda, checkpoint_layers):
+    model_dir = checkpoints("qwen2")
+    runs = []
+    for stream in (False, True):
+        cfg = bf16_config(model_dir, gradient_checkpointing=checkpoint_layers != 0,
+                          checkpoint_layers=checkpoint_layers or None)
+        torch.manual_seed(0)
+        model = native.build(cfg, model_dir, torch.bfloat16, cuda, stream_weights=stream)
+        if stream:
+            weights = [lin.weight.packed for lin in linear_layers(model).values()]
+            assert sum(w.device.type == "cuda" for w in weights) <= 2 * 7  # two layers' worth at most
+        batches = [{k: v.to(cuda) for k, v in batch.items()} for batch in make_batches()]
+        losses = train(model, batches, 6)
+        adapter = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        runs.append((losses, adapter, logits(model, batches[0]["input_ids"])))
+    (resident_losses, resident_adapter, resident_logits), (losses, adapter, streamed_logits) = runs
+    assert losses == resident_losses
+    for name, tensor in resident_adapter.items():
+        assert torch.equal(adapter[name], tensor), name
+    assert torch.equal(streamed_logits, resident_logits)
