@@ -139,6 +139,11 @@ class ModelConfig:
     # backward; null means all. The others keep their activations: each layer left out saves about
     # a sixth of its matmul work and costs its activations' memory (train.dry_run shows how much).
     checkpoint_layers: Optional[int] = None
+    # Native path, training: run each layer's MLP over at most this many tokens at a time, each
+    # chunk recomputed in its backward, so the MLP's intermediates (3 x intermediate_size values
+    # per token) exist for one chunk only. For very long sequences (tens of thousands of tokens);
+    # costs about one more MLP forward per step. null: the whole micro-batch at once.
+    mlp_chunk_tokens: Optional[int] = None
     # Native path, CUDA: park each checkpointed layer's input in pinned host memory until backward.
     # Needs gradient_checkpointing; trades PCIe traffic for GPU memory on long sequences.
     offload_checkpoints: bool = False

@@ -49,6 +49,7 @@ RUNTIME_BYTES = 1 * GiB
 # The caching allocator reserves more than it hands out (block rounding, split blocks that cannot
 # be reused for a larger request); 5% above the allocated peak covers a steady training loop.
 FRAGMENTATION = 0.05
+OVERHEAD_ITEMS = ("allocator fragmentation", "CUDA context + workspaces")
 # Weight streaming keeps this many layers' NF4 weights on the GPU: the one computing and the next,
 # whose copy overlaps the compute (double buffering).
 PREFETCH_LAYERS = 2
@@ -87,6 +88,9 @@ PARKS_ACTIVATIONS = (OffloadMode.activations, OffloadMode.all)
 
 
 # ---------------------------------------------------------------- sizes from the architecture
+
+MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+
 
 def projection_shapes(arch: dict) -> dict[str, tuple[int, int]]:
     """(in_features, out_features) of each linear projection of one decoder layer."""
@@ -181,6 +185,8 @@ class ActivationSizes:
     layer: int  # what one layer keeps for its backward beyond its input
     backward: int  # gradients alive together at the peak of one layer's backward
     model: int  # kept once for all layers: rope tables, the final norm's output, ids and labels
+    mlp: int = 0  # the part of `layer` inside the MLP block (native), which model.mlp_chunk_tokens bounds
+    mlp_backward: int = 0  # the part of `backward` inside the MLP block (native)
 
 
 def activation_bytes_per_token(arch: dict, dtype_bytes: int, r: int, targets, lora_dropout: float,
@@ -198,6 +204,9 @@ def activation_bytes_per_token(arch: dict, dtype_bytes: int, r: int, targets, lo
     fp32 for its fp32 adapter (4 in, plus the dropout mask) and keeps x A^T in fp32 (4 r).
     Backward peak: the gradients of gate, up and the SwiGLU output with the residual stream's
     incoming and outgoing gradient, b (3F + 2C).
+    The MLP block's share (native; model.mlp_chunk_tokens holds it to one chunk of tokens): normed
+    h, gate/up and the SwiGLU output, b (C + 3F), its 1/rms, its projections' LoRA terms, and in
+    backward b 3F.
     Attention is counted as a memory-efficient kernel (cuDNN, flash, varlen), linear in the sequence
     length; the generic path's materialized scores are a separate line (HF_ATTENTION_SCORE_BYTES).
     """
@@ -207,15 +216,19 @@ def activation_bytes_per_token(arch: dict, dtype_bytes: int, r: int, targets, lo
     shapes = projection_shapes(arch)
     # LoRA dropout keeps a 1-byte mask per input element of each adapted projection.
     mask = {name: shapes[name][0] if lora_dropout > 0 else 0 for name in targets}
+    mlp = mlp_backward = 0
     if impl is ModelImpl.native:
         layer = b * (C + qd + 2 * kvd + qd + C + C + 3 * F) + 4 * heads + 2 * 4
         layer += sum(b * r + mask[name] for name in targets)
+        mlp = b * (C + 3 * F) + 4 + sum(b * r + mask[name] for name in targets if name in MLP_PROJECTIONS)
+        mlp_backward = b * 3 * F
     else:
         layer = 4 * C + b * C + b * 4 * qd + 4 * heads + 4 * C + b * C + b * 4 * F + 2 * 4
         layer += sum(4 * shapes[name][0] + 4 * r + mask[name] for name in targets)
     head_dim = qd // heads
     model = 2 * 4 * head_dim + b * C + 3 * 8  # fp32 cos and sin, the LM head's input, int64 ids/labels/positions
-    return ActivationSizes(checkpoint=b * C, layer=layer, backward=b * (3 * F + 2 * C), model=model)
+    return ActivationSizes(checkpoint=b * C, layer=layer, backward=b * (3 * F + 2 * C), model=model, mlp=mlp,
+                           mlp_backward=mlp_backward)
 
 
 def loss_chunk_tokens(tokens: int, hidden_size: int, vocab_size: int) -> int:
@@ -408,9 +421,15 @@ class MemoryPlan:
     def host_total(self) -> int:
         return sum(item.bytes for item in self.host)
 
+    @property
+    def tensors_bytes(self) -> int:
+        """The tensors alone (without fragmentation and the CUDA context): what max_memory_allocated measures."""
+        return sum(item.bytes for item in self.gpu if item.name not in OVERHEAD_ITEMS)
+
     def figures(self) -> dict:
         """The headline numbers, for RunResult.metrics."""
         return {"fits": self.fits, "offload": self.offload.value, "gpu_total_gib": self.gpu_total / GiB,
+                "gpu_tensors_gib": self.tensors_bytes / GiB,
                 "gpu_budget_gib": self.budget_bytes / GiB, "host_pinned_gib": self.host_total / GiB,
                 "longest_seq_len": self.longest_seq_len, "impl": self.impl.value}
 
@@ -429,6 +448,7 @@ class _Run:
     lora_dropout: float
     optimizer: Optimizer
     checkpointed_layers: int  # 0: no checkpointing
+    mlp_chunk_tokens: int | None  # native path: model.mlp_chunk_tokens
     chunked_loss: bool
     micro_batch_size: int
     padding_mask: bool  # native path, padded micro-batches: one (B, T, T) bool mask shared by all layers
@@ -470,15 +490,20 @@ def _gpu_items(run: _Run, offload: OffloadMode, tokens: int) -> list[LineItem]:
     elif checkpointed:
         items.append(LineItem(f"layer checkpoints, {checkpointed} layers", tokens * checkpointed * acts.checkpoint,
                               f"{tokens:,} tokens x hidden {arch['hidden_size']}"))
+    # With MLP chunking, the MLP's share of a layer's activations exists for one chunk at a time.
+    mlp_tokens = min(tokens, run.mlp_chunk_tokens or tokens)
+    mlp_saving = (tokens - mlp_tokens) * (acts.mlp + acts.mlp_backward)
     if checkpointed < L:
         kept = L - checkpointed
         items.append(LineItem(f"activations, {'all ' if not checkpointed else ''}{kept} layers",
-                              tokens * kept * (acts.checkpoint + acts.layer),
+                              kept * (tokens * (acts.checkpoint + acts.layer) - (tokens - mlp_tokens) * acts.mlp),
                               f"{tokens:,} tokens, not checkpointed"))
     if checkpointed:
-        items.append(LineItem("one layer recomputed + its backward", tokens * (acts.layer + acts.backward)))
+        backward = LineItem("one layer recomputed + its backward", tokens * (acts.layer + acts.backward) - mlp_saving,
+                            f"MLP in {mlp_tokens:,}-token chunks" if mlp_saving else "")
     else:
-        items.append(LineItem("one layer's backward", tokens * acts.backward))
+        backward = LineItem("one layer's backward", tokens * acts.backward)
+    items.append(backward)
     seq_len = tokens // run.micro_batch_size
     if run.impl is ModelImpl.hf:
         # Checkpointed, one layer's scores exist at a time; otherwise every layer keeps its own.
@@ -489,13 +514,17 @@ def _gpu_items(run: _Run, offload: OffloadMode, tokens: int) -> list[LineItem]:
     shared = tokens * acts.model + (run.micro_batch_size * seq_len ** 2 if run.padding_mask else 0)
     items.append(LineItem("rope tables, final hidden, ids" + (", padding mask" if run.padding_mask else ""), shared))
     if run.chunked_loss:
+        # The fused loss finishes (its logits chunk freed) before any layer's backward starts, and
+        # its hidden-state gradient is the residual gradient that backward's figure already holds:
+        # the two peaks do not add up, so only what the loss needs beyond the backward's is counted.
         chunk = loss_chunk_tokens(tokens, arch["hidden_size"], arch["vocab_size"])
-        items.append(LineItem("loss: one logits chunk + hidden gradient",
-                              loss_bytes(arch, tokens, run.compute_bytes, True), f"fused, {chunk:,}-token chunks"))
+        loss = loss_bytes(arch, tokens, run.compute_bytes, True)
+        items.append(LineItem("loss: logits chunk + hidden gradient", max(0, loss - backward.bytes),
+                              f"fused, {chunk:,}-token chunks; its {loss / GiB:.2f} GiB peak precedes the backward's"))
     else:
         items.append(LineItem("loss: full logits", loss_bytes(arch, tokens, run.compute_bytes, False),
                               f"{tokens:,} x {arch['vocab_size']:,} x {FULL_LOGITS_BYTES} bytes"))
-    allocated = sum(item.bytes for item in items)
+    allocated = sum(item.bytes for item in items)  # what torch.cuda.max_memory_allocated measures
     items.append(LineItem("allocator fragmentation", round(FRAGMENTATION * allocated),
                           f"{FRAGMENTATION:.0%} of the above"))
     items.append(LineItem("CUDA context + workspaces", RUNTIME_BYTES))
@@ -595,6 +624,7 @@ def plan_for_run(cfg: RunConfig) -> MemoryPlan:
         double_quant=cfg.quant.bnb_4bit_use_double_quant, r=cfg.lora.r,
         targets=lora_targets(cfg.lora.target_modules), lora_dropout=cfg.lora.lora_dropout,
         optimizer=cfg.optim.name, checkpointed_layers=_checkpointed_layers(cfg, impl, arch),
+        mlp_chunk_tokens=cfg.model.mlp_chunk_tokens if impl is ModelImpl.native else None,
         chunked_loss=impl is ModelImpl.native and cfg.model.use_kernels,
         micro_batch_size=cfg.train.micro_batch_size,
         padding_mask=impl is ModelImpl.native and not cfg.data.packing and cfg.train.micro_batch_size > 1,
@@ -683,7 +713,8 @@ def format_plan(plan: MemoryPlan) -> str:
         f"  offload: {plan.offload.value} ({plan.offload_reason})",
         "", header("GPU"),
         *(row(item.name, item.bytes, item.note) for item in plan.gpu),
-        row("total", plan.gpu_total),
+        row("total", plan.gpu_total, f"tensors alone {plan.tensors_bytes / GiB:.2f} GiB: compare with "
+                                     "torch.cuda.max_memory_allocated"),
         row("budget", plan.budget_bytes, plan.budget_source),
     ]
     if plan.fits:

@@ -75,7 +75,8 @@ def build_ours(checkpoint: Path, impl: str, grad_ckpt: bool, overrides: list[str
     for notice in loaded.notices:
         print(notice, file=sys.stderr)
     model = loaded.model
-    model.plan = {"plan_gib": plan.gpu_total / GiB, "plan_offload": plan.offload.value}
+    model.plan = {"plan_gib": plan.gpu_total / GiB, "plan_tensors_gib": plan.tensors_bytes / GiB,
+                  "plan_offload": plan.offload.value}
     model.train()
 
     def step(ids):

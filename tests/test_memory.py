@@ -222,6 +222,19 @@ def test_partial_checkpointing_adds_the_unchecked_layers_activations():
         plan(*args, "model.checkpoint_layers=40")
 
 
+def test_mlp_chunks_bound_the_mlp_share_of_one_layer():
+    args = ("recipe=llama3_8b_qlora", NATIVE, "hardware.offload=none", "data.max_seq_len=32768", "lora.r=16",
+            "lora.lora_dropout=0", "model.name_or_path=meta-llama/Llama-3.1-8B")
+    whole, chunked = plan(*args), plan(*args, "model.mlp_chunk_tokens=4096")
+    acts = memory.activation_bytes_per_token(ARCHITECTURES["llama3.1-8b"], 2, 16, memory.lora_targets("all-linear"),
+                                             0.0, ModelImpl.native)
+    tokens = whole.micro_batch_size * 32768
+    expected = (tokens - 4096) * (acts.mlp + acts.mlp_backward) * (1 + memory.FRAGMENTATION)
+    assert abs((whole.gpu_total - chunked.gpu_total) - expected) <= 0.01 * expected
+    # The MLP's share by hand for Llama-3-8B, bf16, r=16: normed h, [gate | up], SwiGLU out, 1/rms, x A^T.
+    assert acts.mlp == 2 * (4096 + 3 * 14336) + 4 + 3 * 2 * 16 and acts.mlp_backward == 2 * 3 * 14336
+
+
 def test_longest_sequence_grows_with_budget_and_is_the_boundary():
     longest = [plan("recipe=llama70b_qlora", NATIVE, "hardware.offload=weights", f"hardware.gpu_memory_gb={gib}")
                .longest_seq_len for gib in (12, 16, 24, 32, 48)]
@@ -256,3 +269,24 @@ def test_dry_run_cli_offline(tmp_path, monkeypatch, recipe, expect):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "memory plan" in result.stdout and expect in result.stdout
     assert not out.exists()
+
+
+# Peaks measured by scripts/bench.py on one H200 (torch 2.11, 2026-11-26; torch.cuda.max_memory_allocated,
+# random-weight checkpoints, r=16 all-linear, dropout 0, gradient checkpointing), with the overrides
+# that reproduce each run's plan. The planner's tensor estimate must stay within 10% of them.
+MEASURED_PEAKS = [
+    ("meta-llama/Meta-Llama-3-8B", 2, 2048, ["hardware.gpu_memory_gb=139"], 7.90),
+    ("meta-llama/Llama-3.1-8B", 1, 131072, ["hardware.gpu_memory_gb=24", "model.mlp_chunk_tokens=8192"], 17.96),
+    ("meta-llama/Llama-3.1-70B", 4, 2048, ["hardware.gpu_memory_gb=24"], 12.17),
+    ("meta-llama/Llama-3.1-70B", 1, 2048, ["hardware.gpu_memory_gb=24"], 11.88),
+    ("meta-llama/Llama-3.1-70B", 1, 2048, ["hardware.gpu_memory_gb=48"], 42.23),
+    ("meta-llama/Llama-3.1-70B", 1, 2048, ["hardware.offload=none"], 43.94),
+]
+
+
+@pytest.mark.parametrize("model, batch, seq, overrides, measured_gib", MEASURED_PEAKS)
+def test_plan_is_within_ten_percent_of_measured_peaks(model, batch, seq, overrides, measured_gib):
+    result = plan("recipe=demo", NATIVE, f"model.name_or_path={model}", f"data.max_seq_len={seq}",
+                  f"train.micro_batch_size={batch}", "lora.r=16", "lora.lora_alpha=16", "lora.lora_dropout=0",
+                  "model.gradient_checkpointing=true", "data.packing=true", *overrides)
+    assert abs(result.tensors_bytes / memory.GiB / measured_gib - 1) <= 0.10

@@ -315,10 +315,22 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(args, ops)
         self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps, ops)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps, ops)
+        self.mlp_chunk_tokens: int | None = None  # set by Decoder.set_mlp_chunking
 
     def forward(self, x, rope, layout: AttentionLayout):
         h = x + self.self_attn(self.input_layernorm(x), rope, layout)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        chunk = self.mlp_chunk_tokens
+        tokens = h.shape[0] * h.shape[1]
+        if chunk and tokens > chunk and self.training and torch.is_grad_enabled():
+            # Each chunk's MLP is recomputed in its own backward: its gate/up/SwiGLU intermediates
+            # live for one chunk, not for the whole (long) sequence.
+            rows = h.reshape(tokens, h.shape[-1])
+            out = torch.cat([checkpoint(self._mlp, part, use_reentrant=False) for part in rows.split(chunk)])
+            return h + out.view_as(h)
+        return h + self._mlp(h)
+
+    def _mlp(self, h):
+        return self.mlp(self.post_attention_layernorm(h))
 
 
 class Decoder(nn.Module):
@@ -332,6 +344,13 @@ class Decoder(nn.Module):
         self.checkpointed_layers = 0  # the first this many layers recompute in backward: set_checkpointing
         self.offload_checkpoints = False
         self.streamer: WeightStreamer | None = None  # set by stream_weights
+
+    def set_mlp_chunking(self, tokens: int | None) -> None:
+        """Training runs each layer's MLP over at most `tokens` tokens at a time (None: all at once)."""
+        if tokens is not None and tokens < 1:
+            raise ConfigError(f"model.mlp_chunk_tokens={tokens} must be a positive number of tokens (or null).")
+        for layer in self.layers:
+            layer.mlp_chunk_tokens = tokens
 
     def stream_weights(self, device: torch.device) -> None:
         """Keep the layers' 4-bit weights in pinned host memory and bring each to `device` just before use."""
@@ -592,6 +611,7 @@ def build(cfg: RunConfig, model_dir: Path, compute_dtype: torch.dtype, device: t
     # Pinned host memory needs CUDA; on the CPU the activations are already in host memory.
     model.model.set_checkpointing(checkpointed_layers(cfg, args.num_hidden_layers),
                                   offload_checkpoints and device.type == "cuda")
+    model.model.set_mlp_chunking(cfg.model.mlp_chunk_tokens)
     if stream_weights:
         model.model.stream_weights(device)
     if cfg.model.compile:
