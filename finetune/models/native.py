@@ -19,6 +19,7 @@ import contextlib
 import inspect
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -531,7 +532,8 @@ def load_pretrained(model_dir, device: torch.device, compute_dtype: torch.dtype 
     if args.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     check_complete(model, f"{model_dir}: the checkpoint", f"is it a complete {config.model_type} model?")
-    if cache_dir is not None:
+    # One writer per run: under DDP/FSDP every process quantizes, only the first keeps the result.
+    if cache_dir is not None and int(os.environ.get("RANK", "0")) == 0:
         nf4_cache.write_cache(model, config, cache_dir, fingerprint)
     return model
 
