@@ -128,11 +128,11 @@ class QLoRAGroupFunction(torch.autograd.Function):
                     grad_params[2 * i + 1] = grad_B.to(ctx.param_dtype)
             if masks:
                 for mask, i, r in zip(masks, adapted, ranks):
-                    scale = mask / (1 - p)
+                    # Masked and scaled in the compute dtype, in the forward's order.
                     if needs_x:
-                        grad_x.add_((grad_xa[:, r] @ lora_A[r]) * scale)
+                        grad_x.add_((grad_xa[:, r] @ lora_A[r]) * mask / (1 - p))
                     if ctx.needs_input_grad[4 + 2 * i]:
-                        grad_params[2 * i] = (grad_xa[:, r].T @ (x_rows * scale)).to(ctx.param_dtype)
+                        grad_params[2 * i] = (grad_xa[:, r].T @ (x_rows * mask / (1 - p))).to(ctx.param_dtype)
             else:
                 if needs_x:
                     grad_x.addmm_(grad_xa, lora_A)

@@ -79,8 +79,11 @@ def make_group(outs, bias: bool, dropout: float, adapted, storage_dtype=torch.fl
 def test_group_equals_the_layers_one_by_one(dropout, adapted, storage_dtype):
     """One GEMM for q/k/v-like layers computes what three calls compute, values and gradients."""
     layers = make_group((48, 16, 16), bias=True, dropout=dropout, adapted=adapted, storage_dtype=storage_dtype)
-    x = torch.randn(2, 5, IN, requires_grad=True)
-    grad_y = torch.randn(2, 5, 80)
+    for layer in layers:
+        layer.bias = nn.Parameter(layer.bias.to(storage_dtype), requires_grad=False)
+    # Computing in the storage dtype: bf16 compute is what training on a GPU does.
+    x = torch.randn(2, 5, IN, dtype=storage_dtype, requires_grad=True)
+    grad_y = torch.randn(2, 5, 80, dtype=storage_dtype)
     params = [p for layer in layers for p in (layer.lora_A, layer.lora_B) if p is not None]
 
     torch.manual_seed(7)  # the same dropout draws, in layer order, on both sides
@@ -90,10 +93,12 @@ def test_group_equals_the_layers_one_by_one(dropout, adapted, storage_dtype):
     y_one_by_one = torch.cat([layer(x) for layer in layers], -1)
     grads_one_by_one = torch.autograd.grad(y_one_by_one, [x, *params], grad_y)
 
-    # Same products, summed in another order inside the stacked GEMMs: fp32 rounding only.
-    torch.testing.assert_close(y, y_one_by_one, rtol=1e-5, atol=1e-5)
+    # Same products, summed in another order inside the stacked GEMMs: rounding only (fp32: a few
+    # ulps; bf16: 8 bits of mantissa, so about 2^-7 relative, more where terms cancel).
+    tolerance = dict(rtol=1e-5, atol=1e-5) if storage_dtype == torch.float32 else dict(rtol=2**-6, atol=2**-5)
+    torch.testing.assert_close(y, y_one_by_one, **tolerance)
     for got, want in zip(grads, grads_one_by_one):
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got.to(want.dtype), want, **tolerance)
 
 
 def test_group_split_feeds_one_gradient_buffer():

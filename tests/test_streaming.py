@@ -69,27 +69,63 @@ def test_a_random_nf4_cache_is_a_model_directory(tmp_path, capsys):
     assert torch.isfinite(logits(loaded.model, random_ids(1, 8))).all()
 
 
-# ---- on the GPU machine: streamed weights train exactly like resident ones ----
+# ---- on the GPU machine: streamed weights and parked checkpoints train exactly like resident ones ----
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("checkpoint_layers", [None, 1, 0])
-def test_gpu_streamed_weights_train_exactly_like_resident_ones(checkpoints, cuda, checkpoint_layers):
+@pytest.mark.parametrize("offload, checkpoint_layers", [("weights", None), ("weights", 1), ("weights", 0),
+                                                        ("activations", None), ("all", 1)])
+def test_gpu_offloaded_runs_train_exactly_like_resident_ones(checkpoints, cuda, offload, checkpoint_layers):
     model_dir = checkpoints("qwen2")
+    stream, park = offload in ("weights", "all"), offload in ("activations", "all")
     runs = []
-    for stream in (False, True):
+    for moved in (False, True):
         cfg = bf16_config(model_dir, gradient_checkpointing=checkpoint_layers != 0,
                           checkpoint_layers=checkpoint_layers or None)
         torch.manual_seed(0)
-        model = native.build(cfg, model_dir, torch.bfloat16, cuda, stream_weights=stream)
-        if stream:
+        model = native.build(cfg, model_dir, torch.bfloat16, cuda, stream_weights=moved and stream,
+                             offload_checkpoints=moved and park)
+        if moved and stream:
             weights = [lin.weight.packed for lin in linear_layers(model).values()]
             assert sum(w.device.type == "cuda" for w in weights) <= 2 * 7  # two layers' worth at most
         batches = [{k: v.to(cuda) for k, v in batch.items()} for batch in make_batches()]
         losses = train(model, batches, 6)
         adapter = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
         runs.append((losses, adapter, logits(model, batches[0]["input_ids"])))
-    (resident_losses, resident_adapter, resident_logits), (losses, adapter, streamed_logits) = runs
+    (resident_losses, resident_adapter, resident_logits), (losses, adapter, moved_logits) = runs
     assert losses == resident_losses
     for name, tensor in resident_adapter.items():
         assert torch.equal(adapter[name], tensor), name
-    assert torch.equal(streamed_logits, resident_logits)
+    assert torch.equal(moved_logits, resident_logits)
+
+
+def test_offload_decision_follows_the_setting_and_the_plan(checkpoints):
+    from finetune.config import OffloadMode
+    from finetune.models import offload_decision
+
+    model_dir = checkpoints("llama")
+    cfg = run_config(model_dir)
+    cfg.model.gradient_checkpointing = True
+    cuda = torch.device("cuda")  # only named: with hardware.gpu_memory_gb set nothing asks a GPU
+    cfg.hardware.gpu_memory_gb = 1000.0
+    notices = []
+    assert offload_decision(cfg, model_dir, cuda, notices) == (False, False)
+    assert notices and notices[0].startswith("hardware.offload=auto: none")
+    cfg.hardware.gpu_memory_gb = 0.0005  # half a MiB: even the tiny model must stream and park
+    notices = []
+    assert offload_decision(cfg, model_dir, cuda, notices) == (True, True)
+    assert "does not fit" in notices[0] or notices[0].startswith("hardware.offload=auto: all")
+    cfg.hardware.offload = OffloadMode.weights
+    assert offload_decision(cfg, model_dir, cuda, []) == (True, False)
+    assert offload_decision(cfg, model_dir, CPU, []) == (False, False)  # host memory already
+
+
+def test_streaming_under_several_processes_is_refused(checkpoints, monkeypatch):
+    from finetune.config import ConfigError, OffloadMode
+    from finetune.models import offload_decision
+
+    model_dir = checkpoints("llama")
+    cfg = run_config(model_dir)
+    cfg.hardware.offload = OffloadMode.weights
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match="one process only"):
+        offload_decision(cfg, model_dir, torch.device("cuda"), [])

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -49,7 +50,8 @@ def choose_impl(cfg: RunConfig, model_dir: Path, hf_config) -> tuple[ModelImpl, 
     return ModelImpl.hf, reason
 
 
-def offload_decision(cfg: RunConfig, device: torch.device, notices: list[str]) -> tuple[bool, bool]:
+def offload_decision(cfg: RunConfig, model_dir: Path, device: torch.device,
+                     notices: list[str]) -> tuple[bool, bool]:
     """(stream weights, park checkpoints): hardware.offload, with auto settled by the memory planner.
 
     Only CUDA moves anything: elsewhere the weights and activations are in host memory already.
@@ -58,12 +60,21 @@ def offload_decision(cfg: RunConfig, device: torch.device, notices: list[str]) -
         return False, False
     mode = cfg.hardware.offload
     if mode is OffloadMode.auto:
-        plan = memory.plan_for_run(cfg)
+        # Planned from the directory being loaded, so the plan reads the very config.json it trains.
+        plan = memory.plan_for_run(replace(cfg, model=replace(cfg.model, name_or_path=str(model_dir))))
         mode = plan.offload
         notices.append(f"hardware.offload=auto: {mode.value}, planned peak {plan.gpu_total / memory.GiB:.1f} GiB "
                        f"of {plan.budget_bytes / memory.GiB:.1f} GiB ({plan.budget_source})"
                        + ("" if plan.fits else "; the plan says it does not fit, see train.dry_run=true"))
-    return mode in memory.STREAMS_WEIGHTS, mode in memory.PARKS_ACTIVATIONS or cfg.model.offload_checkpoints
+    stream = mode in memory.STREAMS_WEIGHTS
+    if stream and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # DDP keeps one copy of every buffer per GPU and syncs it at start: streamed NF4 buffers
+        # live in host memory, where that cannot work.
+        raise ConfigError(f"hardware.offload={cfg.hardware.offload.value} would stream the weights "
+                          f"({mode.value}), which runs in one process only: under several processes each GPU "
+                          "must hold the 4-bit base. Use hardware.offload=none or activations with a shorter "
+                          "data.max_seq_len (train.dry_run=true shows what fits), or one process.")
+    return stream, mode in memory.PARKS_ACTIVATIONS or cfg.model.offload_checkpoints
 
 
 def build_model(cfg: RunConfig, device: torch.device) -> LoadedModel:
@@ -78,7 +89,7 @@ def build_model(cfg: RunConfig, device: torch.device) -> LoadedModel:
     if cfg.model.impl is ModelImpl.auto:
         notices.append(f"model.impl=auto: the {impl.value} model path ({why}).")
     if impl is ModelImpl.native:
-        stream_weights, offload_checkpoints = offload_decision(cfg, device, notices)
+        stream_weights, offload_checkpoints = offload_decision(cfg, model_dir, device, notices)
         model = native.build(cfg, model_dir, compute_dtype, device, stream_weights, offload_checkpoints)
     else:
         if cfg.model.checkpoint_layers is not None:
