@@ -64,14 +64,13 @@ def _publish(staging: Path, target: Path) -> None:
 def _write_adapter(model, tokenizer, directory: Path, quantization: dict, state_dict: dict | None) -> None:
     if state_dict is None:
         model.save_pretrained(directory)
-    else:
+    elif hasattr(model, "peft_config"):
         _write_gathered_adapter(model, directory, state_dict)
+    else:  # the native model names its LoRA weights itself
+        model.save_pretrained(directory, state_dict)
     tokenizer.save_pretrained(directory)
     # Merging needs the exact storage the adapter was trained against (dequant(NF4(W)), not W).
     (directory / "finetune_quantization.json").write_text(json.dumps(quantization, indent=2) + "\n")
-
-
-FSDP_WRAPPED = "_fsdp_wrapped_module."
 
 
 def _write_gathered_adapter(model, directory: Path, full_state: dict) -> None:
@@ -83,6 +82,8 @@ def _write_gathered_adapter(model, directory: Path, full_state: dict) -> None:
     front), and would write an empty adapter.
     """
     from safetensors.torch import save_file
+
+    from finetune.lora import FSDP_WRAPPED
 
     adapter = model.active_adapter
     names = [name.replace(FSDP_WRAPPED, "") for name, param in model.named_parameters() if param.requires_grad]

@@ -186,7 +186,8 @@ class QLoRALinear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features, device="meta"), requires_grad=False) if bias else None
         self.lora_A: nn.Parameter | None = None
         self.lora_B: nn.Parameter | None = None
-        self.lora_alpha, self.use_rslora, self.lora_dropout = 0.0, False, 0.0
+        # The rank is kept apart from lora_A's shape, which FSDP flattens and shards between steps.
+        self.r, self.lora_alpha, self.use_rslora, self.lora_dropout = 0, 0.0, False, 0.0
         # Keep the dequantized weight from forward for backward. Only for layers under activation
         # checkpointing: the first forward's saved tensors are dropped anyway, and the recompute
         # runs right before this layer's backward, so one layer's weights are held briefly and
@@ -195,7 +196,7 @@ class QLoRALinear(nn.Module):
 
     @property
     def scaling(self) -> float:
-        r = self.lora_A.shape[0]
+        r = self.r
         return self.lora_alpha / (math.sqrt(r) if self.use_rslora else r)
 
     def add_lora(self, r: int, lora_alpha: float, lora_dropout: float, use_rslora: bool,
@@ -206,7 +207,7 @@ class QLoRALinear(nn.Module):
         nn.init.kaiming_uniform_(lora_A, a=math.sqrt(5))
         self.lora_A = nn.Parameter(lora_A.to(device))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, device=device))
-        self.lora_alpha, self.use_rslora, self.lora_dropout = lora_alpha, use_rslora, lora_dropout
+        self.r, self.lora_alpha, self.use_rslora, self.lora_dropout = r, lora_alpha, use_rslora, lora_dropout
 
     def remove_lora(self) -> None:
         self.lora_A = self.lora_B = None
@@ -215,7 +216,7 @@ class QLoRALinear(nn.Module):
         return project(x, (self,))
 
     def extra_repr(self) -> str:
-        lora = f", lora r={self.lora_A.shape[0]} scaling={self.scaling:g}" if self.lora_A is not None else ""
+        lora = f", lora r={self.r} scaling={self.scaling:g}" if self.lora_A is not None else ""
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}{lora}"
 
 
@@ -224,8 +225,13 @@ def compute_device(model: nn.Module) -> torch.device:
     return next(p.device for p in model.parameters() if not p.is_meta)
 
 
+FSDP_WRAPPED = "_fsdp_wrapped_module."
+
+
 def linear_layers(model: nn.Module) -> dict[str, QLoRALinear]:
-    return {name: module for name, module in model.named_modules() if isinstance(module, QLoRALinear)}
+    """The model's QLoRA layers by their checkpoint names (also inside FSDP units, whose marker is dropped)."""
+    return {name.replace(FSDP_WRAPPED, ""): module for name, module in model.named_modules()
+            if isinstance(module, QLoRALinear)}
 
 
 def adapted_layers(model: nn.Module) -> dict[str, QLoRALinear]:
@@ -272,7 +278,7 @@ def peft_config(model: nn.Module, base_model_name_or_path: str):
     import peft
 
     layers = adapted_layers(model)
-    settings = {(m.lora_A.shape[0], m.lora_alpha, m.lora_dropout, m.use_rslora) for m in layers.values()}
+    settings = {(m.r, m.lora_alpha, m.lora_dropout, m.use_rslora) for m in layers.values()}
     if len(settings) != 1:
         raise ValueError(f"expected one LoRA setting across layers, found {sorted(settings)}")
     r, lora_alpha, lora_dropout, use_rslora = settings.pop()
@@ -283,8 +289,13 @@ def peft_config(model: nn.Module, base_model_name_or_path: str):
     )
 
 
-def save_adapter(model: nn.Module, directory: Path, base_model_name_or_path: str) -> None:
-    """adapter_config.json + adapter_model.safetensors, exactly as peft's save_pretrained writes them."""
+def save_adapter(model: nn.Module, directory: Path, base_model_name_or_path: str,
+                 state_dict: dict[str, torch.Tensor] | None = None) -> None:
+    """adapter_config.json + adapter_model.safetensors, exactly as peft's save_pretrained writes them.
+
+    The LoRA weights come from the modules, or from `state_dict` (the full state FSDP gathers:
+    under FSDP each process's modules hold only its shard).
+    """
     from safetensors.torch import save_file
 
     directory = Path(directory)
@@ -292,8 +303,9 @@ def save_adapter(model: nn.Module, directory: Path, base_model_name_or_path: str
     peft_config(model, base_model_name_or_path).save_pretrained(str(directory))
     tensors = {}
     for name, module in adapted_layers(model).items():
-        tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = module.lora_A.detach().cpu().contiguous()
-        tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = module.lora_B.detach().cpu().contiguous()
+        for which in ("lora_A", "lora_B"):
+            tensor = getattr(module, which) if state_dict is None else state_dict[f"{name}.{which}"]
+            tensors[f"{PEFT_PREFIX}{name}.{which}.weight"] = tensor.detach().cpu().contiguous()
     save_file(tensors, str(directory / ADAPTER_WEIGHTS), metadata={"format": "pt"})
 
 
@@ -361,5 +373,5 @@ def load_adapter(model: nn.Module, adapter_dir: str | Path) -> None:
         device = compute_device(model)
         layer.lora_A = nn.Parameter(lora_A.to(device, torch.float32))
         layer.lora_B = nn.Parameter(lora_B.to(device, torch.float32))
-        layer.lora_alpha, layer.use_rslora = config["lora_alpha"], config.get("use_rslora", False)
+        layer.r, layer.lora_alpha, layer.use_rslora = config["r"], config["lora_alpha"], config.get("use_rslora", False)
         layer.lora_dropout = config.get("lora_dropout", 0.0)

@@ -45,6 +45,10 @@ class QuantizedWeight(nn.Module):
         )
         return cls(packed, state)
 
+    def codes(self) -> torch.Tensor:
+        """The packed codes as bytes (under FSDP they are stored as a float32 view of those bytes)."""
+        return self.packed if self.packed.dtype == torch.uint8 else self.packed.view(torch.uint8)
+
     def quant_state(self):
         from bitsandbytes.functional import QuantState
 
@@ -72,7 +76,7 @@ def dequantize_bnb(weight: QuantizedWeight, out: torch.Tensor | None = None) -> 
     import bitsandbytes.functional as bnb_functional
 
     # Not bitsandbytes' own out=: its CPU backend lacks that overload.
-    values = bnb_functional.dequantize_4bit(weight.packed, weight.quant_state(), quant_type=weight.quant_type)
+    values = bnb_functional.dequantize_4bit(weight.codes(), weight.quant_state(), quant_type=weight.quant_type)
     return values if out is None else out.copy_(values)
 
 

@@ -125,9 +125,17 @@ def run(cfg: RunConfig) -> RunResult:
     # base) or FSDP (each holds a shard), as `accelerate launch` was configured; either averages the
     # LoRA gradients across processes in backward. One process trains the model as built. ----
     if world > 1:
-        if fsdp:
+        if fsdp and hasattr(model, "prepare_for_fsdp"):
+            # The native model makes its 4-bit codes shardable and names its own units.
+            accelerator.state.fsdp_plugin.auto_wrap_policy = model.prepare_for_fsdp()
+        elif fsdp:
             from peft.utils.other import fsdp_auto_wrap_policy
 
+            if cfg.quant.bnb_4bit_quant_storage.value != cfg.quant.torch_dtype.value:
+                raise ConfigError("FSDP flattens each layer's weights into one tensor of one dtype: pass "
+                                  f"quant.bnb_4bit_quant_storage={cfg.quant.torch_dtype.value} to store the 4-bit "
+                                  f"weights like the rest (quant.torch_dtype), not as "
+                                  f"{cfg.quant.bnb_4bit_quant_storage.value}.")
             # peft's policy gives every LoRA layer its own FSDP unit: a unit flattens one dtype, and
             # LoRA weights are float32 beside a bfloat16 base.
             accelerator.state.fsdp_plugin.auto_wrap_policy = fsdp_auto_wrap_policy(model)
@@ -437,12 +445,10 @@ def check_processes(cfg: RunConfig, accelerator: Accelerator, fsdp: bool, resume
         raise ConfigError("FSDP here is FSDP1 with use_orig_params (the optimizer holds the original LoRA "
                           "parameters): set fsdp_version: 1 and fsdp_use_orig_params: true, as "
                           "recipes/accelerate/fsdp.yaml does.")
-    if cfg.model.impl is not ModelImpl.hf:
-        raise ConfigError(f"FSDP runs the generic model path only: pass model.impl=hf (got {cfg.model.impl.value}).")
     if cfg.lora.use_dora:
         raise ConfigError("lora.use_dora=true is not supported under FSDP (its adapter files are not written "
                           "in peft's format yet): use DDP, or plain LoRA.")
-    if cfg.quant.bnb_4bit_quant_storage.value != cfg.quant.torch_dtype.value:
+    if cfg.model.impl is ModelImpl.hf and cfg.quant.bnb_4bit_quant_storage.value != cfg.quant.torch_dtype.value:
         raise ConfigError("FSDP flattens each layer's weights into one tensor of one dtype: pass "
                           f"quant.bnb_4bit_quant_storage={cfg.quant.torch_dtype.value} to store the 4-bit weights "
                           f"like the rest (quant.torch_dtype), not as {cfg.quant.bnb_4bit_quant_storage.value}.")

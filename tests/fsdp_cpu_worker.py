@@ -4,7 +4,7 @@
 
 accelerate runs FSDP on GPUs only (on the CPU its FSDP config falls back to DDP), so on the CPU
 this drives torch's FSDP itself, wrapped as recipes/accelerate/fsdp.yaml has accelerate wrap it
-(FSDP1, FULL_SHARD, use_orig_params, peft's auto-wrap policy), around the model build_model
+(FSDP1, FULL_SHARD, use_orig_params, peft's auto-wrap policy or the native model's own), around the model build_model
 makes, and trains the recipe's steps: each process takes micro-batches rank, rank + W, ... of the
 global stream, the loss is normalized by the whole step's trainable tokens and scaled by W, and
 gradients are reduced only after the last micro-batch. It proves the sharding of NF4 storage and
@@ -49,10 +49,12 @@ def main(out: Path, overrides: list[str]) -> None:
                                      cfg.train.seed)
     optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], cfg.optim, device)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
+    # The recipe's choice of units: the native model names its own (and makes its codes parameters).
+    policy = model.prepare_for_fsdp() if hasattr(model, "prepare_for_fsdp") else fsdp_auto_wrap_policy(model)
     whole = sum(p.numel() for p in model.parameters())
 
     sharded = FullyShardedDataParallel(model, sharding_strategy=ShardingStrategy.FULL_SHARD,
-                                       auto_wrap_policy=fsdp_auto_wrap_policy(model), use_orig_params=True,
+                                       auto_wrap_policy=policy, use_orig_params=True,
                                        sync_module_states=False, device_id=device)
     held = sum(p.numel() for p in sharded.parameters())
 

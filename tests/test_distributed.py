@@ -192,18 +192,19 @@ def test_fsdp_config_on_the_cpu_is_refused(tmp_path):
 
 
 @pytest.mark.slow
-def test_fsdp_shards_nf4_and_lora_and_trains_like_one_process(one_process, tmp_path):
+@pytest.mark.parametrize("impl, storage", [("hf", ["quant.bnb_4bit_quant_storage=float32"]), ("native", [])])
+def test_fsdp_shards_nf4_and_lora_and_trains_like_one_process(one_process, tmp_path, impl, storage):
     # Run from a copy outside tests/: with the script's folder on sys.path, tests/kernels would
     # pass for PyPI's `kernels` package, which bitsandbytes probes for.
     worker = shutil.copy(REPO / "tests" / "fsdp_cpu_worker.py", tmp_path)
     out = tmp_path / "out"
     out.mkdir()
-    result = torchrun(Path(worker), str(out), *TWO, "model.impl=hf", "quant.bnb_4bit_quant_storage=float32",
-                      cwd=tmp_path)
+    # First, so that the demo base is built once, not by both workers at the same time.
+    reference = one_process(impl)  # uint8 storage: the float32 view of the same bytes computes the same
+    result = torchrun(Path(worker), str(out), *TWO, f"model.impl={impl}", *storage, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     shards = json.loads((out / "shards.json").read_text())
     assert sum(shards["held"]) == shards["whole"] and max(shards["held"]) <= 0.51 * shards["whole"]
-    reference = one_process("hf")  # uint8 storage: the float32 view of the same bytes computes the same
     assert_same_steps(json.loads((out / "losses.json").read_text()), steps(reference))
     assert_same_adapter(out / "adapter", reference / "adapter")
     assert_loads_with_peft(out / "adapter", reference / "adapter")
@@ -215,7 +216,7 @@ FSDP_READY = ["model.impl=hf", "quant.bnb_4bit_quant_storage=bfloat16", *FAST]
 @pytest.mark.parametrize("overrides, error", [
     ([*FSDP_READY], None),
     ([*FSDP_READY, "quant.bnb_4bit_quant_storage=uint8"], "quant.bnb_4bit_quant_storage=bfloat16"),
-    ([*FSDP_READY, "model.impl=native"], "model.impl=hf"),
+    ([*FSDP_READY, "model.impl=native"], None),
     ([*FSDP_READY, "train.eval_generate=4"], "train.eval_generate=0"),
     ([*FSDP_READY, "lora.use_dora=true"], "use_dora"),
 ])
@@ -268,17 +269,19 @@ def test_ddp_on_two_gpus_trains_like_one_gpu(tmp_path, impl):
 @pytest.mark.slow
 @pytest.mark.gpu
 @two_gpus
-def test_fsdp_on_two_gpus_trains_like_one_gpu(tmp_path):
-    two = two_gpus_train_like_one(tmp_path, "fsdp.yaml", "model.impl=hf", "quant.bnb_4bit_quant_storage=float32")
+@pytest.mark.parametrize("impl, storage", [("hf", ["quant.bnb_4bit_quant_storage=float32"]), ("native", [])])
+def test_fsdp_on_two_gpus_trains_like_one_gpu(tmp_path, impl, storage):
+    two = two_gpus_train_like_one(tmp_path, "fsdp.yaml", f"model.impl={impl}", *storage)
     assert "FSDP" in two.stdout
 
 
 @pytest.mark.slow
 @pytest.mark.gpu
 @two_gpus
-def test_fsdp_on_two_gpus_in_bfloat16(tmp_path):
+@pytest.mark.parametrize("impl, storage", [("hf", ["quant.bnb_4bit_quant_storage=bfloat16"]), ("native", [])])
+def test_fsdp_on_two_gpus_in_bfloat16(tmp_path, impl, storage):
     # The setting FSDP is for: bfloat16 compute and storage, float32 LoRA in units of their own.
-    settings = [*FAST, *STEPS, "model.impl=hf", "quant.bnb_4bit_quant_storage=bfloat16"]
+    settings = [*FAST, *STEPS, f"model.impl={impl}", *storage]
     one = one_gpu(f"output_dir={tmp_path / 'one'}", *settings, "train.gradient_accumulation_steps=2")
     assert one.returncode == 0, one.stderr[-3000:]
     two = accelerate_launch("fsdp.yaml", f"output_dir={tmp_path / 'two'}", *settings,

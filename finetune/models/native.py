@@ -27,6 +27,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
@@ -443,9 +444,34 @@ class NativeCausalLM(nn.Module):
                 break
         return tokens
 
-    def save_pretrained(self, directory) -> None:
-        """The adapter in peft's format: adapter_config.json + adapter_model.safetensors."""
-        save_adapter(self, Path(directory), self.name_or_path)
+    def prepare_for_fsdp(self) -> ModuleWrapPolicy:
+        """Make the 4-bit codes shardable and say how to wrap; returns FSDP's auto_wrap_policy.
+
+        FSDP shards parameters, not buffers: each weight's packed codes become a frozen float32
+        parameter over the same bytes (FSDP only copies them; the kernels read them as bytes
+        again), so a decoder layer flattens into one float32 tensor with its fp32 LoRA weights
+        and its biases, stored in float32 here (exact: they are bf16 values cast back per use).
+        Norms (the compute dtype) get units of their own; the embeddings and LM head stay in the
+        root unit.
+        """
+        for name, linear in linear_layers(self).items():
+            weight = linear.weight
+            packed = weight.packed
+            if packed.numel() % 4:
+                raise ConfigError(f"FSDP: {name} holds {packed.numel()} bytes of 4-bit codes, not a multiple "
+                                  "of 4, so they cannot be sharded as float32; use DDP for this model.")
+            del weight._buffers["packed"]
+            weight.packed = nn.Parameter(packed.reshape(-1).view(torch.float32), requires_grad=False)
+            if linear.bias is not None:
+                linear.bias = nn.Parameter(linear.bias.float(), requires_grad=False)
+        return ModuleWrapPolicy({DecoderLayer, RMSNorm})
+
+    def save_pretrained(self, directory, state_dict: dict | None = None) -> None:
+        """The adapter in peft's format: adapter_config.json + adapter_model.safetensors.
+
+        `state_dict`: the model's full state gathered from FSDP shards, to take the LoRA weights from.
+        """
+        save_adapter(self, Path(directory), self.name_or_path, state_dict)
 
     def load_adapter_weights(self, weights: dict[str, torch.Tensor]) -> None:
         """Resume: saved LoRA tensors (peft's keys) copied into the existing adapters in place."""
