@@ -1,4 +1,4 @@
-"""The one base class for mistakes a user can fix: the CLI prints its message and exits 2."""
+"""Exceptions the commands turn into messages and exit codes, not tracebacks."""
 
 
 class UserError(Exception):
@@ -7,3 +7,9 @@ class UserError(Exception):
 
 class TrainingStopped(Exception):
     """Training could not go on (e.g. the loss diverged); the last good state was checkpointed."""
+
+
+class MergeError(Exception):
+    """A problem with what the merge was asked for or given; reported without a traceback."""
+
+    exit_code = 2

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType as Q
 
-from finetune.merge import MergeError
+from finetune.errors import MergeError
 
 # HF model_type -> llama.cpp architecture (llama.cpp runs Mistral checkpoints as `llama`).
 ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}

@@ -38,6 +38,7 @@ from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from finetune.config import Dtype
+from finetune.errors import MergeError
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
@@ -93,11 +94,6 @@ VERIFY_TOLERANCE = {
     "bfloat16": 8e-2,
 }
 
-
-class MergeError(Exception):
-    """A problem with what the user asked for or gave us; reported without a traceback."""
-
-    exit_code = 2
 
 
 class VerificationError(MergeError):

@@ -33,7 +33,7 @@ def empty_model(config) -> native.NativeCausalLM:
 def cached_model(cache_dir, compute_dtype=torch.float32) -> native.NativeCausalLM:
     config, _, _ = nf4_cache.read_cache(cache_dir)
     model = empty_model(config)
-    nf4_cache.load_into(model, cache_dir, CPU, compute_dtype)
+    native.load_from_cache(model, cache_dir, CPU, compute_dtype)
     return model
 
 
@@ -61,7 +61,7 @@ def llama_cache(checkpoints, tmp_path_factory):
     model_dir = checkpoints("llama")
     model = native.load_pretrained(model_dir, CPU)
     cache_dir = tmp_path_factory.mktemp("caches") / "llama"
-    nf4_cache.write_cache(model, hf_config(model_dir), cache_dir, nf4_cache.source_fingerprint(model_dir))
+    native.write_nf4_cache(model, hf_config(model_dir), cache_dir, nf4_cache.source_fingerprint(model_dir))
     return model_dir, cache_dir
 
 
@@ -70,7 +70,7 @@ def llama_cache(checkpoints, tmp_path_factory):
 def test_round_trip_gives_the_model_load_pretrained_gives(family, storage_dtype, checkpoints, tmp_path):
     model_dir = checkpoints(family)
     model = native.load_pretrained(model_dir, CPU, storage_dtype=storage_dtype, double_quant=family != "qwen2")
-    cache_dir = nf4_cache.write_cache(model, hf_config(model_dir), tmp_path / "cache", "fingerprint")
+    cache_dir = native.write_nf4_cache(model, hf_config(model_dir), tmp_path / "cache", "fingerprint")
     assert_same_model(cached_model(cache_dir), model)
 
     meta = json.loads((cache_dir / nf4_cache.META_FILE).read_text())
@@ -90,7 +90,7 @@ def test_a_cache_in_the_storage_dtype_loads_for_another_compute_dtype(checkpoint
     """Unquantized tensors are kept in torch_dtype, so the compute dtype may differ between write and load."""
     model_dir = checkpoints("llama")
     model = native.load_pretrained(model_dir, CPU, torch.float32, storage_dtype=torch.bfloat16)
-    cache_dir = nf4_cache.write_cache(model, hf_config(model_dir), tmp_path / "cache", "fingerprint")
+    cache_dir = native.write_nf4_cache(model, hf_config(model_dir), tmp_path / "cache", "fingerprint")
     expected = native.load_pretrained(model_dir, CPU, torch.bfloat16, storage_dtype=torch.bfloat16)
     loaded = cached_model(cache_dir, torch.bfloat16)
     for name, tensor in expected.state_dict().items():
@@ -102,7 +102,7 @@ def test_adapters_are_not_part_of_the_cache(checkpoints, tmp_path):
 
     model_dir = checkpoints("llama")
     model = native.build(run_config(model_dir), model_dir, torch.float32, CPU)  # LoRA attached
-    cache_dir = nf4_cache.write_cache(model, hf_config(model_dir), tmp_path / "cache", "fingerprint")
+    cache_dir = native.write_nf4_cache(model, hf_config(model_dir), tmp_path / "cache", "fingerprint")
     loaded = cached_model(cache_dir)
     assert not any("lora" in name for name in loaded.state_dict())
     assert_same_model(loaded, native.load_pretrained(model_dir, CPU))
@@ -153,7 +153,7 @@ def test_a_changed_checkpoint_is_refused(checkpoints, tmp_path):
     model_dir = shutil.copytree(checkpoints("llama"), tmp_path / "model")
     fingerprint = nf4_cache.source_fingerprint(model_dir)
     assert nf4_cache.source_fingerprint(model_dir) == fingerprint
-    cache_dir = nf4_cache.write_cache(native.load_pretrained(model_dir, CPU), hf_config(model_dir),
+    cache_dir = native.write_nf4_cache(native.load_pretrained(model_dir, CPU), hf_config(model_dir),
                                       tmp_path / "cache", fingerprint)
     shard = model_dir / "model.safetensors"
     os.utime(shard, ns=(shard.stat().st_atime_ns, shard.stat().st_mtime_ns + 10**9))  # rewritten in place
@@ -167,7 +167,7 @@ def test_a_compute_dtype_the_stored_tensors_cannot_give_is_refused(checkpoints, 
     # Computing in bfloat16 from float32 weights: the bfloat16 tensors stored cannot give float32 ones.
     model_dir = checkpoints("llama")
     model = native.load_pretrained(model_dir, CPU, torch.bfloat16, storage_dtype=torch.float32)
-    cache_dir = nf4_cache.write_cache(model, hf_config(model_dir), tmp_path / "cache", "fingerprint")
+    cache_dir = native.write_nf4_cache(model, hf_config(model_dir), tmp_path / "cache", "fingerprint")
     with pytest.raises(ConfigError, match="in bfloat16 .*cannot give the float32 values"):
         cached_model(cache_dir, torch.float32)
 
@@ -217,7 +217,7 @@ def test_a_cache_without_its_description_or_of_another_version_is_refused(llama_
 
 def test_a_cache_of_another_architecture_is_refused(llama_cache, checkpoints):
     with pytest.raises(ConfigError, match="another architecture"):
-        nf4_cache.load_into(empty_model(hf_config(checkpoints("qwen3"))), llama_cache[1], CPU, torch.float32)
+        native.load_from_cache(empty_model(hf_config(checkpoints("qwen3"))), llama_cache[1], CPU, torch.float32)
 
 
 def test_a_crash_while_writing_leaves_nothing_at_the_final_path(checkpoints, tmp_path, monkeypatch):
@@ -234,7 +234,7 @@ def test_a_crash_while_writing_leaves_nothing_at_the_final_path(checkpoints, tmp
     original = nf4_cache.CacheWriter.end_shard
     monkeypatch.setattr(nf4_cache.CacheWriter, "end_shard", end_shard_then_crash)
     with pytest.raises(RuntimeError, match="disk full"):
-        nf4_cache.write_cache(model, hf_config(model_dir), tmp_path / "cache", "fingerprint")
+        native.write_nf4_cache(model, hf_config(model_dir), tmp_path / "cache", "fingerprint")
     assert list(tmp_path.iterdir()) == []  # neither the cache nor its staging directory
 
 
@@ -242,6 +242,6 @@ def test_an_existing_cache_is_not_overwritten(llama_cache):
     model_dir, cache_dir = llama_cache
     before = {path.name: path.stat().st_mtime_ns for path in cache_dir.iterdir()}
     with pytest.raises(ConfigError, match="already exists; delete it"):
-        nf4_cache.write_cache(native.load_pretrained(model_dir, CPU), hf_config(model_dir), cache_dir, "fingerprint")
+        native.write_nf4_cache(native.load_pretrained(model_dir, CPU), hf_config(model_dir), cache_dir, "fingerprint")
     assert {path.name: path.stat().st_mtime_ns for path in cache_dir.iterdir()} == before
     assert [path.name for path in cache_dir.parent.iterdir()] == [cache_dir.name]  # no staging left behind

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+from collections import defaultdict
 import json
 import math
 import os
@@ -33,6 +34,8 @@ from torch.utils.checkpoint import checkpoint
 
 from finetune.config import ConfigError, LoraConfig, RunConfig
 from finetune.lora import QLoRALinear, attach_lora, copy_adapter_weights, linear_layers, project, save_adapter
+from finetune.models import nf4_cache
+from finetune.models.source import checkpoint_files
 from finetune.models.streaming import WeightStreamer
 from finetune.quant import QuantizedWeight, dequantize_bnb, dequantize_triton
 
@@ -101,11 +104,8 @@ def _rope_parameters(config) -> dict:
 
 def unsupported_reason(config, lora: LoraConfig | None = None, model_dir: Path | None = None) -> str | None:
     """Why the native path cannot run this model (None when it can)."""
-    if model_dir is not None and checkpoint_files(Path(model_dir)) is None:
-        from finetune.models.nf4_cache import is_cache
-
-        if not is_cache(Path(model_dir)):
-            return "it has no safetensors checkpoint"
+    if model_dir is not None and checkpoint_files(Path(model_dir)) is None and not nf4_cache.is_cache(model_dir):
+        return "it has no safetensors checkpoint"
     if config.model_type not in FAMILIES:
         return f"model_type {config.model_type!r} is not one of {sorted(FAMILIES)}"
     if getattr(config, "hidden_act", "silu") != "silu":
@@ -482,13 +482,6 @@ class NativeCausalLM(nn.Module):
         return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
-def checkpoint_files(model_dir: Path) -> list[str] | None:
-    index = model_dir / "model.safetensors.index.json"
-    if index.exists():
-        return sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    return ["model.safetensors"] if (model_dir / "model.safetensors").exists() else None
-
-
 def checkpoint_tensors(model_dir: Path):
     """(name, tensor) pairs one at a time, shard after shard; only the open shard is mapped."""
     from safetensors import safe_open
@@ -521,8 +514,6 @@ def load_pretrained(model_dir, device: torch.device, compute_dtype: torch.dtype 
     """
     from transformers import AutoConfig
 
-    from finetune.models import nf4_cache
-
     model_dir = Path(model_dir)
     weights_device = weights_device or device
     storage_dtype = storage_dtype or compute_dtype
@@ -537,7 +528,7 @@ def load_pretrained(model_dir, device: torch.device, compute_dtype: torch.dtype 
         nf4_cache.check_cache(cache_dir, meta, fingerprint=fingerprint, quant_type=quant_type,
                               double_quant=double_quant, storage_dtype=storage_dtype, compute_dtype=compute_dtype)
         model = _empty_model(config, device, compute_dtype, use_kernels, ops, model_dir)
-        nf4_cache.load_into(model, cache_dir, device, compute_dtype, weights_device)
+        load_from_cache(model, cache_dir, device, compute_dtype, weights_device)
         return model
 
     config = AutoConfig.from_pretrained(model_dir)
@@ -560,8 +551,81 @@ def load_pretrained(model_dir, device: torch.device, compute_dtype: torch.dtype 
     check_complete(model, f"{model_dir}: the checkpoint", f"is it a complete {config.model_type} model?")
     # One writer per run: under DDP/FSDP every process quantizes, only the first keeps the result.
     if cache_dir is not None and int(os.environ.get("RANK", "0")) == 0:
-        nf4_cache.write_cache(model, config, cache_dir, fingerprint)
+        write_nf4_cache(model, config, cache_dir, fingerprint)
     return model
+
+
+def write_nf4_cache(model: NativeCausalLM, config, cache_dir: str | Path, fingerprint: str) -> Path:
+    """Save a model loaded by load_pretrained (`config`: its HF config) as an NF4 cache (nf4_cache.py).
+
+    Shards: the embeddings, final norm and LM head first, then one per decoder layer. LoRA
+    adapters, if attached, are not part of the base and are not written.
+    """
+    if ModelArgs.from_hf(config) != model.args:
+        raise ValueError("write_nf4_cache: `config` does not describe this model")
+    weights = [layer.weight for layer in linear_layers(model).values()]
+    first = weights[0]
+    if any((w.quant_type, w.nested, w.dtype, w.blocksize) != (first.quant_type, first.nested, first.dtype,
+                                                               first.blocksize) for w in weights):
+        raise ValueError("write_nf4_cache: the model's linear weights were quantized with different settings")
+    tensor_dtype = nf4_cache.stored_tensor_dtype(first.dtype, model.model.embed_tokens.weight.dtype)
+    meta = nf4_cache.CacheMeta(fingerprint=fingerprint, quant_type=first.quant_type, double_quant=first.nested,
+                     storage_dtype=first.dtype, tensor_dtype=tensor_dtype, blocksize=first.blocksize)
+
+    def group(name: str) -> int:  # the decoder layer's index; -1 for the rest, written first
+        return int(name.split(".")[2]) if name.startswith("model.layers.") else -1
+
+    shards: dict[int, list] = defaultdict(list)
+    for name, layer in linear_layers(model).items():
+        shards[group(name)].append((f"{name}.weight", layer.weight))
+    # named_parameters lists a tied LM head once, as the embedding: it is not stored twice.
+    for name, param in model.named_parameters():
+        if not name.endswith((".lora_A", ".lora_B")):
+            shards[group(name)].append((name, param))
+    with nf4_cache.CacheWriter(cache_dir) as writer:
+        for index in sorted(shards):
+            for name, value in shards[index]:
+                if isinstance(value, QuantizedWeight):
+                    writer.add_quantized(name, value)
+                else:
+                    writer.add_tensor(name, value.to(tensor_dtype))
+            writer.end_shard()
+        return writer.finish(config, meta)
+
+
+def load_from_cache(model: NativeCausalLM, cache_dir: str | Path, device: torch.device,
+                    compute_dtype: torch.dtype, weights_device: torch.device | None = None):
+    """Fill an empty (meta-device) model from a cache, to the state load_pretrained leaves.
+
+    Quantized weights go to `weights_device` (default `device`) as they are; everything else to
+    `device` in `compute_dtype`. The settings are not compared with a run's here: call check_cache first.
+    """
+    weights_device = weights_device or device
+    cache_dir = Path(cache_dir)
+    config, meta, tensors = nf4_cache.read_cache(cache_dir)
+    if ModelArgs.from_hf(config) != model.args:
+        raise ConfigError(f"the NF4 cache {cache_dir} holds another architecture than the model being loaded "
+                          f"(see its {nf4_cache.CONFIG_FILE}); give this run the cache of its own model.")
+    nf4_cache.check_compute_dtype(cache_dir, meta, compute_dtype)
+    linears = linear_layers(model)
+    for name, value in tensors:
+        module_name, leaf = name.rsplit(".", 1)
+        is_linear_weight = module_name in linears and leaf == "weight"
+        if is_linear_weight != isinstance(value, QuantizedWeight):
+            stored, place = ("quantized", "is no linear weight") if not is_linear_weight else \
+                ("unquantized", "is a linear weight")
+            raise ConfigError(f"NF4 cache {cache_dir}: {name} is stored {stored}, but in the model it {place}. "
+                              f"Delete {cache_dir} so that it is written again.")
+        if is_linear_weight:
+            layer = linears[module_name]
+            _check_shape(name, value, (layer.out_features, layer.in_features), cache_dir)
+            layer.weight = value.to(weights_device)
+        else:
+            _assign(model, module_name, leaf, value.to(device=device, dtype=compute_dtype), cache_dir)
+    if model.args.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    check_complete(model, f"the NF4 cache {cache_dir}", f"delete {cache_dir} so that it is written again.")
+    return meta
 
 
 def _empty_model(config, device: torch.device, compute_dtype: torch.dtype, use_kernels: bool, ops: Ops | None,

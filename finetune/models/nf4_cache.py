@@ -9,7 +9,7 @@ time a run starts: for a 70B model that is ~140 GB read and minutes of quantizat
         nf4_cache.json         format version, quantization settings, source fingerprint, shards
         shard-00001.safetensors, ...
 
-Each shard holds one group of tensors, as the writer was told (write_cache: the embeddings, final
+Each shard holds one group of tensors, as the writer was told (native.write_nf4_cache: the embeddings, final
 norm and LM head, then one shard per decoder layer), so a writer needs one layer in host memory and a
 reader maps one shard at a time. A quantized linear weight `X.weight` is stored as one tensor per
 buffer of QuantizedWeight (`X.weight.packed`, `X.weight.absmax`, `X.weight.code`, and with double
@@ -41,7 +41,6 @@ import json
 import os
 import secrets
 import shutil
-from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
@@ -49,8 +48,7 @@ from typing import TYPE_CHECKING, Iterator
 import torch
 
 from finetune.config import ConfigError
-from finetune.lora import linear_layers
-from finetune.models.native import ModelArgs, NativeCausalLM, _assign, _check_shape, check_complete, checkpoint_files
+from finetune.models.source import checkpoint_files
 from finetune.quant import BLOCKSIZE, QuantizedWeight
 
 if TYPE_CHECKING:
@@ -225,44 +223,6 @@ def _fsync(path: Path) -> None:
         os.close(descriptor)
 
 
-def write_cache(model: NativeCausalLM, config: PretrainedConfig, cache_dir: str | Path, fingerprint: str) -> Path:
-    """Save a model loaded by native.load_pretrained (`config`: its HF config) as a cache.
-
-    Shards: the embeddings, final norm and LM head first, then one per decoder layer. LoRA
-    adapters, if attached, are not part of the base and are not written.
-    """
-    if ModelArgs.from_hf(config) != model.args:
-        raise ValueError("write_cache: `config` does not describe this model")
-    weights = [layer.weight for layer in linear_layers(model).values()]
-    first = weights[0]
-    if any((w.quant_type, w.nested, w.dtype, w.blocksize) != (first.quant_type, first.nested, first.dtype,
-                                                               first.blocksize) for w in weights):
-        raise ValueError("write_cache: the model's linear weights were quantized with different settings")
-    tensor_dtype = stored_tensor_dtype(first.dtype, model.model.embed_tokens.weight.dtype)
-    meta = CacheMeta(fingerprint=fingerprint, quant_type=first.quant_type, double_quant=first.nested,
-                     storage_dtype=first.dtype, tensor_dtype=tensor_dtype, blocksize=first.blocksize)
-
-    def group(name: str) -> int:  # the decoder layer's index; -1 for the rest, written first
-        return int(name.split(".")[2]) if name.startswith("model.layers.") else -1
-
-    shards: dict[int, list[Entry]] = defaultdict(list)
-    for name, layer in linear_layers(model).items():
-        shards[group(name)].append((f"{name}.weight", layer.weight))
-    # named_parameters lists a tied LM head once, as the embedding: it is not stored twice.
-    for name, param in model.named_parameters():
-        if not name.endswith((".lora_A", ".lora_B")):
-            shards[group(name)].append((name, param))
-    with CacheWriter(cache_dir) as writer:
-        for index in sorted(shards):
-            for name, value in shards[index]:
-                if isinstance(value, QuantizedWeight):
-                    writer.add_quantized(name, value)
-                else:
-                    writer.add_tensor(name, value.to(tensor_dtype))
-            writer.end_shard()
-        return writer.finish(config, meta)
-
-
 def _read_meta(cache_dir: Path) -> tuple[CacheMeta, list[dict]]:
     path = cache_dir / META_FILE
     if not path.exists():
@@ -370,10 +330,10 @@ def check_cache(cache_dir: str | Path, meta: CacheMeta, *, fingerprint: str | No
         raise ConfigError(f"the NF4 cache {cache_dir} was made from another checkpoint than the one this run names "
                           f"(fingerprint {meta.fingerprint[:16]}, the checkpoint's now {fingerprint[:16]}): the "
                           f"checkpoint changed since. Delete {cache_dir} so that it is written again from it.")
-    _check_compute_dtype(cache_dir, meta, compute_dtype)
+    check_compute_dtype(cache_dir, meta, compute_dtype)
 
 
-def _check_compute_dtype(cache_dir: Path, meta: CacheMeta, compute_dtype: torch.dtype) -> None:
+def check_compute_dtype(cache_dir: Path, meta: CacheMeta, compute_dtype: torch.dtype) -> None:
     if meta.tensor_dtype not in (compute_dtype, meta.storage_dtype):
         raise ConfigError(f"the NF4 cache {cache_dir} holds its embeddings, norms and LM head in "
                           f"{_dtype_name(meta.tensor_dtype)} (written by a run computing in that dtype from "
@@ -384,38 +344,3 @@ def _check_compute_dtype(cache_dir: Path, meta: CacheMeta, compute_dtype: torch.
 
 def is_cache(path: Path) -> bool:
     return (Path(path) / META_FILE).is_file()
-
-
-def load_into(model: NativeCausalLM, cache_dir: str | Path, device: torch.device,
-              compute_dtype: torch.dtype, weights_device: torch.device | None = None) -> CacheMeta:
-    """Fill an empty (meta-device) model from a cache, to the state native.load_pretrained leaves.
-
-    Quantized weights go to `weights_device` (default `device`) as they are; everything else to
-    `device` in `compute_dtype`. The settings are not compared with a run's here: call check_cache first.
-    """
-    weights_device = weights_device or device
-    cache_dir = Path(cache_dir)
-    config, meta, tensors = read_cache(cache_dir)
-    if ModelArgs.from_hf(config) != model.args:
-        raise ConfigError(f"the NF4 cache {cache_dir} holds another architecture than the model being loaded "
-                          f"(see its {CONFIG_FILE}); give this run the cache of its own model.")
-    _check_compute_dtype(cache_dir, meta, compute_dtype)
-    linears = linear_layers(model)
-    for name, value in tensors:
-        module_name, leaf = name.rsplit(".", 1)
-        is_linear_weight = module_name in linears and leaf == "weight"
-        if is_linear_weight != isinstance(value, QuantizedWeight):
-            stored, place = ("quantized", "is no linear weight") if not is_linear_weight else \
-                ("unquantized", "is a linear weight")
-            raise ConfigError(f"NF4 cache {cache_dir}: {name} is stored {stored}, but in the model it {place}. "
-                              f"Delete {cache_dir} so that it is written again.")
-        if is_linear_weight:
-            layer = linears[module_name]
-            _check_shape(name, value, (layer.out_features, layer.in_features), cache_dir)
-            layer.weight = value.to(weights_device)
-        else:
-            _assign(model, module_name, leaf, value.to(device=device, dtype=compute_dtype), cache_dir)
-    if model.args.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
-    check_complete(model, f"the NF4 cache {cache_dir}", f"delete {cache_dir} so that it is written again.")
-    return meta

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -63,3 +64,11 @@ def _from_hub(repo_id: str, revision: str | None) -> Path:
             "On an offline machine, download the model elsewhere and pass its directory, "
             "e.g. model.name_or_path=/models/Llama-3.1-8B."
         ) from None
+
+
+def checkpoint_files(model_dir: Path) -> list[str] | None:
+    """The safetensors files of an HF checkpoint directory, or None when it has none."""
+    index = model_dir / "model.safetensors.index.json"
+    if index.exists():
+        return sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    return ["model.safetensors"] if (model_dir / "model.safetensors").exists() else None
