@@ -12,6 +12,7 @@ strings.
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 from pathlib import Path
@@ -191,11 +192,19 @@ def ensure_demo_base(cache_dir: Path) -> Path:
     with torch.random.fork_rng():
         torch.manual_seed(DEMO_SEED)
         model = LlamaForCausalLM(config)
-    staging = model_dir.with_name(model_dir.name + ".partial")
+    # A staging name of this process's own: the processes of a multi-process launch on a cold
+    # cache all build the same model, and the first rename wins.
+    staging = model_dir.with_name(f"{model_dir.name}.partial-{os.getpid()}")
     if staging.exists():
         shutil.rmtree(staging)
-    model.save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
-    (staging / "finetune_demo.json").write_text(json.dumps({"version": DEMO_VERSION, "seed": DEMO_SEED}))
-    staging.rename(model_dir)
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        (staging / "finetune_demo.json").write_text(json.dumps({"version": DEMO_VERSION, "seed": DEMO_SEED}))
+        staging.rename(model_dir)
+    except OSError:
+        if not (model_dir / "finetune_demo.json").exists():
+            raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return model_dir

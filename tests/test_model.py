@@ -111,3 +111,20 @@ def test_saved_adapter_reloads_in_peft_and_reproduces_logits(cache_dir, demo_bas
     reloaded = peft.PeftModel.from_pretrained(base, adapter_dir).eval()
     with torch.no_grad():
         assert torch.equal(reloaded(input_ids=ids).logits, expected)
+
+
+def test_processes_building_the_demo_base_at_once_all_get_it(tmp_path):
+    """A multi-process launch on a cold cache: every process builds the demo base, the first rename wins."""
+    import subprocess
+    import sys
+
+    script = ("import sys; from pathlib import Path; from finetune.demo import ensure_demo_base; "
+              "print(ensure_demo_base(Path(sys.argv[1])))")
+    workers = [subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    results = [(w.wait(timeout=600), *w.communicate()) for w in workers]
+    assert all(code == 0 for code, _, _ in results), [err[-1500:] for _, _, err in results]
+    model_dir = tmp_path / "demo-base-v3"
+    assert {out.strip() for _, out, _ in results} == {str(model_dir)}
+    assert (model_dir / "finetune_demo.json").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["demo-base-v3"]  # no staging left behind
