@@ -88,7 +88,8 @@ def build_ours(checkpoint: Path, impl: str, grad_ckpt: bool, overrides: list[str
 def measure(args) -> dict:
     if args.cap_gib:
         # A smaller card on a big one (shared/BENCH.md): the allocator refuses beyond the cap.
-        torch.cuda.set_per_process_memory_fraction(args.cap_gib * 2**30 / torch.cuda.get_device_properties(0).total_memory)
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(args.cap_gib * 2**30 / total)
     torch.manual_seed(0)
     load_start = time.perf_counter()
     batch, seq = args.batch, args.seq
@@ -165,8 +166,8 @@ def profile_steps(optimizer_step, path: Path, steps: int = 2) -> None:
         kinds[kind] = kinds.get(kind, 0.0) + e.time_range.elapsed_us()
         counts[kind] = counts.get(kind, 0) + 1
     lines = [f"{steps} steps: wall {wall_us / 1e3:.1f} ms, GPU busy {busy_us / 1e3:.1f} ms "
-             f"({busy_us / wall_us:.0%}), {len(kernels)} kernels", "", "| kind | ms/step | share of busy | kernels/step |",
-             "|---|---|---|---|"]
+             f"({busy_us / wall_us:.0%}), {len(kernels)} kernels", "",
+             "| kind | ms/step | share of busy | kernels/step |", "|---|---|---|---|"]
     for kind, us in sorted(kinds.items(), key=lambda kv: -kv[1]):
         lines.append(f"| {kind} | {us / steps / 1e3:.1f} | {us / busy_us:.1%} | {counts[kind] // steps} |")
     lines += ["", prof.key_averages().table(sort_by="self_device_time_total", row_limit=45, max_name_column_width=90)]

@@ -359,7 +359,7 @@ class Decoder(nn.Module):
         self.streamer = WeightStreamer(self.layers, device)
 
     def set_checkpointing(self, layers: int, offload: bool = False) -> None:
-        """Recompute the first `layers` decoder layers in backward; `offload` parks their inputs in pinned host memory."""
+        """Recompute the first `layers` decoder layers in backward; `offload` parks their inputs in host memory."""
         if not 0 <= layers <= len(self.layers):
             raise ConfigError(f"model.checkpoint_layers={layers}, but the model has {len(self.layers)} layers; "
                               f"pick 0 to {len(self.layers)} (or null for all).")

@@ -24,8 +24,9 @@ import torch
 from torch import nn
 
 from finetune.lora import linear_layers
+from finetune.memory import PREFETCH_LAYERS
 
-SLOTS = 2  # the layer computing and the one arriving; memory.PREFETCH_LAYERS plans for these
+SLOTS = PREFETCH_LAYERS  # the layer computing and the one arriving, as the memory plan counts them
 ALIGN = 64  # bytes; every buffer starts aligned for any dtype and for vectorized kernel loads
 
 
