@@ -40,17 +40,24 @@ def test_packed_layer_buffers_are_views_of_one_host_buffer_and_compute_the_same(
     assert torch.equal(logits(model, ids), before)
 
 
-def test_nf4_cache_setting_writes_then_reads_the_same_model(checkpoints, tmp_path):
+def test_nf4_cache_setting_writes_then_reads_the_same_model(checkpoints, tmp_path, monkeypatch):
+    from finetune.config import ConfigError
+
     model_dir = checkpoints("llama")
     cfg = run_config(model_dir)
     cfg.model.nf4_cache = str(tmp_path / "cache")
     written = native.build(cfg, model_dir, torch.float32, CPU)
     assert nf4_cache.is_cache(tmp_path / "cache")
+
+    def no_checkpoint_reads(model_dir):
+        raise AssertionError("a run with a ready NF4 cache read the checkpoint")
+
+    monkeypatch.setattr(native, "checkpoint_tensors", no_checkpoint_reads)
     read = native.build(cfg, model_dir, torch.float32, CPU)
     ids = random_ids(2, 12)
     assert torch.equal(logits(read, ids), logits(written, ids))
     cfg.quant.bnb_4bit_use_double_quant = False  # the cache was made with double quantization
-    with pytest.raises(Exception, match="double_quant"):
+    with pytest.raises(ConfigError, match="double_quant"):
         native.build(cfg, model_dir, torch.float32, CPU)
 
 
