@@ -275,6 +275,23 @@ def matmul_peak_flops(device, n: int = 8192, iters: int = 10) -> float:
     return 2 * n**3 * iters / (time.perf_counter() - start)
 
 
+def host_link_bytes_per_s(device, nbytes: int = GiB, iters: int = 5) -> float:
+    """The measured pinned host-to-GPU copy rate (bytes/s): what weight streaming moves layers over."""
+    import time
+
+    import torch
+
+    host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    target = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    target.copy_(host, non_blocking=True)  # warm-up
+    torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    for _ in range(iters):
+        target.copy_(host, non_blocking=True)
+    torch.cuda.synchronize(device)
+    return nbytes * iters / (time.perf_counter() - start)
+
+
 # ---------------------------------------------------------------- the architecture, offline
 
 def locate_architecture(cfg: RunConfig) -> tuple[dict, str]:
@@ -389,6 +406,7 @@ class MemoryPlan:
     micro_batch_size: int
     seq_len: int
     gradient_checkpointing: bool
+    checkpointing_detail: str  # which layers recompute, and MLP chunking, in words
     budget_bytes: int
     budget_source: str
     offload: OffloadMode  # what the plan decided: never auto
@@ -613,6 +631,15 @@ def _checkpointed_layers(cfg: RunConfig, impl: ModelImpl, arch: dict) -> int:
     return cfg.model.checkpoint_layers
 
 
+def _checkpointing_detail(run: _Run) -> str:
+    L = run.arch["num_hidden_layers"]
+    words = "off" if not run.checkpointed_layers else "on" if run.checkpointed_layers == L \
+        else f"on for {run.checkpointed_layers} of {L} layers"
+    if run.mlp_chunk_tokens:
+        words += f"; MLP in {run.mlp_chunk_tokens:,}-token chunks"
+    return words
+
+
 def plan_for_run(cfg: RunConfig) -> MemoryPlan:
     """How the run `cfg` describes uses its GPU: line items, offload decision, longest sequence that fits."""
     arch, source = locate_architecture(cfg)
@@ -668,7 +695,8 @@ def plan_for_run(cfg: RunConfig) -> MemoryPlan:
     return MemoryPlan(
         recipe=cfg.name, model=cfg.model.name_or_path, architecture_source=source, impl=impl, impl_reason=impl_reason,
         micro_batch_size=cfg.train.micro_batch_size, seq_len=cfg.data.max_seq_len,
-        gradient_checkpointing=cfg.model.gradient_checkpointing, budget_bytes=budget, budget_source=budget_source,
+        gradient_checkpointing=cfg.model.gradient_checkpointing, checkpointing_detail=_checkpointing_detail(run),
+        budget_bytes=budget, budget_source=budget_source,
         offload=offload, offload_reason=offload_reason, gpu=_gpu_items(run, offload, tokens),
         host=_host_items(run, offload, tokens), gpu_total=totals[offload], fits=totals[offload] <= budget,
         longest_seq_len=longest, max_position_embeddings=max_positions,
@@ -709,7 +737,7 @@ def format_plan(plan: MemoryPlan) -> str:
     lines = [
         f"memory plan: {plan.recipe} ({plan.model}; sizes from {plan.architecture_source})",
         f"  model path {plan.impl.value} ({plan.impl_reason}); micro-batch {plan.micro_batch_size} x "
-        f"{plan.seq_len:,} tokens; gradient checkpointing {'on' if plan.gradient_checkpointing else 'off'}",
+        f"{plan.seq_len:,} tokens; gradient checkpointing {plan.checkpointing_detail}",
         f"  offload: {plan.offload.value} ({plan.offload_reason})",
         "", header("GPU"),
         *(row(item.name, item.bytes, item.note) for item in plan.gpu),

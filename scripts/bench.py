@@ -203,8 +203,9 @@ def versions() -> dict:
             "bitsandbytes": bitsandbytes.__version__, "card": torch.cuda.get_device_name(0)}
 
 
-def report(results: list[dict], peak_tflops: float, config, info: dict) -> str:
+def report(results: list[dict], peak_tflops: float, link_gbps: float, config, info: dict) -> str:
     lines = [f"card: {info['card']}; bf16 matmul peak measured {peak_tflops:.0f} TFLOP/s; "
+             f"host link (pinned host-to-GPU copies) {link_gbps:.1f} GB/s; "
              + ", ".join(f"{k} {v}" for k, v in info.items() if k != "card"),
              "", "| setting | side | tok/s | vs hf | MFU | peak GiB |", "|---|---|---|---|---|---|"]
     for r in results:
@@ -247,7 +248,7 @@ def main(argv=None) -> None:
         return
 
     from finetune.models.architectures import hf_config
-    from finetune.memory import matmul_peak_flops
+    from finetune.memory import host_link_bytes_per_s, matmul_peak_flops
 
     if args.checkpoint is None:
         args.checkpoint = args.workdir / f"{args.arch}-random"
@@ -259,6 +260,7 @@ def main(argv=None) -> None:
             print(f"wrote {args.checkpoint} in {time.perf_counter() - start:.0f} s", flush=True)
     config = hf_config(args.arch).to_dict()
     peak = matmul_peak_flops(torch.device("cuda")) / 1e12
+    link = host_link_bytes_per_s(torch.device("cuda")) / 1e9
     results = []
     for setting in args.settings:
         batch, seq = (int(x) for x in setting.split("x"))
@@ -267,10 +269,11 @@ def main(argv=None) -> None:
             print(json.dumps(result), flush=True)
             results.append(result)
     info = versions()
-    table = report(results, peak, config, info)
+    table = report(results, peak, link, config, info)
     print(table)
     if args.json:
-        args.json.write_text(json.dumps({"peak_tflops": peak, "versions": info, "results": results}, indent=2))
+        args.json.write_text(json.dumps({"peak_tflops": peak, "host_link_gbps": link, "versions": info,
+                                         "results": results}, indent=2))
 
 
 if __name__ == "__main__":

@@ -212,6 +212,7 @@ def test_partial_checkpointing_adds_the_unchecked_layers_activations():
              ([], ["model.checkpoint_layers=24"], ["model.gradient_checkpointing=false"])]
     full, part, none = (p.gpu_total for p in plans)
     assert full < part < none
+    assert "gradient checkpointing on for 24 of 32 layers" in memory.format_plan(plans[1])
     acts = memory.activation_bytes_per_token(LLAMA3_8B, 2, 16, memory.lora_targets("all-linear"), 0.0,
                                              ModelImpl.native)
     # Eight layers keep everything; fragmentation scales each line item alike.
@@ -226,6 +227,7 @@ def test_mlp_chunks_bound_the_mlp_share_of_one_layer():
     args = ("recipe=llama3_8b_qlora", NATIVE, "hardware.offload=none", "data.max_seq_len=32768", "lora.r=16",
             "lora.lora_dropout=0", "model.name_or_path=meta-llama/Llama-3.1-8B")
     whole, chunked = plan(*args), plan(*args, "model.mlp_chunk_tokens=4096")
+    assert "MLP in 4,096-token chunks" in memory.format_plan(chunked)
     acts = memory.activation_bytes_per_token(ARCHITECTURES["llama3.1-8b"], 2, 16, memory.lora_targets("all-linear"),
                                              0.0, ModelImpl.native)
     tokens = whole.micro_batch_size * 32768
