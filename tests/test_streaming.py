@@ -106,7 +106,7 @@ def test_gpu_offloaded_runs_train_exactly_like_resident_ones(checkpoints, cuda, 
 
 
 def test_offload_decision_follows_the_setting_and_the_plan(checkpoints):
-    from finetune.config import OffloadMode
+    from finetune.config import ConfigError, OffloadMode
     from finetune.models import offload_decision
 
     model_dir = checkpoints("llama")
@@ -124,6 +124,8 @@ def test_offload_decision_follows_the_setting_and_the_plan(checkpoints):
     cfg.hardware.offload = OffloadMode.weights
     assert offload_decision(cfg, model_dir, cuda, []) == (True, False)
     assert offload_decision(cfg, model_dir, CPU, []) == (False, False)  # host memory already
+    with pytest.raises(ConfigError, match="needs a CUDA device"):
+        native.build(cfg, model_dir, torch.float32, CPU, stream_weights=True)
 
 
 def test_streaming_under_several_processes_is_refused(checkpoints, monkeypatch):
@@ -136,3 +138,77 @@ def test_streaming_under_several_processes_is_refused(checkpoints, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ConfigError, match="one process only"):
         offload_decision(cfg, model_dir, torch.device("cuda"), [])
+
+
+class _HostStreams:
+    """CUDA's stream and event calls as no-ops, so the streaming schedule runs on the CPU."""
+
+    class Event:
+        def record(self, stream=None):
+            pass
+
+    class Stream:
+        def __init__(self, device=None):
+            pass
+
+        def wait_event(self, event):
+            pass
+
+    @staticmethod
+    def current_stream():
+        return _HostStreams.Stream()
+
+    @staticmethod
+    def stream(stream):
+        import contextlib
+
+        return contextlib.nullcontext()
+
+
+@pytest.mark.parametrize("checkpoint_layers", [None, 1, 0])
+def test_every_matmul_reads_weights_from_a_slot(tmp_path, monkeypatch, checkpoint_layers):
+    """The schedule: forward, recompute and backward only ever dequantize a layer held in a GPU slot.
+
+    On the CPU, with the copy-stream calls as no-ops, host buffers and slots hold the same bytes,
+    so the numbers alone would not show a layer read from the wrong place: every dequantization
+    checks where its codes live.
+    """
+    from finetune.models.streaming import WeightStreamer
+
+    import transformers
+
+    from make_random_checkpoint import write_random_checkpoint
+
+    for name in ("Event", "Stream", "current_stream", "stream"):
+        monkeypatch.setattr(torch.cuda, name, getattr(_HostStreams, name))
+    # Five layers for two slots, so that layers really leave the GPU and come back.
+    model_dir = write_random_checkpoint(transformers.Qwen2Config(**{**COMMON, "num_hidden_layers": 5}),
+                                        tmp_path / "five-layers", "cpu")
+    cfg = run_config(model_dir)
+    cfg.model.gradient_checkpointing = checkpoint_layers != 0
+    cfg.model.checkpoint_layers = checkpoint_layers or None
+    torch.manual_seed(0)
+    resident = native.build(cfg, model_dir, torch.float32, CPU)
+    torch.manual_seed(0)
+    model = native.build(cfg, model_dir, torch.float32, CPU)
+    streamer = WeightStreamer(model.model.layers, CPU, pin=False)
+    model.model.streamer = streamer
+    reads = []
+
+    def in_a_slot(weight) -> bool:
+        return any(slot.data_ptr() <= weight.packed.data_ptr() < slot.data_ptr() + slot.numel()
+                   for slot in streamer.slots)
+
+    for linear in linear_layers(model).values():
+        dequantize = linear.dequantize
+
+        def checked(weight, out=None, dequantize=dequantize):
+            reads.append(in_a_slot(weight))
+            return dequantize(weight, out=out) if out is not None else dequantize(weight)
+
+        linear.dequantize = checked
+    batches = make_batches()
+    assert train(model, batches, 3) == train(resident, batches, 3)
+    assert reads and all(reads), f"{reads.count(False)} of {len(reads)} dequantizations read host memory"
+    assert torch.equal(logits(model, batches[0]["input_ids"]), logits(resident, batches[0]["input_ids"]))
+    assert all(reads)

@@ -356,6 +356,9 @@ class Decoder(nn.Module):
 
     def stream_weights(self, device: torch.device) -> None:
         """Keep the layers' 4-bit weights in pinned host memory and bring each to `device` just before use."""
+        if device.type != "cuda":
+            raise ConfigError("weight streaming (hardware.offload=weights or all) needs a CUDA device: on the CPU "
+                              "the weights are in host memory already.")
         self.streamer = WeightStreamer(self.layers, device)
 
     def set_checkpointing(self, layers: int, offload: bool = False) -> None:

@@ -85,10 +85,8 @@ class _BeforeBackward(torch.autograd.Function):
 class WeightStreamer:
     """Moves decoder layers' NF4 weights between pinned host memory and `SLOTS` GPU buffers."""
 
-    def __init__(self, layers: nn.ModuleList, device: torch.device):
-        if device.type != "cuda":
-            raise ValueError("weight streaming needs a CUDA device")
-        self.layers = [LayerWeights(layer, pin=True) for layer in layers]
+    def __init__(self, layers: nn.ModuleList, device: torch.device, pin: bool = True):
+        self.layers = [LayerWeights(layer, pin=pin) for layer in layers]
         size = max(layer.nbytes for layer in self.layers)
         self.slots = [torch.empty(size, dtype=torch.uint8, device=device) for _ in range(SLOTS)]
         self.held: list[int | None] = [None] * SLOTS  # the layer in each slot
