@@ -25,19 +25,16 @@ import numpy as np
 import torch
 
 from finetune.errors import UserError
+from finetune.lora import FSDP_WRAPPED
 
 STATE_JSON = "trainer_state.json"
 STATE_TENSORS = "trainer_state.pt"
 COMPLETE_MARKER = "COMPLETE"
 
 
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as handle:
-        os.fsync(handle.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
+def fsync_path(path: Path) -> None:
+    """Flush a file's contents, or a directory's entries, to disk."""
+    fd = os.open(path, os.O_RDONLY)  # read-only opens directories too
     try:
         os.fsync(fd)
     finally:
@@ -48,8 +45,8 @@ def _publish(staging: Path, target: Path) -> None:
     """Make `staging` appear as `target` in one rename, replacing an older `target` if present."""
     for path in staging.rglob("*"):
         if path.is_file():
-            _fsync_file(path)
-    _fsync_dir(staging)
+            fsync_path(path)
+    fsync_path(staging)
     if target.exists():
         retired = target.with_name(target.name + ".old")
         shutil.rmtree(retired, ignore_errors=True)
@@ -58,7 +55,7 @@ def _publish(staging: Path, target: Path) -> None:
         shutil.rmtree(retired)
     else:
         staging.rename(target)
-    _fsync_dir(target.parent)
+    fsync_path(target.parent)
 
 
 def _write_adapter(model, tokenizer, directory: Path, quantization: dict, state_dict: dict | None) -> None:
@@ -82,8 +79,6 @@ def _write_gathered_adapter(model, directory: Path, full_state: dict) -> None:
     front), and would write an empty adapter.
     """
     from safetensors.torch import save_file
-
-    from finetune.lora import FSDP_WRAPPED
 
     adapter = model.active_adapter
     names = [name.replace(FSDP_WRAPPED, "") for name, param in model.named_parameters() if param.requires_grad]

@@ -619,15 +619,18 @@ def gpu_budget(hardware: HardwareConfig) -> tuple[int, str]:
                                           f"your card (default {DEFAULT_GPU_GIB:g})")
 
 
-def _checkpointed_layers(cfg: RunConfig, impl: ModelImpl, arch: dict) -> int:
-    L = arch["num_hidden_layers"]
+def checkpointed_layers(cfg: RunConfig, num_layers: int) -> int:
+    """How many layers the run recomputes in backward (model.gradient_checkpointing, model.checkpoint_layers).
+
+    The native model path takes it as it is; the generic path checkpoints all layers or none.
+    """
     if not cfg.model.gradient_checkpointing:
         return 0
-    if cfg.model.checkpoint_layers is None or impl is not ModelImpl.native:
-        return L
-    if not 0 <= cfg.model.checkpoint_layers <= L:
-        raise ConfigError(f"model.checkpoint_layers={cfg.model.checkpoint_layers}, but the model has {L} layers; "
-                          f"pick 0 to {L} (or null for all).")
+    if cfg.model.checkpoint_layers is None:
+        return num_layers
+    if not 0 <= cfg.model.checkpoint_layers <= num_layers:
+        raise ConfigError(f"model.checkpoint_layers={cfg.model.checkpoint_layers}, but the model has {num_layers} "
+                          f"layers; pick 0 to {num_layers} (or null for all).")
     return cfg.model.checkpoint_layers
 
 
@@ -644,13 +647,16 @@ def plan_for_run(cfg: RunConfig) -> MemoryPlan:
     """How the run `cfg` describes uses its GPU: line items, offload decision, longest sequence that fits."""
     arch, source = locate_architecture(cfg)
     impl, impl_reason = resolve_impl(cfg, arch)
+    L = arch["num_hidden_layers"]
     compute_bytes = DTYPE_BYTES[cfg.quant.bnb_4bit_compute_dtype]
     run = _Run(
         arch=arch, impl=impl, compute_bytes=compute_bytes,
         dense_bytes=compute_bytes if impl is ModelImpl.native else DTYPE_BYTES[cfg.quant.torch_dtype],
         double_quant=cfg.quant.bnb_4bit_use_double_quant, r=cfg.lora.r,
         targets=lora_targets(cfg.lora.target_modules), lora_dropout=cfg.lora.lora_dropout,
-        optimizer=cfg.optim.name, checkpointed_layers=_checkpointed_layers(cfg, impl, arch),
+        optimizer=cfg.optim.name,
+        checkpointed_layers=checkpointed_layers(cfg, L) if impl is ModelImpl.native
+        else (L if cfg.model.gradient_checkpointing else 0),
         mlp_chunk_tokens=cfg.model.mlp_chunk_tokens if impl is ModelImpl.native else None,
         chunked_loss=impl is ModelImpl.native and cfg.model.use_kernels,
         micro_batch_size=cfg.train.micro_batch_size,

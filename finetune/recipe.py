@@ -131,11 +131,7 @@ def run(cfg: RunConfig) -> RunResult:
         elif fsdp:
             from peft.utils.other import fsdp_auto_wrap_policy
 
-            if cfg.quant.bnb_4bit_quant_storage.value != cfg.quant.torch_dtype.value:
-                raise ConfigError("FSDP flattens each layer's weights into one tensor of one dtype: pass "
-                                  f"quant.bnb_4bit_quant_storage={cfg.quant.torch_dtype.value} to store the 4-bit "
-                                  f"weights like the rest (quant.torch_dtype), not as "
-                                  f"{cfg.quant.bnb_4bit_quant_storage.value}.")
+            check_fsdp_quant_storage(cfg)  # again: model.impl=auto may have chosen this path
             # peft's policy gives every LoRA layer its own FSDP unit: a unit flattens one dtype, and
             # LoRA weights are float32 beside a bfloat16 base.
             accelerator.state.fsdp_plugin.auto_wrap_policy = fsdp_auto_wrap_policy(model)
@@ -448,13 +444,19 @@ def check_processes(cfg: RunConfig, accelerator: Accelerator, fsdp: bool, resume
     if cfg.lora.use_dora:
         raise ConfigError("lora.use_dora=true is not supported under FSDP (its adapter files are not written "
                           "in peft's format yet): use DDP, or plain LoRA.")
-    if cfg.model.impl is ModelImpl.hf and cfg.quant.bnb_4bit_quant_storage.value != cfg.quant.torch_dtype.value:
-        raise ConfigError("FSDP flattens each layer's weights into one tensor of one dtype: pass "
-                          f"quant.bnb_4bit_quant_storage={cfg.quant.torch_dtype.value} to store the 4-bit weights "
-                          f"like the rest (quant.torch_dtype), not as {cfg.quant.bnb_4bit_quant_storage.value}.")
+    if cfg.model.impl is ModelImpl.hf:
+        check_fsdp_quant_storage(cfg)
     if cfg.train.eval_generate or cfg.train.sample_prompts:
         raise ConfigError("generating text (train.eval_generate, train.sample_prompts) is not supported under FSDP "
                           "yet: pass train.eval_generate=0 'train.sample_prompts=[]'.")
+
+
+def check_fsdp_quant_storage(cfg: RunConfig) -> None:
+    """The generic path under FSDP: its 4-bit weights must be stored in the dtype of the rest."""
+    if cfg.quant.bnb_4bit_quant_storage.value != cfg.quant.torch_dtype.value:
+        raise ConfigError("FSDP flattens each layer's weights into one tensor of one dtype: pass "
+                          f"quant.bnb_4bit_quant_storage={cfg.quant.torch_dtype.value} to store the 4-bit weights "
+                          f"like the rest (quant.torch_dtype), not as {cfg.quant.bnb_4bit_quant_storage.value}.")
 
 
 def pick_device(name: str) -> torch.device:

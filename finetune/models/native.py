@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from collections import defaultdict
 import json
 import math
 import os
+from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -32,6 +32,7 @@ from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
+from finetune import memory
 from finetune.config import ConfigError, LoraConfig, RunConfig
 from finetune.lora import QLoRALinear, attach_lora, copy_adapter_weights, linear_layers, project, save_adapter
 from finetune.models import nf4_cache
@@ -573,7 +574,7 @@ def write_nf4_cache(model: NativeCausalLM, config, cache_dir: str | Path, finger
         raise ValueError("write_nf4_cache: the model's linear weights were quantized with different settings")
     tensor_dtype = nf4_cache.stored_tensor_dtype(first.dtype, model.model.embed_tokens.weight.dtype)
     meta = nf4_cache.CacheMeta(fingerprint=fingerprint, quant_type=first.quant_type, double_quant=first.nested,
-                     storage_dtype=first.dtype, tensor_dtype=tensor_dtype, blocksize=first.blocksize)
+                               storage_dtype=first.dtype, tensor_dtype=tensor_dtype, blocksize=first.blocksize)
 
     def group(name: str) -> int:  # the decoder layer's index; -1 for the rest, written first
         return int(name.split(".")[2]) if name.startswith("model.layers.") else -1
@@ -667,13 +668,6 @@ def _check_shape(name: str, tensor: torch.Tensor, expected: tuple, model_dir: Pa
         raise ConfigError(f"{model_dir}: {name} has shape {tuple(tensor.shape)}, but config.json implies {expected}.")
 
 
-def checkpointed_layers(cfg: RunConfig, num_layers: int) -> int:
-    """How many layers the run recomputes in backward (model.gradient_checkpointing, model.checkpoint_layers)."""
-    if not cfg.model.gradient_checkpointing:
-        return 0
-    return num_layers if cfg.model.checkpoint_layers is None else cfg.model.checkpoint_layers
-
-
 def build(cfg: RunConfig, model_dir: Path, compute_dtype: torch.dtype, device: torch.device,
           stream_weights: bool = False, offload_checkpoints: bool = False) -> NativeCausalLM:
     """The recipe's model: 4-bit base loaded from `model_dir`, LoRA attached per cfg.lora.
@@ -704,7 +698,7 @@ def build(cfg: RunConfig, model_dir: Path, compute_dtype: torch.dtype, device: t
     args = model.args
     attach_lora(model, cfg.lora)
     # Pinned host memory needs CUDA; on the CPU the activations are already in host memory.
-    model.model.set_checkpointing(checkpointed_layers(cfg, args.num_hidden_layers),
+    model.model.set_checkpointing(memory.checkpointed_layers(cfg, args.num_hidden_layers),
                                   offload_checkpoints and device.type == "cuda")
     model.model.set_mlp_chunking(cfg.model.mlp_chunk_tokens)
     if stream_weights:

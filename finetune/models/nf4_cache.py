@@ -48,6 +48,7 @@ from typing import TYPE_CHECKING, Iterator
 import torch
 
 from finetune.config import ConfigError
+from finetune.checkpoint import fsync_path
 from finetune.models.source import checkpoint_files
 from finetune.quant import BLOCKSIZE, QuantizedWeight
 
@@ -184,7 +185,7 @@ class CacheWriter:
         file = f"shard-{len(self._shards) + 1:05d}.safetensors"
         path = self.staging / file
         save_file(self._tensors, str(path), metadata={"format": "pt", "quantized": json.dumps(self._quantized)})
-        _fsync(path)
+        fsync_path(path)
         size = path.stat().st_size
         self._shards.append({"file": file, "bytes": size})
         self._tensors, self._quantized = {}, {}
@@ -199,13 +200,13 @@ class CacheWriter:
                 {"format_version": FORMAT_VERSION, **meta.to_json(), "shards": self._shards}, indent=2))
             # Everything on disk before the rename publishes it: after a power loss the cache is whole or absent.
             for path in (self.staging / CONFIG_FILE, self.staging / META_FILE, self.staging):
-                _fsync(path)
+                fsync_path(path)
             try:
                 self.staging.rename(self.cache_dir)
             except OSError as error:
                 raise ConfigError(f"could not move the finished NF4 cache to {self.cache_dir} ({error}); "
                                   "did another process write it meanwhile? Delete it and retry.") from None
-            _fsync(self.cache_dir.parent)
+            fsync_path(self.cache_dir.parent)
         except BaseException:
             self.abort()
             raise
@@ -213,14 +214,6 @@ class CacheWriter:
 
     def abort(self) -> None:
         shutil.rmtree(self.staging, ignore_errors=True)
-
-
-def _fsync(path: Path) -> None:
-    descriptor = os.open(path, os.O_RDONLY)  # directories too: that makes their entries durable
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
 
 
 def _read_meta(cache_dir: Path) -> tuple[CacheMeta, list[dict]]:
