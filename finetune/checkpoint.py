@@ -182,16 +182,17 @@ class TrainerState:
     tracker_run_id: str | None
     skipped_nonfinite: int = 0
     world_size: int = 1  # processes that trained it: a resume needs as many
-    fsdp: bool = False  # its optimizer state is one process's shard, so it cannot be resumed
+    fsdp: bool = False  # its optimizer state is FSDP's, keyed by parameter name: resumed under FSDP only
 
 
 def save_checkpoint(directory: Path, step: int, model, tokenizer, quantization: dict, optimizer, scheduler,
                     state: TrainerState, keep_last: int, rng_by_rank: list[dict] | None = None,
-                    adapter_state: dict | None = None) -> Path:
+                    adapter_state: dict | None = None, optimizer_state: dict | None = None) -> Path:
     """Write checkpoints/step-N atomically, then keep only the newest `keep_last` complete ones.
 
     Several processes: one of them writes, given every process's RNG states (`rng_by_rank`) and,
-    under FSDP, the adapter weights gathered from every shard (`adapter_state`).
+    under FSDP, the adapter weights and the optimizer state gathered from every shard
+    (`adapter_state`, `optimizer_state`: see `gather_fsdp_optimizer_state`).
     """
     target = directory / f"step-{step}"
     rng_by_rank = rng_by_rank or [rng_states()]
@@ -200,7 +201,9 @@ def save_checkpoint(directory: Path, step: int, model, tokenizer, quantization: 
         staging = _staging_dir(target)
         try:
             _write_adapter(model, tokenizer, staging, quantization, adapter_state)
-            torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            if optimizer_state is None:
+                optimizer_state = optimizer.state_dict()
+            torch.save({"optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
                         "rng_by_rank": [_rng_for_saving(rng) for rng in rng_by_rank]}, staging / STATE_TENSORS)
             (staging / STATE_JSON).write_text(json.dumps(state.__dict__, indent=2) + "\n")
             # Written last: a directory without it was never finished.
@@ -211,6 +214,35 @@ def save_checkpoint(directory: Path, step: int, model, tokenizer, quantization: 
     for old in complete_checkpoints(directory)[:-keep_last] if keep_last > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return target
+
+
+def gather_fsdp_optimizer_state(model, optimizer, offload_to_cpu: bool) -> dict:
+    """An FSDP model's whole optimizer state, keyed by parameter name, on the first process ({} elsewhere).
+
+    Each process's optimizer holds state for its shard of every parameter only; a checkpoint
+    needs the whole of it. Every process must call this: it gathers. `offload_to_cpu` moves the
+    gathered tensors off the GPU (on the CPU it would free the very storage it copies from).
+    """
+    from torch.distributed.fsdp import FullOptimStateDictConfig, FullStateDictConfig, StateDictType
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    with FSDP.state_dict_type(model, StateDictType.FULL_STATE_DICT,
+                              FullStateDictConfig(offload_to_cpu=offload_to_cpu, rank0_only=True),
+                              FullOptimStateDictConfig(offload_to_cpu=offload_to_cpu, rank0_only=True)):
+        return FSDP.optim_state_dict(model, optimizer)
+
+
+def load_optimizer_state(model, optimizer, saved: dict, fsdp: bool) -> None:
+    """Put a checkpoint's optimizer state back; under FSDP each process takes its shard of the whole."""
+    if fsdp:
+        from torch.distributed.fsdp import FullOptimStateDictConfig, FullStateDictConfig, StateDictType
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        # Every process read the whole state from the checkpoint, so none needs it broadcast.
+        with FSDP.state_dict_type(model, StateDictType.FULL_STATE_DICT, FullStateDictConfig(rank0_only=False),
+                                  FullOptimStateDictConfig(rank0_only=False)):
+            saved = FSDP.optim_state_dict_to_load(model, optimizer, saved)
+    optimizer.load_state_dict(saved)
 
 
 def _step_of(path: Path) -> int:

@@ -27,8 +27,8 @@ from tqdm import tqdm
 
 from finetune import data as data_lib
 from finetune import memory
-from finetune.checkpoint import (TrainerState, config_hash, load_latest_checkpoint, restore_rng_states, rng_states,
-                                 save_adapter, save_checkpoint)
+from finetune.checkpoint import (TrainerState, config_hash, gather_fsdp_optimizer_state, load_latest_checkpoint,
+                                 load_optimizer_state, restore_rng_states, rng_states, save_adapter, save_checkpoint)
 from finetune.config import ConfigError, ModelImpl, Resume, RunConfig
 from finetune.errors import TrainingStopped
 from finetune.models import build_model, load_adapter_weights
@@ -108,8 +108,7 @@ def run(cfg: RunConfig) -> RunResult:
                          world_size=world, fsdp=fsdp)
     if resume_from is not None:
         checkpoint_dir, state, saved = resume_from
-        load_adapter_weights(model, checkpoint_dir)
-        optimizer.load_state_dict(saved["optimizer"])
+        load_adapter_weights(model, checkpoint_dir)  # before FSDP shards the model: every process holds it whole
         scheduler.load_state_dict(saved["scheduler"])
         # Replaying the batch stream puts the data position exactly where the checkpoint left it.
         for _ in range(state.micro_batches_consumed):
@@ -136,6 +135,8 @@ def run(cfg: RunConfig) -> RunResult:
             # LoRA weights are float32 beside a bfloat16 base.
             accelerator.state.fsdp_plugin.auto_wrap_policy = fsdp_auto_wrap_policy(model)
         model, optimizer = accelerator.prepare(model, optimizer)
+    if resume_from is not None:  # after FSDP sharded the model: each process takes its shard of the state
+        load_optimizer_state(model, optimizer, resume_from[2]["optimizer"], fsdp)
     raw_model = accelerator.unwrap_model(model)  # for generation, saving, and its forward's signature
     micro, accumulation = cfg.train.micro_batch_size, cfg.train.gradient_accumulation_steps
     per_step = (f"{accumulation * world} packed rows of up to {micro * cfg.data.max_seq_len} tokens"
@@ -155,13 +156,15 @@ def run(cfg: RunConfig) -> RunResult:
     checkpoints = output_dir / "checkpoints"
 
     def checkpoint(step: int) -> Path:
-        # Every process takes part (each hands over its RNG state; FSDP gathers the adapter from every
-        # shard), the first one writes, and none runs ahead, or exits, before the checkpoint is complete.
+        # Every process takes part (each hands over its RNG state; FSDP gathers the adapter and the
+        # optimizer state from every shard), the first one writes, and none runs ahead, or exits,
+        # before the checkpoint is complete.
         adapter_state = accelerator.get_state_dict(model) if fsdp else None
+        optimizer_state = gather_fsdp_optimizer_state(model, optimizer, device.type == "cuda") if fsdp else None
         rng_by_rank = gather_object([rng_states()])
         if is_main:
             save_checkpoint(checkpoints, step, raw_model, tokenizer, quantization, optimizer, scheduler, state,
-                            cfg.train.keep_last, rng_by_rank, adapter_state)
+                            cfg.train.keep_last, rng_by_rank, adapter_state, optimizer_state)
         accelerator.wait_for_everyone()
         return checkpoints / f"step-{step}"
 
@@ -266,7 +269,7 @@ def run(cfg: RunConfig) -> RunResult:
                 lr = scheduler.get_last_lr()[0]
                 metrics = {"loss": step_loss, "lr": lr, "grad_norm": grad_norm,
                            "tokens_per_s": window_tokens / elapsed, "step_time_s": elapsed / steps_in_window,
-                           "peak_memory_gib": _peak_memory_gib(device)}
+                           "peak_memory_gib": _peak_memory_gib(device, accelerator)}
                 if device.type == "cuda":
                     metrics["mfu"] = flops_per_token * metrics["tokens_per_s"] / peak_flops
                 tracker.log(metrics, step)
@@ -305,7 +308,7 @@ def run(cfg: RunConfig) -> RunResult:
         "time_s": time.perf_counter() - started,
         "train_tokens": total_tokens,
         "best_eval_loss": min(e["eval_loss"] for e in evals),
-        "peak_memory_gib": _peak_memory_gib(device),
+        "peak_memory_gib": _peak_memory_gib(device, accelerator),
         "nonfinite_skipped": state.skipped_nonfinite,
         **{f"final_{k}": v for k, v in after.items()},
     }
@@ -421,10 +424,12 @@ def check_processes(cfg: RunConfig, accelerator: Accelerator, fsdp: bool, resume
                               "process's random state and share of each step are in the checkpoint, so resume with "
                               f"{n} (e.g. accelerate launch --num_processes {n} ...), or pass train.overwrite=true to "
                               "start over.")
-        if state.fsdp or fsdp:
-            raise ConfigError(f"{checkpoint_dir}: resuming under FSDP, or an FSDP run, is not supported yet (the "
-                              "optimizer state is kept per shard and not gathered). The checkpoint's adapter is "
-                              "complete; pass train.overwrite=true to start over.")
+        if state.fsdp != fsdp:
+            trained, now = ("under FSDP", "without it") if state.fsdp else ("without FSDP", "under FSDP")
+            raise ConfigError(f"{checkpoint_dir} was trained {trained}, and this run is {now}: its optimizer state "
+                              "is kept in that form, so resume with the accelerate config it was trained with "
+                              "(e.g. accelerate launch --config_file recipes/accelerate/fsdp.yaml ...), or pass "
+                              "train.overwrite=true to start over.")
     if world == 1:
         return
     if accelerator.mixed_precision != "no":
@@ -531,11 +536,19 @@ def _reset_peak_memory(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def _peak_memory_gib(device: torch.device) -> float:
-    """GPU: peak allocated by torch since training began. CPU: the process's peak resident memory."""
+def _peak_memory_gib(device: torch.device, accelerator: Accelerator) -> float:
+    """GPU: peak allocated by torch since training began. CPU: the process's peak resident memory.
+
+    With several processes, the largest of theirs: under FSDP the first process is not always the
+    fullest. Every process must call this.
+    """
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is in KiB on Linux
+        peak = torch.cuda.max_memory_allocated(device) / 2**30
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is in KiB on Linux
+    if accelerator.num_processes > 1:
+        peak = accelerator.gather(torch.tensor([peak], device=device)).max().item()
+    return peak
 
 
 def _quantization_record(cfg: RunConfig, compute_dtype: torch.dtype) -> dict:

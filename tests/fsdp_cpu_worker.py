@@ -4,15 +4,18 @@
 
 accelerate runs FSDP on GPUs only (on the CPU its FSDP config falls back to DDP), so on the CPU
 this drives torch's FSDP itself, wrapped as recipes/accelerate/fsdp.yaml has accelerate wrap it
-(FSDP1, FULL_SHARD, use_orig_params, peft's auto-wrap policy or the native model's own), around the model build_model
-makes, and trains the recipe's steps: each process takes micro-batches rank, rank + W, ... of the
-global stream, the loss is normalized by the whole step's trainable tokens and scaled by W, and
-gradients are reduced only after the last micro-batch. It proves the sharding of NF4 storage and
-LoRA weights, not accelerate's plumbing (the GPU tests run that).
+(FSDP1, FULL_SHARD, use_orig_params, peft's auto-wrap policy or the native model's own), around
+the model build_model makes, and trains the recipe's steps: each process takes micro-batches
+rank, rank + W, ... of the global stream, the loss is normalized by the whole step's trainable
+tokens and scaled by W, and gradients are reduced only after the last micro-batch. It proves the
+sharding of NF4 storage and LoRA weights, not accelerate's plumbing (the GPU tests run that).
 
-Writes OUT/losses.json (per step: loss, grad norm), OUT/shards.json (parameter elements held by
-each process against the whole model) and OUT/adapter (gathered from the shards and saved as the
-recipe saves under FSDP).
+Writes OUT/losses.json (per step: loss, grad norm), OUT/shards.json (parameter and gradient
+elements held by each process, against the whole model and its trainable part) and OUT/adapter
+(gathered from the shards and saved as the recipe saves under FSDP). It also checkpoints after
+step 1 as the recipe does under FSDP, then builds and shards the model afresh, resumes from that
+checkpoint as the recipe does, trains the remaining steps again and writes their rows to
+OUT/resumed.json.
 """
 
 import contextlib
@@ -27,11 +30,105 @@ from torch.distributed.fsdp import FullStateDictConfig, FullyShardedDataParallel
 
 from finetune import data as data_lib
 from finetune.api import compose_config
-from finetune.checkpoint import save_adapter
+from finetune.checkpoint import (TrainerState, gather_fsdp_optimizer_state, load_latest_checkpoint,
+                                 load_optimizer_state, restore_rng_states, rng_states, save_adapter, save_checkpoint)
 from finetune.cli import quiet_libraries
-from finetune.models import build_model
+from finetune.models import build_model, load_adapter_weights
 from finetune.optim import build_optimizer, build_scheduler
 from finetune.recipe import _pad_id, _quantization_record, seed_everything
+
+DEVICE = torch.device("cpu")
+
+
+def build(cfg, checkpoint=None):
+    """The recipe's set-up under FSDP: model, data stream, optimizer, schedule; resumed from `checkpoint`."""
+    seed_everything(cfg.train.seed)
+    loaded = build_model(cfg, DEVICE)
+    model, tokenizer = loaded.model, loaded.tokenizer
+    data_lib.use_data_chat_template(tokenizer, cfg.data)
+    train_samples, _, _ = data_lib.load_splits(cfg.data, tokenizer, cfg.train.seed, cfg.cache_dir)
+    batches = data_lib.train_batches(train_samples, cfg.data, cfg.train.micro_batch_size, _pad_id(tokenizer),
+                                     cfg.train.seed)
+    optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], cfg.optim, DEVICE)
+    scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
+    state = TrainerState(step=0, micro_batches_consumed=0, config_hash="", tracker_run_id=None,
+                         world_size=dist.get_world_size(), fsdp=True)
+    if checkpoint is not None:
+        path, state, saved = checkpoint
+        load_adapter_weights(model, path)
+        scheduler.load_state_dict(saved["scheduler"])
+        for _ in range(state.micro_batches_consumed):
+            next(batches)
+        restore_rng_states(saved["rng_by_rank"][dist.get_rank()])
+    # The recipe's choice of units: the native model names its own (and makes its codes parameters).
+    policy = model.prepare_for_fsdp() if hasattr(model, "prepare_for_fsdp") else fsdp_auto_wrap_policy(model)
+    whole = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    sharded = FullyShardedDataParallel(model, sharding_strategy=ShardingStrategy.FULL_SHARD,
+                                       auto_wrap_policy=policy, use_orig_params=True,
+                                       sync_module_states=False, device_id=DEVICE)
+    if checkpoint is not None:
+        load_optimizer_state(sharded, optimizer, checkpoint[2]["optimizer"], fsdp=True)
+    return loaded, model, sharded, batches, optimizer, scheduler, state, (whole, trainable)
+
+
+def gathered_state(sharded) -> dict:
+    # On the CPU the gathered state stays where it is: offload_to_cpu=True (accelerate's setting,
+    # right on GPUs) frees the very storage it copies from here and crashes.
+    with FullyShardedDataParallel.state_dict_type(sharded, StateDictType.FULL_STATE_DICT,
+                                                  FullStateDictConfig(offload_to_cpu=False, rank0_only=True)):
+        return sharded.state_dict()
+
+
+def gradient_elements(sharded) -> int:
+    # FSDP keeps one gradient per unit, over the whole of the unit's flattened parameters.
+    units = [m for m in sharded.modules() if isinstance(m, FullyShardedDataParallel) and m._handle is not None]
+    return sum(m._handle.flat_param.grad.numel() for m in units if m._handle.flat_param.grad is not None)
+
+
+gradient_held = []  # gradient elements this process holds after step 1's backward
+
+
+def train(cfg, setup, last_step: int, out: Path, checkpoint_after: int | None = None) -> list[dict]:
+    """The recipe's steps from setup's state through `last_step`; checkpoints as the recipe does under FSDP."""
+    loaded, model, sharded, batches, optimizer, scheduler, state, _ = setup
+    rank, world = dist.get_rank(), dist.get_world_size()
+    sharded.train()
+    rows = []
+    for step in range(state.step + 1, last_step + 1):
+        step_batches = [next(batches) for _ in range(cfg.train.gradient_accumulation_steps * world)]
+        state.micro_batches_consumed += len(step_batches)
+        step_targets = sum(int((mb["labels"][:, 1:] != data_lib.IGNORE_INDEX).sum()) for mb in step_batches)
+        micro_batches = step_batches[rank::world]
+        step_loss = 0.0
+        for i, mb in enumerate(micro_batches):
+            last = i == len(micro_batches) - 1
+            with contextlib.nullcontext() if last else sharded.no_sync():
+                loss = sharded(**data_lib.model_inputs(mb, model, DEVICE), num_items_in_batch=step_targets).loss
+                (loss * world).backward()
+            step_loss += loss.item()
+        total = torch.tensor(step_loss, dtype=torch.float64)
+        dist.all_reduce(total)
+        if step == 1:
+            gradient_held.append(gradient_elements(sharded))
+        grad_norm = float(sharded.clip_grad_norm_(cfg.optim.max_grad_norm))
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        state.step = step
+        rows.append({"step": step, "loss": total.item(), "grad_norm": grad_norm})
+        if step == checkpoint_after:
+            adapter_state = gathered_state(sharded)
+            optimizer_state = gather_fsdp_optimizer_state(sharded, optimizer, offload_to_cpu=False)
+            rng_by_rank = [None] * world
+            dist.all_gather_object(rng_by_rank, rng_states())
+            if rank == 0:
+                save_checkpoint(out / "checkpoints", step, model, loaded.tokenizer,
+                                _quantization_record(cfg, loaded.compute_dtype), optimizer, scheduler, state,
+                                keep_last=1, rng_by_rank=rng_by_rank, adapter_state=adapter_state,
+                                optimizer_state=optimizer_state)
+            dist.barrier()
+    return rows
 
 
 def main(out: Path, overrides: list[str]) -> None:
@@ -39,57 +136,26 @@ def main(out: Path, overrides: list[str]) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     quiet_libraries()
     cfg = compose_config("demo", overrides)
-    device = torch.device("cpu")
-    seed_everything(cfg.train.seed)
-    loaded = build_model(cfg, device)
-    model, tokenizer = loaded.model, loaded.tokenizer
-    data_lib.use_data_chat_template(tokenizer, cfg.data)
-    train_samples, _, _ = data_lib.load_splits(cfg.data, tokenizer, cfg.train.seed, cfg.cache_dir)
-    batches = data_lib.train_batches(train_samples, cfg.data, cfg.train.micro_batch_size, _pad_id(tokenizer),
-                                     cfg.train.seed)
-    optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], cfg.optim, device)
-    scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
-    # The recipe's choice of units: the native model names its own (and makes its codes parameters).
-    policy = model.prepare_for_fsdp() if hasattr(model, "prepare_for_fsdp") else fsdp_auto_wrap_policy(model)
-    whole = sum(p.numel() for p in model.parameters())
 
-    sharded = FullyShardedDataParallel(model, sharding_strategy=ShardingStrategy.FULL_SHARD,
-                                       auto_wrap_policy=policy, use_orig_params=True,
-                                       sync_module_states=False, device_id=device)
+    setup = build(cfg)
+    loaded, model, sharded, *_, (whole, trainable) = setup
     held = sum(p.numel() for p in sharded.parameters())
-
-    sharded.train()
-    rows = []
-    for step in range(1, cfg.train.max_steps + 1):
-        step_batches = [next(batches) for _ in range(cfg.train.gradient_accumulation_steps * world)]
-        step_targets = sum(int((mb["labels"][:, 1:] != data_lib.IGNORE_INDEX).sum()) for mb in step_batches)
-        micro_batches = step_batches[rank::world]
-        step_loss = 0.0
-        for i, mb in enumerate(micro_batches):
-            last = i == len(micro_batches) - 1
-            with contextlib.nullcontext() if last else sharded.no_sync():
-                loss = sharded(**data_lib.model_inputs(mb, model, device), num_items_in_batch=step_targets).loss
-                (loss * world).backward()
-            step_loss += loss.item()
-        total = torch.tensor(step_loss, dtype=torch.float64)
-        dist.all_reduce(total)
-        grad_norm = float(sharded.clip_grad_norm_(cfg.optim.max_grad_norm))
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        rows.append({"step": step, "loss": total.item(), "grad_norm": grad_norm})
-
-    # On the CPU the gathered state stays where it is: offload_to_cpu=True (accelerate's setting,
-    # right on GPUs) frees the very storage it copies from here and crashes.
-    with FullyShardedDataParallel.state_dict_type(sharded, StateDictType.FULL_STATE_DICT,
-                                                  FullStateDictConfig(offload_to_cpu=False, rank0_only=True)):
-        state = sharded.state_dict()
-    shards = [None] * world
+    rows = train(cfg, setup, cfg.train.max_steps, out, checkpoint_after=1)
+    state = gathered_state(sharded)
+    shards, gradients = [None] * world, [None] * world
     dist.all_gather_object(shards, held)
+    dist.all_gather_object(gradients, gradient_held[0])
     if rank == 0:  # the recipe's FSDP save, from the gathered state
-        save_adapter(model, tokenizer, out / "adapter", _quantization_record(cfg, loaded.compute_dtype), state)
+        save_adapter(model, loaded.tokenizer, out / "adapter", _quantization_record(cfg, loaded.compute_dtype), state)
         (out / "losses.json").write_text(json.dumps(rows))
-        (out / "shards.json").write_text(json.dumps({"whole": whole, "held": shards}))
+        (out / "shards.json").write_text(json.dumps({"whole": whole, "held": shards, "trainable": trainable,
+                                                     "gradients": gradients}))
+
+    # As if stopped after step 1: a new model, sharded again, resumed from the checkpoint.
+    resumed = build(cfg, load_latest_checkpoint(out / "checkpoints"))
+    rows = train(cfg, resumed, cfg.train.max_steps, out)
+    if rank == 0:
+        (out / "resumed.json").write_text(json.dumps(rows))
     dist.barrier()
     dist.destroy_process_group()
 

@@ -205,9 +205,19 @@ def test_fsdp_shards_nf4_and_lora_and_trains_like_one_process(one_process, tmp_p
     assert result.returncode == 0, result.stderr[-3000:]
     shards = json.loads((out / "shards.json").read_text())
     assert sum(shards["held"]) == shards["whole"] and max(shards["held"]) <= 0.51 * shards["whole"]
-    assert_same_steps(json.loads((out / "losses.json").read_text()), steps(reference))
+    # Gradients only for the LoRA weights, sharded too: a unit mixing frozen 4-bit codes with LoRA
+    # would carry float32 gradients over the codes as well.
+    assert max(shards["gradients"]) <= 0.51 * shards["trainable"]
+    losses = json.loads((out / "losses.json").read_text())
+    assert_same_steps(losses, steps(reference))
     assert_same_adapter(out / "adapter", reference / "adapter")
     assert_loads_with_peft(out / "adapter", reference / "adapter")
+    # Resumed after step 1 from the gathered checkpoint, re-sharded: steps 2 and 3 again, exactly.
+    # Step 2's loss checks the adapter, data position and RNG; step 3's, step 2's update, which
+    # without the optimizer state (Adam's moments and step count) would differ.
+    resumed = json.loads((out / "resumed.json").read_text())
+    assert [r["step"] for r in resumed] == [2, 3]
+    assert resumed == losses[1:]
 
 
 FSDP_READY = ["model.impl=hf", "quant.bnb_4bit_quant_storage=bfloat16", *FAST]
@@ -236,6 +246,32 @@ def test_fsdp_refuses_what_it_cannot_run(overrides, error):
     else:
         with pytest.raises(UserError, match=error):
             check_processes(cfg, accelerator, True, None)
+
+
+@pytest.mark.parametrize("trained_fsdp, run_fsdp, error", [
+    (True, False, "trained under FSDP, and this run is without it"),
+    (False, True, "trained without FSDP, and this run is under FSDP"),
+    (True, True, None),
+])
+def test_resume_needs_the_same_engine(tmp_path, trained_fsdp, run_fsdp, error):
+    # An FSDP checkpoint's optimizer state is keyed by parameter name, DDP's by position.
+    from types import SimpleNamespace
+
+    from finetune.api import compose_config
+    from finetune.checkpoint import TrainerState
+    from finetune.recipe import check_processes
+
+    plugin = SimpleNamespace(fsdp_version=1, use_orig_params=True)
+    accelerator = SimpleNamespace(num_processes=2, mixed_precision="no", state=SimpleNamespace(fsdp_plugin=plugin))
+    state = TrainerState(step=1, micro_batches_consumed=2, config_hash="", tracker_run_id=None, world_size=2,
+                         fsdp=trained_fsdp)
+    cfg = compose_config("demo", FSDP_READY)
+    resume_from = (tmp_path / "step-1", state, {})
+    if error is None:
+        check_processes(cfg, accelerator, run_fsdp, resume_from)
+    else:
+        with pytest.raises(UserError, match=error):
+            check_processes(cfg, accelerator, run_fsdp, resume_from)
 
 
 two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
@@ -293,3 +329,24 @@ def test_fsdp_on_two_gpus_in_bfloat16(tmp_path, impl, storage):
     weights = load_file(tmp_path / "two" / "adapter" / "adapter_model.safetensors")
     assert weights.keys() == load_file(tmp_path / "one" / "adapter" / "adapter_model.safetensors").keys()
     assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+@pytest.mark.slow
+@pytest.mark.gpu
+@two_gpus
+@pytest.mark.parametrize("impl, storage", [("hf", ["quant.bnb_4bit_quant_storage=float32"]), ("native", [])])
+def test_fsdp_on_two_gpus_resumes(tmp_path, impl, storage):
+    # Stopped after step 1 and resumed through the recipe under FSDP: the same steps as the run
+    # that never stopped (step 3's loss needs step 2's update, so the optimizer state too).
+    settings = [*TWO, "train.save_every=1", "train.keep_last=3", f"model.impl={impl}", *storage]
+    whole = accelerate_launch("fsdp.yaml", f"output_dir={tmp_path / 'whole'}", *settings)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    split = tmp_path / "split"
+    shutil.copytree(tmp_path / "whole", split)
+    for name in ("checkpoints/step-2", "checkpoints/step-3", "adapter"):
+        shutil.rmtree(split / name)
+    resumed = accelerate_launch("fsdp.yaml", f"output_dir={split}", *settings, "train.resume=auto")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "(step 1)" in resumed.stdout
+    assert_same_steps(steps(split), steps(tmp_path / "whole"))
+    assert_same_adapter(split / "adapter", tmp_path / "whole" / "adapter")

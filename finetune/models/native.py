@@ -453,10 +453,13 @@ class NativeCausalLM(nn.Module):
 
         FSDP shards parameters, not buffers: each weight's packed codes become a frozen float32
         parameter over the same bytes (FSDP only copies them; the kernels read them as bytes
-        again), so a decoder layer flattens into one float32 tensor with its fp32 LoRA weights
-        and its biases, stored in float32 here (exact: they are bf16 values cast back per use).
-        Norms (the compute dtype) get units of their own; the embeddings and LM head stay in the
-        root unit.
+        again). Each weight is a unit of its own, so no unit mixes frozen codes with trainable
+        LoRA weights: FSDP gives a unit one gradient buffer over all of its parameters, and codes
+        beside LoRA would get float32 gradients as large as themselves. Their layer reads them by
+        calling the unit (`QuantizedWeight.forward`), which is when FSDP gathers them, in forward,
+        recompute and backward alike. A decoder layer's unit keeps its fp32 LoRA weights and its
+        biases (stored in float32 here: exact, they are bf16 values cast back per use). Norms
+        (the compute dtype) get units of their own; the embeddings and LM head stay in the root.
         """
         for name, linear in linear_layers(self).items():
             weight = linear.weight
@@ -466,9 +469,10 @@ class NativeCausalLM(nn.Module):
                                   "of 4, so they cannot be sharded as float32; use DDP for this model.")
             del weight._buffers["packed"]
             weight.packed = nn.Parameter(packed.reshape(-1).view(torch.float32), requires_grad=False)
+            weight.dequantize_with, linear.dequantize = linear.dequantize, _call_weight_unit
             if linear.bias is not None:
                 linear.bias = nn.Parameter(linear.bias.float(), requires_grad=False)
-        return ModuleWrapPolicy({DecoderLayer, RMSNorm})
+        return ModuleWrapPolicy({QuantizedWeight, DecoderLayer, RMSNorm})
 
     def save_pretrained(self, directory, state_dict: dict | None = None) -> None:
         """The adapter in peft's format: adapter_config.json + adapter_model.safetensors.
@@ -484,6 +488,11 @@ class NativeCausalLM(nn.Module):
     def get_memory_footprint(self) -> int:
         tensors = {t.data_ptr(): t for t in (*self.parameters(), *self.buffers())}
         return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def _call_weight_unit(weight, out=None):
+    # `weight` is FSDP's unit around a QuantizedWeight: calling it gathers the codes for the call.
+    return weight(out=out)
 
 
 def checkpoint_tensors(model_dir: Path):
