@@ -9,18 +9,34 @@ mask d (0 or 1 / (1 - p) per element; all ones without dropout), with xd = x * d
     dA = s (dy B)^T xd
     dB = s dy^T xa
 
-Backward saves x, the dropout mask (one byte per element), xa (N, r: small), A and B, never
-W: it is dequantized again in backward, so a layer's weight exists in full precision only while
-its own matmul runs. Layers without an adapter save nothing at all. The one exception is a layer
-under activation checkpointing (`keep_dequantized`), whose recompute hands its W to the backward
-that immediately follows.
+Layers that read the same input (q/k/v, gate/up) run as one group; a layer alone is a group of
+one. With W the group's weights stacked as row blocks (sum out, in), R the sum of its adapters'
+ranks and A their stacked (R, in) matrices, the LoRA terms become one block-diagonal matrix
+S = s B_bd (sum out, R): layer i's rows and ranks hold s_i B_i, everything else is zero (a layer
+without an adapter has only zero rows). Written side by side with W it gives
 
-Layers that read the same input (q/k/v, gate/up) run as one group: their weights are dequantized
-into row blocks of one matrix and multiplied in a single GEMM, their A matrices stacked into one
-(sum r, in) GEMM, and each s xa B^T added into its own column block of the output by an
-in-place addmm (no full-size temporary). A layer alone is a group of one.
+    Wc = [W | S]  (sum out, in + R),   X' = [x | xa]  (N, in + R)
+    y  = X' Wc^T + b                   one GEMM: no pass over y of its own to add the LoRA term
+    dy Wc = [dy W | (dy S)]            one GEMM: the base gradient and every layer's s_i dy B_i
+    dx = dy W + ((dy S)_i A_i) * d_i summed over layers,  dA_i = (dy S)_i^T xd_i,
+    dB_i = s_i (dy^T xa)_ii            layer i's diagonal block of one (sum out, R) GEMM
 
-A and B are fp32 parameters (peft's choice too), cast to the compute dtype inside the matmuls;
+Building X' copies x (in columns per token) to spare an in-place add over y (sum out columns),
+which is worth it where in <= sum out (q/k/v, gate/up, o_proj); backward there gets dx and
+every s_i dy B_i from the one GEMM dy Wc, dx copied out of it to be contiguous. Elsewhere
+(down_proj, whose in is several times its out) forward is y = x W^T + b plus one addmm of
+xa S^T, and backward takes dy W and dy S as two GEMMs: copying the wide dx out of dy Wc would
+cost more than reading dy twice.
+
+Backward saves x, xa (N, R: small), the stacked A, S (small) and the dropout masks (one byte per
+element and adapted layer), never W: it is dequantized again in backward, so a group's weights
+exist in full precision only while its own matmuls run. X' is not saved either: x is often held
+anyway by whoever made it (attention keeps its output, o_proj's input), and X' would be a
+second copy. A group without adapters saves nothing at all. The one exception is a group under
+activation checkpointing (`keep_dequantized`), whose recompute hands its Wc (or W) to the
+backward that immediately follows.
+
+A and B are fp32 parameters (peft's choice too), cast to the compute dtype once per forward;
 their gradients come back in fp32. Adapter files use peft's keys
 (base_model.model.<module>.lora_A.weight) and peft's adapter_config.json, in both directions.
 """
@@ -32,9 +48,10 @@ import math
 import re
 from itertools import accumulate
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from finetune.config import ConfigError, LoraConfig
@@ -44,62 +61,81 @@ PEFT_PREFIX = "base_model.model."
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
-def dequantize_rows(layers: Sequence[QLoRALinear], dtype: torch.dtype) -> torch.Tensor:
-    """The layers' weights stacked as one (sum out, in) matrix in `dtype`."""
+def dequantize_rows(layers: Sequence[QLoRALinear], dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The layers' weights stacked as one (sum out, in) matrix in `dtype`.
+
+    `out`, when given, receives them; it may be the first columns of a wider matrix.
+    """
     first = layers[0]
-    if len(layers) == 1 and first.weight.dtype == dtype:
-        return first.dequantize(first.weight)
-    stacked = torch.empty(sum(layer.out_features for layer in layers), first.in_features, dtype=dtype,
+    if out is None:
+        if len(layers) == 1 and first.weight.dtype == dtype:
+            return first.dequantize(first.weight)
+        out = torch.empty(sum(layer.out_features for layer in layers), first.in_features, dtype=dtype,
                           device=first.weight.packed.device)
     row = 0
     for layer in layers:
-        block = stacked[row:row + layer.out_features]
+        block = out[row:row + layer.out_features]
         if layer.weight.dtype == dtype:
             layer.dequantize(layer.weight, out=block)
         else:
             block.copy_(layer.dequantize(layer.weight))
         row += layer.out_features
-    return stacked
+    return out
+
+
+def combined_weight(layers: Sequence[QLoRALinear], lora_block: torch.Tensor) -> torch.Tensor:
+    """Wc = [W | S] (sum out, in + R) in the dtype of S, the group's `lora_block`."""
+    width = layers[0].in_features
+    combined = torch.empty(lora_block.shape[0], width + lora_block.shape[1], dtype=lora_block.dtype,
+                           device=lora_block.device)
+    dequantize_rows(layers, lora_block.dtype, out=combined[:, :width])
+    combined[:, width:] = lora_block
+    return combined
 
 
 class QLoRAGroupFunction(torch.autograd.Function):
     """x (..., in) -> the group's outputs side by side (..., sum out); lora_params = A1, B1, A2, B2, ...
 
     (A_i, B_i) is (None, None) for a layer without an adapter. A and B are cast to the compute
-    dtype once per forward, and those copies (not the fp32 parameters) are what backward reads.
+    dtype once per forward (A stacked, B scaled into S), and those copies (not the fp32
+    parameters) are what backward reads.
     """
 
     @staticmethod
     def forward(ctx, x, layers: tuple[QLoRALinear, ...], dropout_p: float, keep_weight: bool, *lora_params):
-        weight = dequantize_rows(layers, x.dtype)
-        biases = [layer.bias for layer in layers]
-        bias = None
-        if any(b is not None for b in biases):
-            bias = torch.cat([torch.zeros(layer.out_features, dtype=x.dtype, device=x.device) if b is None
-                              else b.to(x.dtype) for layer, b in zip(layers, biases)])
-        y = torch.nn.functional.linear(x, weight, bias)  # (..., sum out)
         adapted = [i for i in range(len(layers)) if lora_params[2 * i] is not None]
         ctx.layers, ctx.dropout_p, ctx.keep_weight, ctx.adapted = layers, dropout_p, keep_weight, adapted
-        kept = (weight,) if keep_weight else ()
+        bias = _stacked_bias(layers, x)
         if not adapted:
-            ctx.save_for_backward(*kept)
-            return y
-        ctx.param_dtype = lora_params[2 * adapted[0]].dtype
-        x_rows, y_rows = x.reshape(-1, x.shape[-1]), y.view(-1, y.shape[-1])
-        lora_A = torch.cat([lora_params[2 * i] for i in adapted]).to(x.dtype)  # (sum r, in)
-        lora_B = [lora_params[2 * i + 1].to(x.dtype) for i in adapted]
-        columns, ranks = _column_blocks(layers), _rank_blocks(lora_B)
+            weight = dequantize_rows(layers, x.dtype)
+            ctx.save_for_backward(*((weight,) if keep_weight else ()))
+            return F.linear(x, weight, bias)
+        lora_As = [lora_params[2 * i] for i in adapted]
+        ctx.param_dtype = lora_As[0].dtype
+        ctx.rows = _slices(layer.out_features for layer in layers)
+        ctx.ranks = _slices(A.shape[0] for A in lora_As)
+        x_rows = x.reshape(-1, x.shape[-1])
+        lora_A = (torch.cat(lora_As) if len(lora_As) > 1 else lora_As[0]).to(x.dtype)  # (R, in)
+        lora_block = _lora_block(layers, adapted, lora_params[1::2], ctx.rows, ctx.ranks, x.dtype)  # S
         masks = []
         if dropout_p > 0:
             # One mask per layer, drawn in layer order, as separate dropout modules would.
             masks = [torch.rand_like(x_rows) >= dropout_p for _ in adapted]
-            xa = torch.cat([(x_rows * m / (1 - dropout_p)) @ lora_A[r].T for m, r in zip(masks, ranks)], -1)
+            xa = x_rows.new_empty(x_rows.shape[0], lora_A.shape[0])
+            for mask, r in zip(masks, ctx.ranks):  # each straight into its own columns: no cat
+                torch.mm(x_rows * mask / (1 - dropout_p), lora_A[r].T, out=xa[:, r])
         else:
-            xa = x_rows @ lora_A.T  # (N, sum r)
-        for i, B, r in zip(adapted, lora_B, ranks):
-            y_rows[:, columns[i]].addmm_(xa[:, r], B.T, alpha=layers[i].scaling)
-        ctx.save_for_backward(*kept, x, xa, lora_A, *lora_B, *masks)
-        return y
+            xa = x_rows @ lora_A.T  # (N, R)
+        # [x | xa] copies x to spare an add over y: worth it where y is at least as wide as x.
+        ctx.fold = layers[0].in_features <= lora_block.shape[0]
+        if ctx.fold:
+            weight = combined_weight(layers, lora_block)
+            y = F.linear(torch.cat([x_rows, xa], -1), weight, bias)  # X' Wc^T + b: (N, sum out)
+        else:
+            weight = dequantize_rows(layers, x.dtype)
+            y = F.linear(x_rows, weight, bias).addmm_(xa, lora_block.T)
+        ctx.save_for_backward(*((weight,) if keep_weight else ()), x, xa, lora_A, lora_block, *masks)
+        return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, grad_y):
@@ -108,51 +144,85 @@ class QLoRAGroupFunction(torch.autograd.Function):
         grad_params = [None] * (2 * len(layers))
         grad_rows = grad_y.reshape(-1, grad_y.shape[-1])
         saved = ctx.saved_tensors  # read once: checkpointing allows a single unpack
-        if ctx.keep_weight:
-            weight, saved = saved[0], saved[1:]
+        weight, saved = (saved[0], saved[1:]) if ctx.keep_weight else (None, saved)
         grad_x = None
-        if needs_x:
-            grad_x = grad_rows @ (weight if ctx.keep_weight else dequantize_rows(layers, grad_y.dtype))  # (N, in)
-        if adapted:
-            n = len(adapted)
-            x, xa, lora_A = saved[:3]
-            lora_B, masks = saved[3:3 + n], saved[3 + n:]
-            x_rows = x.reshape(-1, x.shape[-1])
-            columns, ranks = _column_blocks(layers), _rank_blocks(lora_B)
-            # s (dy B) per layer, side by side like xa: (N, sum r).
-            grad_xa = torch.cat([(grad_rows[:, columns[i]] @ B).mul_(layers[i].scaling)
-                                 for i, B in zip(adapted, lora_B)], -1)
-            for i, r in zip(adapted, ranks):
-                if ctx.needs_input_grad[4 + 2 * i + 1]:
-                    grad_B = (grad_rows[:, columns[i]].T @ xa[:, r]).mul_(layers[i].scaling)
-                    grad_params[2 * i + 1] = grad_B.to(ctx.param_dtype)
-            if masks:
-                for mask, i, r in zip(masks, adapted, ranks):
-                    # Masked and scaled in the compute dtype, in the forward's order.
-                    if needs_x:
-                        grad_x.add_((grad_xa[:, r] @ lora_A[r]) * mask / (1 - p))
-                    if ctx.needs_input_grad[4 + 2 * i]:
-                        grad_params[2 * i] = (grad_xa[:, r].T @ (x_rows * mask / (1 - p))).to(ctx.param_dtype)
-            else:
+        if not adapted:
+            if needs_x:
+                grad_x = grad_rows @ (weight if weight is not None else dequantize_rows(layers, grad_y.dtype))
+                grad_x = grad_x.view(*grad_y.shape[:-1], grad_x.shape[-1])
+            return grad_x, None, None, None, *grad_params
+        x, xa, lora_A, lora_block, *masks = saved
+        x_rows = x.reshape(-1, x.shape[-1])
+        wants_A = {i: ctx.needs_input_grad[4 + 2 * i] for i in adapted}
+        wants_B = {i: ctx.needs_input_grad[5 + 2 * i] for i in adapted}
+        # grad_xa: (dy S) (N, R), each layer's s_i dy B_i side by side like xa.
+        if needs_x and ctx.fold:
+            grads = grad_rows @ (weight if weight is not None else combined_weight(layers, lora_block))
+            grad_x, grad_xa = grads[:, :x.shape[-1]], grads[:, x.shape[-1]:]
+        elif needs_x:
+            grad_x = grad_rows @ (weight if weight is not None else dequantize_rows(layers, grad_y.dtype))
+            grad_xa = grad_rows @ lora_block
+        elif any(wants_A.values()):
+            grad_xa = grad_rows @ lora_block
+        if masks:
+            for mask, i, r in zip(masks, adapted, ctx.ranks):
+                # Masked and scaled in the compute dtype, in the forward's order.
                 if needs_x:
-                    grad_x.addmm_(grad_xa, lora_A)
-                grad_A = grad_xa.T @ x_rows  # (sum r, in)
-                for i, r in zip(adapted, ranks):
-                    if ctx.needs_input_grad[4 + 2 * i]:
-                        grad_params[2 * i] = grad_A[r].to(ctx.param_dtype)
+                    grad_x.add_((grad_xa[:, r] @ lora_A[r]) * mask / (1 - p))
+                if wants_A[i]:
+                    grad_params[2 * i] = (grad_xa[:, r].T @ (x_rows * mask / (1 - p))).to(ctx.param_dtype)
+        else:
+            if needs_x:
+                grad_x.addmm_(grad_xa, lora_A)
+            if any(wants_A.values()):
+                grad_A = (grad_xa.T @ x_rows).to(ctx.param_dtype)  # (R, in)
+                for i, r in zip(adapted, ctx.ranks):
+                    if wants_A[i]:
+                        grad_params[2 * i] = grad_A[r]
+        if any(wants_B.values()):
+            # One GEMM rather than one per layer; its off-diagonal blocks (one layer's dy against
+            # another's xa) are wasted work, small at LoRA ranks.
+            grad_B = grad_rows.T @ xa  # (sum out, R)
+            for i, r in zip(adapted, ctx.ranks):
+                if wants_B[i]:
+                    grad_params[2 * i + 1] = _scaled(grad_B[ctx.rows[i], r], layers[i].scaling, ctx.param_dtype)
         if grad_x is not None:
-            grad_x = grad_x.view(*grad_y.shape[:-1], grad_x.shape[-1])
+            # Contiguous for the kernels downstream; under dy Wc a copy out of the wider result.
+            grad_x = grad_x.contiguous().view(*grad_y.shape[:-1], grad_x.shape[-1])
         return grad_x, None, None, None, *grad_params
 
 
-def _column_blocks(layers) -> list[slice]:
-    bounds = [0, *accumulate(layer.out_features for layer in layers)]
+def _slices(sizes: Iterable[int]) -> list[slice]:
+    bounds = [0, *accumulate(sizes)]
     return [slice(a, b) for a, b in zip(bounds, bounds[1:])]
 
 
-def _rank_blocks(lora_B) -> list[slice]:
-    bounds = [0, *accumulate(B.shape[1] for B in lora_B)]
-    return [slice(a, b) for a, b in zip(bounds, bounds[1:])]
+def _stacked_bias(layers, x: torch.Tensor) -> torch.Tensor | None:
+    """The layers' biases side by side in x's dtype (zeros for a layer without one), or None."""
+    biases = [layer.bias for layer in layers]
+    if all(b is None for b in biases):
+        return None
+    if len(layers) == 1:
+        return biases[0].to(x.dtype)
+    return torch.cat([torch.zeros(layer.out_features, dtype=x.dtype, device=x.device) if b is None
+                      else b.to(x.dtype) for layer, b in zip(layers, biases)])
+
+
+def _lora_block(layers, adapted, lora_Bs, rows, ranks, dtype: torch.dtype) -> torch.Tensor:
+    """S (sum out, R): layer i's rows and ranks hold s_i B_i, zeros elsewhere."""
+    device = lora_Bs[adapted[0]].device
+    # A lone layer's block is all s B: nothing to zero.
+    block = (torch.zeros if len(layers) > 1 else torch.empty)(rows[-1].stop, ranks[-1].stop, dtype=dtype,
+                                                              device=device)
+    for i, r in zip(adapted, ranks):
+        # Scaled in fp32 and rounded to the compute dtype once, by one kernel.
+        torch.mul(lora_Bs[i], layers[i].scaling, out=block[rows[i], r])
+    return block
+
+
+def _scaled(t: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
+    """t * scale, rounded to t's dtype and then cast to `dtype`, by one kernel."""
+    return torch.mul(t, scale, out=torch.empty(t.shape, dtype=dtype, device=t.device))
 
 
 def project(x: torch.Tensor, layers: Sequence[QLoRALinear]) -> torch.Tensor:

@@ -60,6 +60,14 @@ class QuantizedWeight(nn.Module):
                           quant_type=self.quant_type, dtype=self.dtype, offset=getattr(self, "offset", None),
                           state2=nested)
 
+    def forward(self, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The weight dequantized by `dequantize_with(self, out)`, set by whoever calls the module.
+
+        Only FSDP calls it so (see NativeCausalLM.prepare_for_fsdp): a call is what makes FSDP
+        gather a unit's shards, and this module is a unit of its own there.
+        """
+        return self.dequantize_with(self, out)
+
     @property
     def numel(self) -> int:
         return math.prod(self.shape)
@@ -71,7 +79,8 @@ class QuantizedWeight(nn.Module):
 def dequantize_bnb(weight: QuantizedWeight, out: torch.Tensor | None = None) -> torch.Tensor:
     """(out, in) in the weight's storage dtype, by bitsandbytes (its CPU path is vectorized C++).
 
-    `out`, when given (contiguous, that shape and dtype), receives the values.
+    `out`, when given (that shape and dtype), receives the values: contiguous, or a view whose rows
+    have unit stride, such as a block of a wider matrix (copy_ follows its strides).
     """
     import bitsandbytes.functional as bnb_functional
 

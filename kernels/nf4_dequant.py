@@ -19,6 +19,11 @@ Every product and sum above is rounded to fp32 separately, exactly as bitsandbyt
 kernel is launched with fp-contraction off: a fused multiply-add would round once and could differ
 from bitsandbytes in the last bit.
 
+The result may land in a row block of a wider matrix (``out`` a (rows, cols) view with row
+stride ``ld >= cols``): element ``i`` then goes to row ``i // cols``, column ``i % cols``, i.e.
+address ``i + (i // cols) (ld - cols)``. LoRA builds its combined [W | s B] matrix this way,
+without a second copy of W.
+
 The weight is frozen, so there is no backward: the result never requires grad.
 """
 
@@ -53,10 +58,14 @@ def _nf4_dequantize_kernel(
     out_ptr,
     numel,
     num_blocks,
+    row_len,
+    row_gap,
     BLOCKSIZE: tl.constexpr,
     NESTED_BLOCKSIZE: tl.constexpr,
     BLOCKS_PER_PROGRAM: tl.constexpr,
     NESTED: tl.constexpr,
+    ROW_STRIDED: tl.constexpr,
+    WHOLE_BLOCKS_PER_ROW: tl.constexpr,
 ):
     # int64 so that element offsets of the largest embedding matrices cannot overflow.
     block_ids = tl.program_id(0).to(tl.int64) * BLOCKS_PER_PROGRAM + tl.arange(0, BLOCKS_PER_PROGRAM)
@@ -80,7 +89,16 @@ def _nf4_dequantize_kernel(
     if out_ptr.dtype.element_ty == tl.bfloat16:
         values = _round_fp32_to_bf16(values)
     element_ids = block_ids[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]
-    tl.store(out_ptr + element_ids, values.to(out_ptr.dtype.element_ty), mask=element_ids < numel)
+    out_ids = element_ids
+    if ROW_STRIDED:
+        # row_gap = ld - row_len elements are skipped after each row of the destination.
+        if WHOLE_BLOCKS_PER_ROW:
+            # No block straddles two rows: one division per block rather than per element.
+            rows = block_ids * BLOCKSIZE // row_len
+            out_ids = element_ids + (rows * row_gap)[:, None]
+        else:
+            out_ids = element_ids + element_ids // row_len * row_gap
+    tl.store(out_ptr + out_ids, values.to(out_ptr.dtype.element_ty), mask=element_ids < numel)
 
 
 def nf4_dequantize_buffers(
@@ -98,6 +116,8 @@ def nf4_dequantize_buffers(
     ``nested`` is ``(state2.code, state2.absmax, offset, state2.blocksize)`` for double-quantized
     absmax (then ``absmax`` holds its uint8 codes). This is the training loop's per-matmul call,
     kept to plain arguments because its host-side cost is paid hundreds of times per step.
+    ``out`` (``shape`` and ``dtype``) is contiguous, or a 2-D view with unit column stride and a
+    row stride of at least ``shape[1]`` (a row block of a wider matrix).
     """
     if blocksize not in SUPPORTED_BLOCKSIZES:
         raise ValueError(f"blocksize {blocksize} is not one of {SUPPORTED_BLOCKSIZES}")
@@ -108,8 +128,13 @@ def nf4_dequantize_buffers(
         raise ValueError(f"packed tensor has {packed.numel()} bytes, expected {(numel + 1) // 2}")
     if out is None:
         out = torch.empty(shape, dtype=dtype, device=packed.device)
-    elif out.shape != shape or out.dtype != dtype or not out.is_contiguous():
-        raise ValueError(f"out must be a contiguous {tuple(shape)} {dtype} tensor, got {tuple(out.shape)} {out.dtype}")
+    row_strided = not out.is_contiguous()
+    if (out.shape != shape or out.dtype != dtype
+            or row_strided and not (out.dim() == 2 and out.stride(1) == 1 and out.stride(0) >= shape[1])):
+        raise ValueError(f"out must be a {tuple(shape)} {dtype} tensor, contiguous or with rows of unit stride, "
+                         f"got {tuple(out.shape)} {out.dtype} with strides {out.stride()}")
+    # Constants when contiguous, so that Triton compiles that variant once, whatever the shape.
+    row_len, row_gap = (shape[1], out.stride(0) - shape[1]) if row_strided else (1, 0)
     num_blocks = triton.cdiv(numel, blocksize)
     blocks_per_program = max(1, ELEMENTS_PER_PROGRAM // blocksize)
     code = code.to(device=packed.device, dtype=torch.float32)
@@ -131,10 +156,14 @@ def nf4_dequantize_buffers(
         out,
         numel,
         num_blocks,
+        row_len,
+        row_gap,
         BLOCKSIZE=blocksize,
         NESTED_BLOCKSIZE=nested_blocksize,
         BLOCKS_PER_PROGRAM=blocks_per_program,
         NESTED=nested is not None,
+        ROW_STRIDED=row_strided,
+        WHOLE_BLOCKS_PER_ROW=row_len % blocksize == 0,
         enable_fp_fusion=False,
     )
     return out
@@ -145,9 +174,10 @@ def nf4_dequantize(packed: torch.Tensor, quant_state, dtype: torch.dtype | None 
     """Dequantize ``packed`` (e.g. ``Params4bit.data``) with its bitsandbytes ``QuantState``.
 
     Bit-exact with ``bitsandbytes.functional.dequantize_4bit``. ``dtype`` defaults to
-    ``quant_state.dtype`` (bf16, fp16 or fp32). ``out`` (contiguous, the weight's shape and
-    ``dtype``) receives the result instead of a new tensor: several weights can be dequantized
-    into row blocks of one matrix and multiplied in a single GEMM.
+    ``quant_state.dtype`` (bf16, fp16 or fp32). ``out`` (the weight's shape and ``dtype``;
+    contiguous, or a 2-D view whose rows have unit stride) receives the result instead of a new
+    tensor: several weights can be dequantized into blocks of one matrix and multiplied in a
+    single GEMM.
     """
     if quant_state.quant_type != "nf4":
         raise ValueError(f"expected an nf4 QuantState, got quant_type={quant_state.quant_type!r}")

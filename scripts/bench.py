@@ -1,6 +1,7 @@
 """QLoRA training throughput and memory, ours against the baseline, measured in one run (shared/BENCH.md).
 
     python scripts/bench.py --arch llama3-8b --settings 2x2048 1x8192 --sides hf liger ours
+    python scripts/bench.py --settings 2x2048 --sides hf hf-kbit ours --ours-variant "model.checkpoint_layers=16"
 
 Baseline ("hf") is what a user would otherwise run: transformers AutoModelForCausalLM with
 BitsAndBytesConfig(nf4, double quant, bf16 compute) + peft LoRA (r=16, alpha=16, dropout 0, all
@@ -177,10 +178,12 @@ def profile_steps(optimizer_step, path: Path, steps: int = 2) -> None:
 
 # ---------------------------------------------------------------- the driver
 
-def run_side(side: str, batch: int, seq: int, args) -> dict:
+def run_side(side: str, batch: int, seq: int, args, variant: str | None = None) -> dict:
+    """One side in its own process; `variant`: extra overrides for ours (space-separated), reported as its own row."""
     cmd = [sys.executable, __file__, "--one", side, "--batch", str(batch), "--seq", str(seq), "--checkpoint",
            str(args.checkpoint), "--steps", str(args.steps), "--warmup", str(args.warmup), "--ours-impl", args.ours_impl]
-    cmd += [x for o in args.ours_override for x in ("--ours-override", o)]
+    overrides = [*args.ours_override, *(variant.split() if variant else [])]
+    cmd += [x for o in overrides for x in ("--ours-override", o)]
     if args.profile:
         cmd += ["--profile", str(args.profile)]
     if args.no_grad_ckpt:
@@ -188,10 +191,11 @@ def run_side(side: str, batch: int, seq: int, args) -> dict:
     if args.cap_gib:
         cmd += ["--cap-gib", str(args.cap_gib)]
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    label = f"{side} {variant}" if variant else side
     if done.returncode != 0:
         tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
-        return {"side": side, "batch": batch, "seq": seq, "error": " | ".join(tail)[-400:]}
-    return json.loads(done.stdout.strip().splitlines()[-1])
+        return {"side": label, "batch": batch, "seq": seq, "error": " | ".join(tail)[-400:]}
+    return {**json.loads(done.stdout.strip().splitlines()[-1]), "side": label}
 
 
 def versions() -> dict:
@@ -207,17 +211,20 @@ def report(results: list[dict], peak_tflops: float, link_gbps: float, config, in
     lines = [f"card: {info['card']}; bf16 matmul peak measured {peak_tflops:.0f} TFLOP/s; "
              f"host link (pinned host-to-GPU copies) {link_gbps:.1f} GB/s; "
              + ", ".join(f"{k} {v}" for k, v in info.items() if k != "card"),
-             "", "| setting | side | tok/s | vs hf | MFU | peak GiB |", "|---|---|---|---|---|---|"]
+             "", "| setting | side | tok/s | vs hf | vs hf-kbit | MFU | peak GiB |", "|---|---|---|---|---|---|---|"]
     for r in results:
         setting = f"bs{r['batch']} x {r['seq']}"
         if "error" in r:
-            lines.append(f"| {setting} | {r['side']} | failed: {r['error']} | | | |")
+            lines.append(f"| {setting} | {r['side']} | failed: {r['error']} | | | | |")
             continue
-        base = next((b for b in results if b["side"] == "hf" and b["batch"] == r["batch"] and b["seq"] == r["seq"]
-                     and "error" not in b), None)
-        ratio = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base else "n/a"
+        ratios = []
+        for baseline in ("hf", "hf-kbit"):
+            base = next((b for b in results if b["side"] == baseline and b["batch"] == r["batch"]
+                         and b["seq"] == r["seq"] and "error" not in b), None)
+            ratios.append(f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base else "n/a")
         mfu = useful_flops_per_token(config, r["seq"]) * r["tokens_per_s"] / (peak_tflops * 1e12)
-        lines.append(f"| {setting} | {r['side']} | {r['tokens_per_s']:,.0f} | {ratio} | {mfu:.1%} | {r['peak_gib']:.1f} |")
+        lines.append(f"| {setting} | {r['side']} | {r['tokens_per_s']:,.0f} | {' | '.join(ratios)} | {mfu:.1%} "
+                     f"| {r['peak_gib']:.1f} |")
     return "\n".join(lines)
 
 
@@ -230,6 +237,8 @@ def main(argv=None) -> None:
     parser.add_argument("--sides", nargs="+", default=["hf", "ours"], choices=["hf", "hf-kbit", "liger", "ours"])
     parser.add_argument("--ours-impl", default="native")
     parser.add_argument("--ours-override", action="append", default=[], help="extra config override for ours")
+    parser.add_argument("--ours-variant", action="append", default=[],
+                        help="another ours row per setting with these extra overrides (space-separated)")
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--no-grad-ckpt", action="store_true")
@@ -264,8 +273,9 @@ def main(argv=None) -> None:
     results = []
     for setting in args.settings:
         batch, seq = (int(x) for x in setting.split("x"))
-        for side in args.sides:
-            result = run_side(side, batch, seq, args)
+        runs = [(side, None) for side in args.sides] + [("ours", variant) for variant in args.ours_variant]
+        for side, variant in runs:
+            result = run_side(side, batch, seq, args, variant)
             print(json.dumps(result), flush=True)
             results.append(result)
     info = versions()

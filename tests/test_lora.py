@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from finetune.config import ConfigError
-from finetune.lora import QLoRALinear, project, select_targets
+from finetune.lora import QLoRALinear, dequantize_rows, project, select_targets
 from finetune.quant import QuantizedWeight, dequantize_bnb
 
 IN, OUT, R = 64, 48, 4
@@ -73,17 +73,136 @@ def make_group(outs, bias: bool, dropout: float, adapted, storage_dtype=torch.fl
     return layers
 
 
+# in = 64 against the group's summed out. Where out >= in, the LoRA term rides along the base
+# GEMM as extra columns ([x | xa] times [W | s B]); where out < in it is one addmm into y.
+GROUPS = {
+    "fold": (48, 16, 16),  # q/k/v-like, in < out
+    "fold_alone": (64,),  # o_proj-like, in == out
+    "no_fold": (16, 8, 8),  # in > out
+    "no_fold_alone": (48,),  # down_proj-like, in > out
+}
+ADAPTED = {1: [(True,)], 3: [(True, True, True), (True, False, True), (False, True, False)]}
+GROUP_CASES = [pytest.param(outs, adapted, id=f"{name}-{''.join('A' if a else '_' for a in adapted)}")
+               for name, outs in GROUPS.items() for adapted in ADAPTED[len(outs)]]
+
+
+def reference_group(layers, x, masks=()):
+    """Plain autograd, layer by layer, on the dequantized weights (constants) and the adapters themselves."""
+    masks = list(masks)
+    outputs = []
+    for layer in layers:
+        weight = dequantize_bnb(layer.weight).to(x.dtype)
+        y = x @ weight.T
+        if layer.bias is not None:
+            y = y + layer.bias.to(x.dtype)
+        if layer.lora_A is not None:
+            xd = x * masks.pop(0) / (1 - layer.lora_dropout) if layer.lora_dropout else x
+            y = y + layer.scaling * (xd @ layer.lora_A.T.to(x.dtype)) @ layer.lora_B.T.to(x.dtype)
+        outputs.append(y)
+    return torch.cat(outputs, -1)
+
+
+def group_and_reference(layers, x, grad_y, dropout):
+    """(y, grads) of project() and of reference_group() in float32, for x and every adapter."""
+    params = [p for layer in layers for p in (layer.lora_A, layer.lora_B) if p is not None]
+    inputs = [x, *params] if x.requires_grad else params
+    torch.manual_seed(7)
+    y = project(x, layers)
+    grads = torch.autograd.grad(y, inputs, grad_y)
+    torch.manual_seed(7)  # the group's draws: one mask per adapted layer, in layer order
+    masks = [torch.rand_like(x) >= dropout for layer in layers if layer.lora_A is not None] if dropout else ()
+    x_ref = x.detach().float().requires_grad_(x.requires_grad)
+    y_ref = reference_group(layers, x_ref, masks)
+    grads_ref = torch.autograd.grad(y_ref, [x_ref, *params] if x.requires_grad else params, grad_y.float())
+    return (y, grads), (y_ref, grads_ref)
+
+
+@pytest.mark.parametrize("outs,adapted", GROUP_CASES)
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+@pytest.mark.parametrize("bias", [False, True], ids=["no_bias", "bias"])
+def test_group_gradients_match_plain_autograd(outs, adapted, dropout, bias):
+    layers = make_group(outs, bias=bias, dropout=dropout, adapted=adapted)
+    x = torch.randn(2, 5, IN, requires_grad=True)
+    grad_y = torch.randn(2, 5, sum(outs))
+    (y, grads), (y_ref, grads_ref) = group_and_reference(layers, x, grad_y, dropout)
+    # fp32 on both sides, the same products summed in another order: a few ulps (1e-7 relative
+    # each) of values up to about a hundred, well inside 1e-5.
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    for got, want in zip(grads, grads_ref):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("outs", [GROUPS["fold"], GROUPS["no_fold"]], ids=["fold", "no_fold"])
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_bf16_group_with_fp32_adapters_matches_fp32_autograd(outs, dropout):
+    """Training's case: bf16 weights, activations and LoRA products, fp32 parameters and gradients."""
+    layers = make_group(outs, bias=True, dropout=dropout, adapted=(True, False, True),
+                        storage_dtype=torch.bfloat16)
+    for layer in layers:
+        layer.bias = nn.Parameter(layer.bias.to(torch.bfloat16), requires_grad=False)
+    x = torch.randn(2, 5, IN, dtype=torch.bfloat16, requires_grad=True)
+    grad_y = torch.randn(2, 5, sum(outs), dtype=torch.bfloat16)
+    (y, grads), (y_ref, grads_ref) = group_and_reference(layers, x, grad_y, dropout)
+    assert y.dtype == grads[0].dtype == torch.bfloat16
+    assert all(g.dtype == torch.float32 for g in grads[1:])
+    # The reference sees the same bf16 inputs and weights but keeps every product in fp32; the
+    # group rounds xa, s B, y and each gradient GEMM's result to bf16, 2^-9 relative each. A few
+    # such roundings compound to about 2 * 2^-9 in norm (measured: at most 0.0045); entries that
+    # cancel to near zero have no useful elementwise bound, so the check is on the whole tensor,
+    # with 2^-7 leaving a margin of about two.
+    for got, want in zip([y, *grads], [y_ref, *grads_ref]):
+        assert (got.float() - want).norm() <= 2**-7 * want.norm()
+
+
+@pytest.mark.parametrize("outs", [GROUPS["fold"], GROUPS["no_fold"]], ids=["fold", "no_fold"])
+def test_input_without_gradient_still_trains_the_adapters(outs):
+    """The first layer's input needs no gradient: backward skips dx (and the weight) but not dA, dB."""
+    layers = make_group(outs, bias=False, dropout=0.0, adapted=(True, False, True))
+    x = torch.randn(2, 5, IN)
+    grad_y = torch.randn(2, 5, sum(outs))
+    (_, grads), (_, grads_ref) = group_and_reference(layers, x, grad_y, 0.0)
+    for got, want in zip(grads, grads_ref):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)  # fp32, summation order only
+
+
+@pytest.mark.parametrize("outs", [GROUPS["fold"], GROUPS["no_fold"]], ids=["fold", "no_fold"])
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_kept_weight_gives_the_same_gradients(outs, dropout):
+    """keep_dequantized hands forward's weight to backward instead of rebuilding it: identical bits."""
+    layers = make_group(outs, bias=True, dropout=dropout, adapted=(True, False, True))
+    x = torch.randn(2, 5, IN, requires_grad=True)
+    grad_y = torch.randn(2, 5, sum(outs))
+    params = [p for layer in layers for p in (layer.lora_A, layer.lora_B) if p is not None]
+    results = []
+    for keep in (False, True):
+        for layer in layers:
+            layer.keep_dequantized = keep
+        torch.manual_seed(7)
+        outputs = []
+        saved = saved_for_backward(lambda: outputs.append(project(x, layers)))
+        results.append((outputs[0], torch.autograd.grad(outputs[0], [x, *params], grad_y), saved))
+    (y, grads, saved), (y_kept, grads_kept, saved_kept) = results
+    assert torch.equal(y, y_kept)
+    for got, want in zip(grads_kept, grads):
+        assert torch.equal(got, want)
+    R = sum(layer.r for layer in layers)
+    weight_shape = (sum(outs), IN + R) if IN <= sum(outs) else (sum(outs), IN)  # [W | s B] or W
+    assert [tuple(t.shape) for t in saved_kept if t is not None] == \
+        [weight_shape] + [tuple(t.shape) for t in saved if t is not None]
+
+
+@pytest.mark.parametrize("outs", [GROUPS["fold"], GROUPS["no_fold"]], ids=["fold", "no_fold"])
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
 @pytest.mark.parametrize("adapted", [(True, True, True), (True, False, True)])
 @pytest.mark.parametrize("storage_dtype", [torch.float32, torch.bfloat16])
-def test_group_equals_the_layers_one_by_one(dropout, adapted, storage_dtype):
+def test_group_equals_the_layers_one_by_one(outs, dropout, adapted, storage_dtype):
     """One GEMM for q/k/v-like layers computes what three calls compute, values and gradients."""
-    layers = make_group((48, 16, 16), bias=True, dropout=dropout, adapted=adapted, storage_dtype=storage_dtype)
+    layers = make_group(outs, bias=True, dropout=dropout, adapted=adapted, storage_dtype=storage_dtype)
     for layer in layers:
         layer.bias = nn.Parameter(layer.bias.to(storage_dtype), requires_grad=False)
     # Computing in the storage dtype: bf16 compute is what training on a GPU does.
     x = torch.randn(2, 5, IN, dtype=storage_dtype, requires_grad=True)
-    grad_y = torch.randn(2, 5, 80, dtype=storage_dtype)
+    grad_y = torch.randn(2, 5, sum(outs), dtype=storage_dtype)
     params = [p for layer in layers for p in (layer.lora_A, layer.lora_B) if p is not None]
 
     torch.manual_seed(7)  # the same dropout draws, in layer order, on both sides
@@ -99,6 +218,19 @@ def test_group_equals_the_layers_one_by_one(dropout, adapted, storage_dtype):
     torch.testing.assert_close(y, y_one_by_one, **tolerance)
     for got, want in zip(grads, grads_one_by_one):
         torch.testing.assert_close(got.to(want.dtype), want, **tolerance)
+
+
+@pytest.mark.parametrize("storage_dtype", [torch.float32, torch.bfloat16])
+def test_weights_fill_the_first_columns_of_a_wider_matrix(storage_dtype):
+    """[W | s B] is built in place: each weight lands in its row block, the other columns untouched."""
+    layers = make_group((48, 16, 16), bias=False, dropout=0.0, adapted=(False, False, False),
+                        storage_dtype=storage_dtype)
+    wide = torch.full((80, IN + 5), float("nan"), dtype=torch.bfloat16)
+    # bf16 storage dequantizes straight into the view; fp32 storage is dequantized, then copied.
+    dequantize_rows(layers, torch.bfloat16, out=wide[:, :IN])
+    expected = torch.cat([dequantize_bnb(layer.weight).to(torch.bfloat16) for layer in layers])
+    assert torch.equal(wide[:, :IN], expected)
+    assert bool(wide[:, IN:].isnan().all())
 
 
 def test_group_split_feeds_one_gradient_buffer():
@@ -122,13 +254,17 @@ def saved_for_backward(fn) -> list[torch.Tensor]:
     return saved
 
 
-def test_backward_saves_input_and_adapter_never_the_dequantized_weight():
-    layer = make_layer().train()
+@pytest.mark.parametrize("outs", [(OUT,), GROUPS["fold"], GROUPS["fold_alone"], GROUPS["no_fold"]],
+                         ids=["no_fold_alone", "fold", "fold_alone", "no_fold"])
+def test_backward_saves_input_and_adapter_never_the_dequantized_weight(outs):
+    layers = make_group(outs, bias=True, dropout=0.0, adapted=(True, False, True) if len(outs) == 3 else (True,))
+    R = sum(layer.r for layer in layers)
     x = torch.randn(3, 7, IN, requires_grad=True)
-    saved = [t for t in saved_for_backward(lambda: layer(x)) if t is not None]
+    saved = [t for t in saved_for_backward(lambda: project(x, layers)) if t is not None]
     shapes = sorted(tuple(t.shape) for t in saved)
-    # x, xa = x A^T (tokens x r), A, B: the (OUT, IN) weight is dequantized again in backward.
-    assert shapes == sorted([(3, 7, IN), (3 * 7, R), (R, IN), (OUT, R)])
+    # x, xa = x A^T (tokens x R), the stacked A and s B (sum out x R): neither W (sum out x in) nor
+    # [W | s B] nor [x | xa]; the weight is dequantized again in backward.
+    assert shapes == sorted([(3, 7, IN), (3 * 7, R), (R, IN), (sum(outs), R)])
     assert saved[0] is x  # the caller's tensor itself, no copy
 
 

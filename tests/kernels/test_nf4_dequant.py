@@ -47,6 +47,35 @@ def test_bit_exact_other_blocksizes(device, shape, blocksize, nested):
     assert torch.equal(nf4_dequantize(packed, quant_state), expected)
 
 
+# A row block of a wider matrix, as LoRA's combined [W | s B] holds it: rows land `ld` apart at a
+# column offset. (67, 192) rows are whole 64-blocks (one row per block); the others have blocks
+# straddling rows and, (7, 9) and (3, 5), a padding nibble. The oracle is bitsandbytes on the same
+# data quantized as 1-D (see test_bit_exact_other_blocksizes), valid for every shape.
+@pytest.mark.parametrize("shape,blocksize", [((67, 192), 64), ((5, 96), 64), ((7, 9), 64), ((3, 5), 32)])
+@pytest.mark.parametrize("nested", [False, True], ids=["plain", "double_quant"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_writes_into_a_row_strided_view_bit_exact(device, shape, blocksize, nested, dtype):
+    rows, cols = shape
+    packed, quant_state = _quantize(shape, dtype, blocksize, nested, device)
+    flat_packed, flat_state = _quantize((rows * cols,), dtype, blocksize, nested, device)
+    expected = bnb_functional.dequantize_4bit(flat_packed, flat_state).reshape(shape)
+    wide = torch.full((rows + 3, cols + 5), 7.0, dtype=dtype, device=device)
+    view = wide[1:1 + rows, 2:2 + cols]
+    assert not view.is_contiguous()
+    assert nf4_dequantize(packed, quant_state, out=view) is view
+    assert torch.equal(view, expected)
+    untouched = torch.ones_like(wide, dtype=torch.bool)
+    untouched[1:1 + rows, 2:2 + cols] = False
+    assert bool((wide[untouched] == 7.0).all())
+
+
+def test_out_without_unit_column_stride_is_refused(device):
+    packed, quant_state = _quantize((67, 192), torch.bfloat16, 64, True, device)
+    column_major = torch.empty(192, 67, dtype=torch.bfloat16, device=device).T
+    with pytest.raises(ValueError, match="unit stride"):
+        nf4_dequantize(packed, quant_state, out=column_major)
+
+
 @pytest.mark.parametrize("out_dtype", DTYPES)
 def test_output_dtype_override(device, out_dtype):
     packed, quant_state = _quantize((67, 192), torch.bfloat16, 64, True, device)
