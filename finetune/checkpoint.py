@@ -182,17 +182,17 @@ class TrainerState:
     tracker_run_id: str | None
     skipped_nonfinite: int = 0
     world_size: int = 1  # processes that trained it: a resume needs as many
-    fsdp: bool = False  # its optimizer state is FSDP's, keyed by parameter name: resumed under FSDP only
+    fsdp: bool = False  # its optimizer state is one per process and shard: resumed under FSDP only
 
 
 def save_checkpoint(directory: Path, step: int, model, tokenizer, quantization: dict, optimizer, scheduler,
                     state: TrainerState, keep_last: int, rng_by_rank: list[dict] | None = None,
-                    adapter_state: dict | None = None, optimizer_state: dict | None = None) -> Path:
+                    adapter_state: dict | None = None, optimizer_by_rank: list[dict] | None = None) -> Path:
     """Write checkpoints/step-N atomically, then keep only the newest `keep_last` complete ones.
 
     Several processes: one of them writes, given every process's RNG states (`rng_by_rank`) and,
-    under FSDP, the adapter weights and the optimizer state gathered from every shard
-    (`adapter_state`, `optimizer_state`: see `gather_fsdp_optimizer_state`).
+    under FSDP, the adapter weights gathered from every shard (`adapter_state`) and every
+    process's optimizer state for its shard (`optimizer_by_rank`, see `optimizer_state_on_cpu`).
     """
     target = directory / f"step-{step}"
     rng_by_rank = rng_by_rank or [rng_states()]
@@ -201,9 +201,9 @@ def save_checkpoint(directory: Path, step: int, model, tokenizer, quantization: 
         staging = _staging_dir(target)
         try:
             _write_adapter(model, tokenizer, staging, quantization, adapter_state)
-            if optimizer_state is None:
-                optimizer_state = optimizer.state_dict()
-            torch.save({"optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
+            optimizer_state = {"optimizer_by_rank": optimizer_by_rank} if optimizer_by_rank is not None \
+                else {"optimizer": optimizer.state_dict()}
+            torch.save({**optimizer_state, "scheduler": scheduler.state_dict(),
                         "rng_by_rank": [_rng_for_saving(rng) for rng in rng_by_rank]}, staging / STATE_TENSORS)
             (staging / STATE_JSON).write_text(json.dumps(state.__dict__, indent=2) + "\n")
             # Written last: a directory without it was never finished.
@@ -216,33 +216,30 @@ def save_checkpoint(directory: Path, step: int, model, tokenizer, quantization: 
     return target
 
 
-def gather_fsdp_optimizer_state(model, optimizer, offload_to_cpu: bool) -> dict:
-    """An FSDP model's whole optimizer state, keyed by parameter name, on the first process ({} elsewhere).
+def optimizer_state_on_cpu(optimizer) -> dict:
+    """This process's optimizer state, its tensors copied to host memory (to be gathered and written).
 
-    Each process's optimizer holds state for its shard of every parameter only; a checkpoint
-    needs the whole of it. Every process must call this: it gathers. `offload_to_cpu` moves the
-    gathered tensors off the GPU (on the CPU it would free the very storage it copies from).
+    Under FSDP with use_orig_params it covers this process's shard of each LoRA parameter: the
+    same model, wrapping and number of processes shard it the same way again on resume, so each
+    process gets its own state back. (torch's gathered FSDP optimizer state dict was tried and
+    failed on a 70B whose parameters straddle shard boundaries.)
     """
-    from torch.distributed.fsdp import FullOptimStateDictConfig, FullStateDictConfig, StateDictType
-    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    def to_cpu(value):
+        if isinstance(value, torch.Tensor):
+            return value.detach().cpu()
+        if isinstance(value, dict):
+            return {k: to_cpu(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return type(value)(to_cpu(v) for v in value)
+        return value
 
-    with FSDP.state_dict_type(model, StateDictType.FULL_STATE_DICT,
-                              FullStateDictConfig(offload_to_cpu=offload_to_cpu, rank0_only=True),
-                              FullOptimStateDictConfig(offload_to_cpu=offload_to_cpu, rank0_only=True)):
-        return FSDP.optim_state_dict(model, optimizer)
+    return to_cpu(optimizer.state_dict())
 
 
-def load_optimizer_state(model, optimizer, saved: dict, fsdp: bool) -> None:
-    """Put a checkpoint's optimizer state back; under FSDP each process takes its shard of the whole."""
-    if fsdp:
-        from torch.distributed.fsdp import FullOptimStateDictConfig, FullStateDictConfig, StateDictType
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
-        # Every process read the whole state from the checkpoint, so none needs it broadcast.
-        with FSDP.state_dict_type(model, StateDictType.FULL_STATE_DICT, FullStateDictConfig(rank0_only=False),
-                                  FullOptimStateDictConfig(rank0_only=False)):
-            saved = FSDP.optim_state_dict_to_load(model, optimizer, saved)
-    optimizer.load_state_dict(saved)
+def saved_optimizer_state(saved: dict, rank: int) -> dict:
+    """The optimizer state a checkpoint holds for process `rank`: its own under FSDP, else the one."""
+    by_rank = saved.get("optimizer_by_rank")
+    return by_rank[rank] if by_rank is not None else saved["optimizer"]
 
 
 def _step_of(path: Path) -> int:

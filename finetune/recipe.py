@@ -27,8 +27,8 @@ from tqdm import tqdm
 
 from finetune import data as data_lib
 from finetune import memory
-from finetune.checkpoint import (TrainerState, config_hash, gather_fsdp_optimizer_state, load_latest_checkpoint,
-                                 load_optimizer_state, restore_rng_states, rng_states, save_adapter, save_checkpoint)
+from finetune.checkpoint import (TrainerState, config_hash, load_latest_checkpoint, optimizer_state_on_cpu,
+                                 restore_rng_states, rng_states, save_adapter, save_checkpoint, saved_optimizer_state)
 from finetune.config import ConfigError, ModelImpl, Resume, RunConfig
 from finetune.errors import TrainingStopped
 from finetune.models import build_model, load_adapter_weights
@@ -135,8 +135,8 @@ def run(cfg: RunConfig) -> RunResult:
             # LoRA weights are float32 beside a bfloat16 base.
             accelerator.state.fsdp_plugin.auto_wrap_policy = fsdp_auto_wrap_policy(model)
         model, optimizer = accelerator.prepare(model, optimizer)
-    if resume_from is not None:  # after FSDP sharded the model: each process takes its shard of the state
-        load_optimizer_state(model, optimizer, resume_from[2]["optimizer"], fsdp)
+    if resume_from is not None:  # after FSDP sharded the model: each process takes its own shard's state
+        optimizer.load_state_dict(saved_optimizer_state(resume_from[2], rank))
     raw_model = accelerator.unwrap_model(model)  # for generation, saving, and its forward's signature
     micro, accumulation = cfg.train.micro_batch_size, cfg.train.gradient_accumulation_steps
     per_step = (f"{accumulation * world} packed rows of up to {micro * cfg.data.max_seq_len} tokens"
@@ -156,15 +156,15 @@ def run(cfg: RunConfig) -> RunResult:
     checkpoints = output_dir / "checkpoints"
 
     def checkpoint(step: int) -> Path:
-        # Every process takes part (each hands over its RNG state; FSDP gathers the adapter and the
-        # optimizer state from every shard), the first one writes, and none runs ahead, or exits,
-        # before the checkpoint is complete.
+        # Every process takes part (each hands over its RNG state, and under FSDP its shard's
+        # optimizer state, and FSDP gathers the adapter from every shard), the first one writes,
+        # and none runs ahead, or exits, before the checkpoint is complete.
         adapter_state = accelerator.get_state_dict(model) if fsdp else None
-        optimizer_state = gather_fsdp_optimizer_state(model, optimizer, device.type == "cuda") if fsdp else None
+        optimizer_by_rank = gather_object([optimizer_state_on_cpu(optimizer)]) if fsdp else None
         rng_by_rank = gather_object([rng_states()])
         if is_main:
             save_checkpoint(checkpoints, step, raw_model, tokenizer, quantization, optimizer, scheduler, state,
-                            cfg.train.keep_last, rng_by_rank, adapter_state, optimizer_state)
+                            cfg.train.keep_last, rng_by_rank, adapter_state, optimizer_by_rank)
         accelerator.wait_for_everyone()
         return checkpoints / f"step-{step}"
 

@@ -30,8 +30,8 @@ from torch.distributed.fsdp import FullStateDictConfig, FullyShardedDataParallel
 
 from finetune import data as data_lib
 from finetune.api import compose_config
-from finetune.checkpoint import (TrainerState, gather_fsdp_optimizer_state, load_latest_checkpoint,
-                                 load_optimizer_state, restore_rng_states, rng_states, save_adapter, save_checkpoint)
+from finetune.checkpoint import (TrainerState, load_latest_checkpoint, optimizer_state_on_cpu, restore_rng_states,
+                                 rng_states, save_adapter, save_checkpoint, saved_optimizer_state)
 from finetune.cli import quiet_libraries
 from finetune.models import build_model, load_adapter_weights
 from finetune.optim import build_optimizer, build_scheduler
@@ -68,7 +68,7 @@ def build(cfg, checkpoint=None):
                                        auto_wrap_policy=policy, use_orig_params=True,
                                        sync_module_states=False, device_id=DEVICE)
     if checkpoint is not None:
-        load_optimizer_state(sharded, optimizer, checkpoint[2]["optimizer"], fsdp=True)
+        optimizer.load_state_dict(saved_optimizer_state(checkpoint[2], dist.get_rank()))
     return loaded, model, sharded, batches, optimizer, scheduler, state, (whole, trainable)
 
 
@@ -119,14 +119,14 @@ def train(cfg, setup, last_step: int, out: Path, checkpoint_after: int | None = 
         rows.append({"step": step, "loss": total.item(), "grad_norm": grad_norm})
         if step == checkpoint_after:
             adapter_state = gathered_state(sharded)
-            optimizer_state = gather_fsdp_optimizer_state(sharded, optimizer, offload_to_cpu=False)
-            rng_by_rank = [None] * world
+            rng_by_rank, optimizer_by_rank = [None] * world, [None] * world
             dist.all_gather_object(rng_by_rank, rng_states())
+            dist.all_gather_object(optimizer_by_rank, optimizer_state_on_cpu(optimizer))
             if rank == 0:
                 save_checkpoint(out / "checkpoints", step, model, loaded.tokenizer,
                                 _quantization_record(cfg, loaded.compute_dtype), optimizer, scheduler, state,
                                 keep_last=1, rng_by_rank=rng_by_rank, adapter_state=adapter_state,
-                                optimizer_state=optimizer_state)
+                                optimizer_by_rank=optimizer_by_rank)
             dist.barrier()
     return rows
 
