@@ -47,6 +47,16 @@ def test_real_recipes_use_practitioner_settings():
     assert big.train.micro_batch_size * big.train.gradient_accumulation_steps >= 8
 
 
+@pytest.mark.parametrize("recipe", [r for r in RECIPES if r != "demo"])
+def test_a_group_chosen_on_the_command_line_beats_the_recipes_choice(recipe):
+    # The real recipes pick paged 8-bit AdamW; optim=adamw must still give AdamW, with the
+    # recipe's own learning rate and schedule.
+    recipe_only = to_run_config(compose_run(f"recipe={recipe}", "data.path=x"))
+    chosen = to_run_config(compose_run(f"recipe={recipe}", "optim=adamw", "data.path=x"))
+    assert recipe_only.optim.name is Optimizer.paged_adamw_8bit and chosen.optim.name is Optimizer.adamw
+    assert chosen.optim.lr == recipe_only.optim.lr and chosen.optim.warmup_steps == recipe_only.optim.warmup_steps
+
+
 def test_unknown_key_fails_at_compose_naming_it():
     with pytest.raises(ConfigCompositionException, match="lora.rank"):
         compose_run("lora.rank=8")
