@@ -15,11 +15,13 @@ elements held by each process, against the whole model and its trainable part) a
 (gathered from the shards and saved as the recipe saves under FSDP). It also checkpoints after
 step 1 as the recipe does under FSDP, then builds and shards the model afresh, resumes from that
 checkpoint as the recipe does, trains the remaining steps again and writes their rows to
-OUT/resumed.json.
+OUT/resumed.json. WORKER_OPTIMIZER=adamw8bit (env) trains with bitsandbytes' 8-bit AdamW instead
+of the recipe's optimizer.
 """
 
 import contextlib
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -49,7 +51,16 @@ def build(cfg, checkpoint=None):
     train_samples, _, _ = data_lib.load_splits(cfg.data, tokenizer, cfg.train.seed, cfg.cache_dir)
     batches = data_lib.train_batches(train_samples, cfg.data, cfg.train.micro_batch_size, _pad_id(tokenizer),
                                      cfg.train.seed)
-    optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], cfg.optim, DEVICE)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if os.environ.get("WORKER_OPTIMIZER") == "adamw8bit":
+        # bitsandbytes' 8-bit states (what the 70B recipe's paged_adamw_8bit keeps) on every LoRA
+        # weight, however small: its state dict nests them, unlike torch's optimizers.
+        import bitsandbytes as bnb
+
+        optimizer = bnb.optim.AdamW8bit(trainable, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
+                                        weight_decay=cfg.optim.weight_decay, min_8bit_size=1)
+    else:
+        optimizer = build_optimizer(trainable, cfg.optim, DEVICE)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
     state = TrainerState(step=0, micro_batches_consumed=0, config_hash="", tracker_run_id=None,
                          world_size=dist.get_world_size(), fsdp=True)

@@ -220,6 +220,25 @@ def test_fsdp_shards_nf4_and_lora_and_trains_like_one_process(one_process, tmp_p
     assert resumed == losses[1:]
 
 
+@pytest.mark.slow
+def test_fsdp_resumes_bitsandbytes_8bit_optimizer_states(one_process, tmp_path, monkeypatch):
+    # The 70B recipe's paged_adamw_8bit keeps 8-bit states, which bitsandbytes nests inside its
+    # state dict. torch's gathered FSDP optimizer state compared those nests across processes and
+    # failed where a parameter straddles two shards; each process's own state has no such step.
+    worker = shutil.copy(REPO / "tests" / "fsdp_cpu_worker.py", tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    one_process("native")  # builds the demo base once, before both workers look for it
+    monkeypatch.setenv("WORKER_OPTIMIZER", "adamw8bit")
+    result = torchrun(Path(worker), str(out), *TWO, "model.impl=native", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    state = torch.load(out / "checkpoints" / "step-1" / "trainer_state.pt", weights_only=True)
+    assert all("__bnb_optimizer_quant_state__" in s for rank in state["optimizer_by_rank"]
+               for s in rank["state"].values())
+    resumed = json.loads((out / "resumed.json").read_text())
+    assert resumed == json.loads((out / "losses.json").read_text())[1:]
+
+
 FSDP_READY = ["model.impl=hf", "quant.bnb_4bit_quant_storage=bfloat16", *FAST]
 
 
