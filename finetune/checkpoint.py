@@ -216,6 +216,31 @@ def save_checkpoint(directory: Path, step: int, model, tokenizer, quantization: 
     return target
 
 
+def gather_trainable_state(model) -> dict[str, torch.Tensor]:
+    """Under FSDP: every trainable (LoRA) weight whole, by name, as CPU copies on every process.
+
+    Gathered one unit at a time, and only the units that own trainable weights: a full state
+    dict would gather the frozen 4-bit base too (37 GB for a 70B) to save a few hundred MB of
+    adapter. Every process must call this: it gathers.
+    """
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    state = {}
+    for prefix, unit in model.named_modules():
+        if not isinstance(unit, FSDP):
+            continue
+        nested = {id(p) for inner in FSDP.fsdp_modules(unit) if inner is not unit for p in inner.parameters()}
+        own = [(name, param) for name, param in unit.named_parameters()
+               if param.requires_grad and id(param) not in nested]
+        if not own:
+            continue
+        with FSDP.summon_full_params(unit, recurse=False, writeback=False):
+            for name, param in own:
+                full_name = f"{prefix}.{name}" if prefix else name
+                state[full_name.replace(FSDP_WRAPPED, "")] = param.detach().cpu().clone()
+    return state
+
+
 def optimizer_state_on_cpu(optimizer) -> dict:
     """This process's optimizer state, its tensors copied to host memory (to be gathered and written).
 

@@ -27,8 +27,9 @@ from tqdm import tqdm
 
 from finetune import data as data_lib
 from finetune import memory
-from finetune.checkpoint import (TrainerState, config_hash, load_latest_checkpoint, optimizer_state_on_cpu,
-                                 restore_rng_states, rng_states, save_adapter, save_checkpoint, saved_optimizer_state)
+from finetune.checkpoint import (TrainerState, config_hash, gather_trainable_state, load_latest_checkpoint,
+                                 optimizer_state_on_cpu, restore_rng_states, rng_states, save_adapter, save_checkpoint,
+                                 saved_optimizer_state)
 from finetune.config import ConfigError, ModelImpl, Resume, RunConfig
 from finetune.errors import TrainingStopped
 from finetune.models import build_model, load_adapter_weights
@@ -159,7 +160,7 @@ def run(cfg: RunConfig) -> RunResult:
         # Every process takes part (each hands over its RNG state, and under FSDP its shard's
         # optimizer state, and FSDP gathers the adapter from every shard), the first one writes,
         # and none runs ahead, or exits, before the checkpoint is complete.
-        adapter_state = accelerator.get_state_dict(model) if fsdp else None
+        adapter_state = gather_trainable_state(model) if fsdp else None
         optimizer_by_rank = gather_object([optimizer_state_on_cpu(optimizer)]) if fsdp else None
         rng_by_rank = gather_object([rng_states()])
         if is_main:
@@ -300,7 +301,7 @@ def run(cfg: RunConfig) -> RunResult:
     after = evaluate(step=cfg.train.max_steps)
     evals.append(after)
     adapter_dir = output_dir / "adapter"
-    adapter_state = accelerator.get_state_dict(model) if fsdp else None  # FSDP: gathered from every shard
+    adapter_state = gather_trainable_state(model) if fsdp else None  # FSDP: gathered from every shard
     if is_main:
         save_adapter(raw_model, tokenizer, adapter_dir, quantization, adapter_state)
     checkpoint(cfg.train.max_steps)  # marks the run finished for a later train.resume=auto

@@ -11,12 +11,12 @@ tokens and scaled by W, and gradients are reduced only after the last micro-batc
 sharding of NF4 storage and LoRA weights, not accelerate's plumbing (the GPU tests run that).
 
 Writes OUT/losses.json (per step: loss, grad norm), OUT/shards.json (parameter and gradient
-elements held by each process, against the whole model and its trainable part) and OUT/adapter
-(gathered from the shards and saved as the recipe saves under FSDP). It also checkpoints after
-step 1 as the recipe does under FSDP, then builds and shards the model afresh, resumes from that
-checkpoint as the recipe does, trains the remaining steps again and writes their rows to
-OUT/resumed.json. WORKER_OPTIMIZER=adamw8bit (env) trains with bitsandbytes' 8-bit AdamW instead
-of the recipe's optimizer.
+elements held by each process and gathered for the adapter, against the whole model and its
+trainable part) and OUT/adapter (gathered from the shards and saved as the recipe saves under
+FSDP). It also checkpoints after step 1 as the recipe does under FSDP, then builds and shards the
+model afresh, resumes from that checkpoint as the recipe does, trains the remaining steps again
+and writes their rows to OUT/resumed.json. WORKER_OPTIMIZER=adamw8bit (env) trains with
+bitsandbytes' 8-bit AdamW instead of the recipe's optimizer.
 """
 
 import contextlib
@@ -28,12 +28,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from peft.utils.other import fsdp_auto_wrap_policy
-from torch.distributed.fsdp import FullStateDictConfig, FullyShardedDataParallel, ShardingStrategy, StateDictType
+from torch.distributed.fsdp import FullyShardedDataParallel, ShardingStrategy
 
 from finetune import data as data_lib
 from finetune.api import compose_config
-from finetune.checkpoint import (TrainerState, load_latest_checkpoint, optimizer_state_on_cpu, restore_rng_states,
-                                 rng_states, save_adapter, save_checkpoint, saved_optimizer_state)
+from finetune.checkpoint import (TrainerState, gather_trainable_state, load_latest_checkpoint, optimizer_state_on_cpu,
+                                 restore_rng_states, rng_states, save_adapter, save_checkpoint, saved_optimizer_state)
 from finetune.cli import quiet_libraries
 from finetune.models import build_model, load_adapter_weights
 from finetune.optim import build_optimizer, build_scheduler
@@ -83,14 +83,6 @@ def build(cfg, checkpoint=None):
     return loaded, model, sharded, batches, optimizer, scheduler, state, (whole, trainable)
 
 
-def gathered_state(sharded) -> dict:
-    # On the CPU the gathered state stays where it is: offload_to_cpu=True (accelerate's setting,
-    # right on GPUs) frees the very storage it copies from here and crashes.
-    with FullyShardedDataParallel.state_dict_type(sharded, StateDictType.FULL_STATE_DICT,
-                                                  FullStateDictConfig(offload_to_cpu=False, rank0_only=True)):
-        return sharded.state_dict()
-
-
 def gradient_elements(sharded) -> int:
     # FSDP keeps one gradient per unit, over the whole of the unit's flattened parameters.
     units = [m for m in sharded.modules() if isinstance(m, FullyShardedDataParallel) and m._handle is not None]
@@ -129,7 +121,7 @@ def train(cfg, setup, last_step: int, out: Path, checkpoint_after: int | None = 
         state.step = step
         rows.append({"step": step, "loss": total.item(), "grad_norm": grad_norm})
         if step == checkpoint_after:
-            adapter_state = gathered_state(sharded)
+            adapter_state = gather_trainable_state(sharded)
             rng_by_rank, optimizer_by_rank = [None] * world, [None] * world
             dist.all_gather_object(rng_by_rank, rng_states())
             dist.all_gather_object(optimizer_by_rank, optimizer_state_on_cpu(optimizer))
@@ -152,7 +144,7 @@ def main(out: Path, overrides: list[str]) -> None:
     loaded, model, sharded, *_, (whole, trainable) = setup
     held = sum(p.numel() for p in sharded.parameters())
     rows = train(cfg, setup, cfg.train.max_steps, out, checkpoint_after=1)
-    state = gathered_state(sharded)
+    state = gather_trainable_state(sharded)
     shards, gradients = [None] * world, [None] * world
     dist.all_gather_object(shards, held)
     dist.all_gather_object(gradients, gradient_held[0])
@@ -160,7 +152,8 @@ def main(out: Path, overrides: list[str]) -> None:
         save_adapter(model, loaded.tokenizer, out / "adapter", _quantization_record(cfg, loaded.compute_dtype), state)
         (out / "losses.json").write_text(json.dumps(rows))
         (out / "shards.json").write_text(json.dumps({"whole": whole, "held": shards, "trainable": trainable,
-                                                     "gradients": gradients}))
+                                                     "gradients": gradients,
+                                                     "gathered": sum(t.numel() for t in state.values())}))
 
     # As if stopped after step 1: a new model, sharded again, resumed from the checkpoint.
     resumed = build(cfg, load_latest_checkpoint(out / "checkpoints"))

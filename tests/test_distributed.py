@@ -208,6 +208,7 @@ def test_fsdp_shards_nf4_and_lora_and_trains_like_one_process(one_process, tmp_p
     # Gradients only for the LoRA weights, sharded too: a unit mixing frozen 4-bit codes with LoRA
     # would carry float32 gradients over the codes as well.
     assert max(shards["gradients"]) <= 0.51 * shards["trainable"]
+    assert shards["gathered"] == shards["trainable"]  # saving gathers the LoRA weights, not the 4-bit base
     losses = json.loads((out / "losses.json").read_text())
     assert_same_steps(losses, steps(reference))
     assert_same_adapter(out / "adapter", reference / "adapter")
