@@ -13,7 +13,8 @@ Layers that read the same input (q/k/v, gate/up) run as one group; a layer alone
 one. With W the group's weights stacked as row blocks (sum out, in), R the sum of its adapters'
 ranks and A their stacked (R, in) matrices, the LoRA terms become one block-diagonal matrix
 S = s B_bd (sum out, R): layer i's rows and ranks hold s_i B_i, everything else is zero (a layer
-without an adapter has only zero rows). Written side by side with W it gives
+without an adapter has only zero rows; R is padded with zero ranks to a multiple of 8, so that
+the rows below stay 16-byte aligned for tensor-core GEMMs). Written side by side with W it gives
 
     Wc = [W | S]  (sum out, in + R),   X' = [x | xa]  (N, in + R)
     y  = X' Wc^T + b                   one GEMM: no pass over y of its own to add the LoRA term
@@ -115,13 +116,19 @@ class QLoRAGroupFunction(torch.autograd.Function):
         ctx.rows = _slices(layer.out_features for layer in layers)
         ctx.ranks = _slices(A.shape[0] for A in lora_As)
         x_rows = x.reshape(-1, x.shape[-1])
-        lora_A = (torch.cat(lora_As) if len(lora_As) > 1 else lora_As[0]).to(x.dtype)  # (R, in)
-        lora_block = _lora_block(layers, adapted, lora_params[1::2], ctx.rows, ctx.ranks, x.dtype)  # S
+        # Zero ranks up to a multiple of 8 keep the rows of [x | xa], Wc and dy Wc 16-byte aligned,
+        # which cuBLAS's tensor-core GEMMs want (r=4 on q/k/v would make in + 12 columns).
+        pad = -ctx.ranks[-1].stop % 8
+        if pad:
+            lora_As = [*lora_As, lora_As[0].new_zeros(pad, x.shape[-1])]
+        lora_A = (torch.cat(lora_As) if len(lora_As) > 1 else lora_As[0]).to(x.dtype)  # (R + pad, in)
+        lora_block = _lora_block(layers, adapted, lora_params[1::2], ctx.rows, ctx.ranks, lora_A.shape[0],
+                                 x.dtype)  # S
         masks = []
         if dropout_p > 0:
             # One mask per layer, drawn in layer order, as separate dropout modules would.
             masks = [torch.rand_like(x_rows) >= dropout_p for _ in adapted]
-            xa = x_rows.new_empty(x_rows.shape[0], lora_A.shape[0])
+            xa = (x_rows.new_zeros if pad else x_rows.new_empty)(x_rows.shape[0], lora_A.shape[0])
             for mask, r in zip(masks, ctx.ranks):  # each straight into its own columns: no cat
                 torch.mm(x_rows * mask / (1 - dropout_p), lora_A[r].T, out=xa[:, r])
         else:
@@ -208,12 +215,12 @@ def _stacked_bias(layers, x: torch.Tensor) -> torch.Tensor | None:
                       else b.to(x.dtype) for layer, b in zip(layers, biases)])
 
 
-def _lora_block(layers, adapted, lora_Bs, rows, ranks, dtype: torch.dtype) -> torch.Tensor:
-    """S (sum out, R): layer i's rows and ranks hold s_i B_i, zeros elsewhere."""
+def _lora_block(layers, adapted, lora_Bs, rows, ranks, width: int, dtype: torch.dtype) -> torch.Tensor:
+    """S (sum out, width): layer i's rows and ranks hold s_i B_i, zeros elsewhere (padding included)."""
     device = lora_Bs[adapted[0]].device
-    # A lone layer's block is all s B: nothing to zero.
-    block = (torch.zeros if len(layers) > 1 else torch.empty)(rows[-1].stop, ranks[-1].stop, dtype=dtype,
-                                                              device=device)
+    # A lone layer's unpadded block is all s B: nothing to zero.
+    whole = len(layers) == 1 and width == ranks[-1].stop
+    block = (torch.empty if whole else torch.zeros)(rows[-1].stop, width, dtype=dtype, device=device)
     for i, r in zip(adapted, ranks):
         # Scaled in fp32 and rounded to the compute dtype once, by one kernel.
         torch.mul(lora_Bs[i], layers[i].scaling, out=block[rows[i], r])

@@ -56,6 +56,11 @@ def test_gradients_match_plain_autograd(dropout):
     torch.testing.assert_close(layer.lora_B.grad, B.grad)
 
 
+def padded_rank(layers) -> int:
+    """The group's summed rank as it computes: zero ranks pad it to a multiple of 8."""
+    return -(-sum(layer.r for layer in layers) // 8) * 8
+
+
 def make_group(outs, bias: bool, dropout: float, adapted, storage_dtype=torch.float32) -> list[QLoRALinear]:
     """Layers reading one input, like q/k/v; `adapted` says which carry an adapter."""
     torch.manual_seed(1)
@@ -185,7 +190,7 @@ def test_kept_weight_gives_the_same_gradients(outs, dropout):
     assert torch.equal(y, y_kept)
     for got, want in zip(grads_kept, grads):
         assert torch.equal(got, want)
-    R = sum(layer.r for layer in layers)
+    R = padded_rank(layers)
     weight_shape = (sum(outs), IN + R) if IN <= sum(outs) else (sum(outs), IN)  # [W | s B] or W
     assert [tuple(t.shape) for t in saved_kept if t is not None] == \
         [weight_shape] + [tuple(t.shape) for t in saved if t is not None]
@@ -258,12 +263,12 @@ def saved_for_backward(fn) -> list[torch.Tensor]:
                          ids=["no_fold_alone", "fold", "fold_alone", "no_fold"])
 def test_backward_saves_input_and_adapter_never_the_dequantized_weight(outs):
     layers = make_group(outs, bias=True, dropout=0.0, adapted=(True, False, True) if len(outs) == 3 else (True,))
-    R = sum(layer.r for layer in layers)
+    R = padded_rank(layers)
     x = torch.randn(3, 7, IN, requires_grad=True)
     saved = [t for t in saved_for_backward(lambda: project(x, layers)) if t is not None]
     shapes = sorted(tuple(t.shape) for t in saved)
-    # x, xa = x A^T (tokens x R), the stacked A and s B (sum out x R): neither W (sum out x in) nor
-    # [W | s B] nor [x | xa]; the weight is dequantized again in backward.
+    # x, xa = x A^T (tokens x R), the stacked A and s B (sum out x R), R padded to a multiple of
+    # 8: neither W (sum out x in) nor [W | s B] nor [x | xa]; W is dequantized again in backward.
     assert shapes == sorted([(3, 7, IN), (3 * 7, R), (R, IN), (sum(outs), R)])
     assert saved[0] is x  # the caller's tensor itself, no copy
 
