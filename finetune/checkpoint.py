@@ -246,8 +246,9 @@ def optimizer_state_on_cpu(optimizer) -> dict:
 
     Under FSDP with use_orig_params it covers this process's shard of each LoRA parameter: the
     same model, wrapping and number of processes shard it the same way again on resume, so each
-    process gets its own state back. (torch's gathered FSDP optimizer state dict was tried and
-    failed on a 70B whose parameters straddle shard boundaries.)
+    process gets its own state back. (torch's gathered FSDP optimizer state dict was tried: it
+    compares non-tensor state across processes, and bitsandbytes' 8-bit optimizers nest their
+    states in such values, of different sizes where a parameter straddles two shards.)
     """
     def to_cpu(value):
         if isinstance(value, torch.Tensor):

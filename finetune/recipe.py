@@ -156,11 +156,13 @@ def run(cfg: RunConfig) -> RunResult:
     state.tracker_run_id = tracker.run_id
     checkpoints = output_dir / "checkpoints"
 
-    def checkpoint(step: int) -> Path:
+    def checkpoint(step: int, adapter_state: dict | None = None) -> Path:
         # Every process takes part (each hands over its RNG state, and under FSDP its shard's
-        # optimizer state, and FSDP gathers the adapter from every shard), the first one writes,
-        # and none runs ahead, or exits, before the checkpoint is complete.
-        adapter_state = gather_trainable_state(model) if fsdp else None
+        # optimizer state, and FSDP gathers the adapter from every shard unless `adapter_state`
+        # holds it already), the first one writes, and none runs ahead, or exits, before the
+        # checkpoint is complete.
+        if fsdp and adapter_state is None:
+            adapter_state = gather_trainable_state(model)
         optimizer_by_rank = gather_object([optimizer_state_on_cpu(optimizer)]) if fsdp else None
         rng_by_rank = gather_object([rng_states()])
         if is_main:
@@ -304,7 +306,7 @@ def run(cfg: RunConfig) -> RunResult:
     adapter_state = gather_trainable_state(model) if fsdp else None  # FSDP: gathered from every shard
     if is_main:
         save_adapter(raw_model, tokenizer, adapter_dir, quantization, adapter_state)
-    checkpoint(cfg.train.max_steps)  # marks the run finished for a later train.resume=auto
+    checkpoint(cfg.train.max_steps, adapter_state)  # marks the run finished for a later train.resume=auto
     summary = {
         "time_s": time.perf_counter() - started,
         "train_tokens": total_tokens,
