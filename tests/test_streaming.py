@@ -128,7 +128,7 @@ def test_offload_decision_follows_the_setting_and_the_plan(checkpoints):
         native.build(cfg, model_dir, torch.float32, CPU, stream_weights=True)
 
 
-def test_streaming_under_several_processes_is_refused(checkpoints, monkeypatch):
+def test_several_processes_never_stream(checkpoints, monkeypatch):
     from finetune.config import ConfigError, OffloadMode
     from finetune.models import offload_decision
 
@@ -138,6 +138,11 @@ def test_streaming_under_several_processes_is_refused(checkpoints, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ConfigError, match="one process only"):
         offload_decision(cfg, model_dir, torch.device("cuda"), [])
+    # Left to auto, a budget that would stream one process's 70B must not stop a DDP/FSDP run.
+    cfg.hardware.offload, cfg.hardware.gpu_memory_gb = OffloadMode.auto, 0.0005
+    notices = []
+    assert offload_decision(cfg, model_dir, torch.device("cuda"), notices) == (False, False)
+    assert notices[0].startswith("hardware.offload=auto: none under 2 processes")
 
 
 class _HostStreams:

@@ -59,6 +59,13 @@ def offload_decision(cfg: RunConfig, model_dir: Path, device: torch.device,
     if device.type != "cuda":
         return False, False
     mode = cfg.hardware.offload
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    if mode is OffloadMode.auto and processes > 1:
+        # The planner plans one process holding the whole base, which DDP's and FSDP's processes
+        # do not; and its answer for a big model, streaming, runs in one process only.
+        notices.append(f"hardware.offload=auto: none under {processes} processes (the memory planner plans one "
+                       "process); pass hardware.offload=activations to keep checkpoints in host memory.")
+        mode = OffloadMode.none
     if mode is OffloadMode.auto:
         # Planned from the directory being loaded, so the plan reads the very config.json it trains.
         plan = memory.plan_for_run(replace(cfg, model=replace(cfg.model, name_or_path=str(model_dir))))
@@ -67,7 +74,7 @@ def offload_decision(cfg: RunConfig, model_dir: Path, device: torch.device,
                        f"of {plan.budget_bytes / memory.GiB:.1f} GiB ({plan.budget_source})"
                        + ("" if plan.fits else "; the plan says it does not fit, see train.dry_run=true"))
     stream = mode in memory.STREAMS_WEIGHTS
-    if stream and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if stream and processes > 1:
         # DDP keeps one copy of every buffer per GPU and syncs it at start: streamed NF4 buffers
         # live in host memory, where that cannot work.
         raise ConfigError(f"hardware.offload={cfg.hardware.offload.value} would stream the weights "
