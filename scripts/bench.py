@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -120,7 +121,10 @@ def measure(args) -> dict:
         optimizer_step()
     torch.cuda.synchronize()
     if args.profile:
-        profile_steps(optimizer_step, args.profile / f"{args.side}-bs{batch}x{seq}.txt")
+        # Variants of ours get files of their own, named after their overrides.
+        overrides = "".join(f"-{re.sub(r'[^A-Za-z0-9_.=]', '_', o)}" for o in args.ours_override) \
+            if args.side == "ours" else ""
+        profile_steps(optimizer_step, args.profile / f"{args.side}{overrides}-bs{batch}x{seq}.txt")
     start = time.perf_counter()
     for _ in range(args.steps):
         optimizer_step()
