@@ -154,6 +154,20 @@ class ModelConfig:
     trust_remote_code: bool = False
     revision: Optional[str] = None
 
+    def checkpointed_layers(self, num_layers: int) -> int:
+        """How many of `num_layers` layers recompute in backward (gradient_checkpointing, checkpoint_layers).
+
+        The native model path takes it as it is; the generic path checkpoints all layers or none.
+        """
+        if not self.gradient_checkpointing:
+            return 0
+        if self.checkpoint_layers is None:
+            return num_layers
+        if not 0 <= self.checkpoint_layers <= num_layers:
+            raise ConfigError(f"model.checkpoint_layers={self.checkpoint_layers}, but the model has {num_layers} "
+                              f"layers; pick 0 to {num_layers} (or null for all).")
+        return self.checkpoint_layers
+
 
 @dataclass
 class QuantConfig:

@@ -50,9 +50,6 @@ RUNTIME_BYTES = 1 * GiB
 # be reused for a larger request); 5% above the allocated peak covers a steady training loop.
 FRAGMENTATION = 0.05
 OVERHEAD_ITEMS = ("allocator fragmentation", "CUDA context + workspaces")
-# Weight streaming keeps this many layers' NF4 weights on the GPU: the one computing and the next,
-# whose copy overlaps the compute (double buffering).
-PREFETCH_LAYERS = 2
 # With activation offload the GPU still holds two layer inputs: in forward the current input and
 # the output being copied out, in backward the one being recomputed and the next one copied back.
 OFFLOADED_CHECKPOINTS_ON_GPU = 2
@@ -476,8 +473,10 @@ def _gpu_items(run: _Run, offload: OffloadMode, tokens: int) -> list[LineItem]:
     arch, L = run.arch, run.arch["num_hidden_layers"]
     items = []
     if offload in STREAMS_WEIGHTS:
-        items.append(LineItem(f"NF4 linear weights, {PREFETCH_LAYERS} of {L} layers",
-                              PREFETCH_LAYERS * nf4_layer_bytes(arch, run.double_quant),
+        from finetune.models.streaming import SLOTS
+
+        items.append(LineItem(f"NF4 linear weights, {SLOTS} of {L} layers",
+                              SLOTS * nf4_layer_bytes(arch, run.double_quant),
                               "the rest stream from pinned host memory"))
     else:
         items.append(LineItem(f"NF4 linear weights, all {L} layers", nf4_linear_bytes(arch, run.double_quant),
@@ -619,21 +618,6 @@ def gpu_budget(hardware: HardwareConfig) -> tuple[int, str]:
                                           f"your card (default {DEFAULT_GPU_GIB:g})")
 
 
-def checkpointed_layers(cfg: RunConfig, num_layers: int) -> int:
-    """How many layers the run recomputes in backward (model.gradient_checkpointing, model.checkpoint_layers).
-
-    The native model path takes it as it is; the generic path checkpoints all layers or none.
-    """
-    if not cfg.model.gradient_checkpointing:
-        return 0
-    if cfg.model.checkpoint_layers is None:
-        return num_layers
-    if not 0 <= cfg.model.checkpoint_layers <= num_layers:
-        raise ConfigError(f"model.checkpoint_layers={cfg.model.checkpoint_layers}, but the model has {num_layers} "
-                          f"layers; pick 0 to {num_layers} (or null for all).")
-    return cfg.model.checkpoint_layers
-
-
 def _checkpointing_detail(run: _Run) -> str:
     L = run.arch["num_hidden_layers"]
     words = "off" if not run.checkpointed_layers else "on" if run.checkpointed_layers == L \
@@ -655,7 +639,7 @@ def plan_for_run(cfg: RunConfig) -> MemoryPlan:
         double_quant=cfg.quant.bnb_4bit_use_double_quant, r=cfg.lora.r,
         targets=lora_targets(cfg.lora.target_modules), lora_dropout=cfg.lora.lora_dropout,
         optimizer=cfg.optim.name,
-        checkpointed_layers=checkpointed_layers(cfg, L) if impl is ModelImpl.native
+        checkpointed_layers=cfg.model.checkpointed_layers(L) if impl is ModelImpl.native
         else (L if cfg.model.gradient_checkpointing else 0),
         mlp_chunk_tokens=cfg.model.mlp_chunk_tokens if impl is ModelImpl.native else None,
         chunked_loss=impl is ModelImpl.native and cfg.model.use_kernels,

@@ -32,7 +32,6 @@ from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
-from finetune import memory
 from finetune.config import ConfigError, LoraConfig, RunConfig
 from finetune.lora import QLoRALinear, attach_lora, copy_adapter_weights, linear_layers, project, save_adapter
 from finetune.models import nf4_cache
@@ -707,7 +706,7 @@ def build(cfg: RunConfig, model_dir: Path, compute_dtype: torch.dtype, device: t
     args = model.args
     attach_lora(model, cfg.lora)
     # Pinned host memory needs CUDA; on the CPU the activations are already in host memory.
-    model.model.set_checkpointing(memory.checkpointed_layers(cfg, args.num_hidden_layers),
+    model.model.set_checkpointing(cfg.model.checkpointed_layers(args.num_hidden_layers),
                                   offload_checkpoints and device.type == "cuda")
     model.model.set_mlp_chunking(cfg.model.mlp_chunk_tokens)
     if stream_weights:

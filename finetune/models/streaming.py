@@ -24,9 +24,10 @@ import torch
 from torch import nn
 
 from finetune.lora import linear_layers
-from finetune.memory import PREFETCH_LAYERS
 
-SLOTS = PREFETCH_LAYERS  # the layer computing and the one arriving, as the memory plan counts them
+# Layers whose NF4 weights are on the GPU at once: the one computing and the next, whose copy
+# overlaps the compute (double buffering). The memory plan counts as many.
+SLOTS = 2
 ALIGN = 64  # bytes; every buffer starts aligned for any dtype and for vectorized kernel loads
 
 
