@@ -250,16 +250,9 @@ def optimizer_state_on_cpu(optimizer) -> dict:
     compares non-tensor state across processes, and bitsandbytes' 8-bit optimizers nest their
     states in such values, of different sizes where a parameter straddles two shards.)
     """
-    def to_cpu(value):
-        if isinstance(value, torch.Tensor):
-            return value.detach().cpu()
-        if isinstance(value, dict):
-            return {k: to_cpu(v) for k, v in value.items()}
-        if isinstance(value, (list, tuple)):
-            return type(value)(to_cpu(v) for v in value)
-        return value
+    from accelerate.utils import send_to_device
 
-    return to_cpu(optimizer.state_dict())
+    return send_to_device(optimizer.state_dict(), "cpu")  # nested states (bitsandbytes') included
 
 
 def saved_optimizer_state(saved: dict, rank: int) -> dict:

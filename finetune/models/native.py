@@ -362,10 +362,8 @@ class Decoder(nn.Module):
         self.streamer = WeightStreamer(self.layers, device)
 
     def set_checkpointing(self, layers: int, offload: bool = False) -> None:
-        """Recompute the first `layers` decoder layers in backward; `offload` parks their inputs in host memory."""
-        if not 0 <= layers <= len(self.layers):
-            raise ConfigError(f"model.checkpoint_layers={layers}, but the model has {len(self.layers)} layers; "
-                              f"pick 0 to {len(self.layers)} (or null for all).")
+        """Recompute the first `layers` decoder layers in backward (ModelConfig.checkpointed_layers says
+        how many, and checks the range); `offload` parks their inputs in host memory."""
         self.checkpointed_layers, self.offload_checkpoints = layers, offload
         for index, layer in enumerate(self.layers):
             for linear in linear_layers(layer).values():
