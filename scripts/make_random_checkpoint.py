@@ -131,7 +131,7 @@ def write_random_nf4_cache(architecture: str | PretrainedConfig, out_dir: Path, 
             # The checkpoint writer draws a tied head last: skipping it leaves every other draw as it is.
             if key == "lm_head.weight" and args.tie_word_embeddings:
                 continue
-            layer = int(key.split(".")[2]) if key.startswith("model.layers.") else None
+            layer = nf4_cache.decoder_layer_of(key)
             if layer != shard_of:
                 what = "embeddings" if shard_of is None else f"layer {shard_of + 1}/{config.num_hidden_layers}"
                 close_shard(writer, what)

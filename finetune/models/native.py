@@ -582,18 +582,15 @@ def write_nf4_cache(model: NativeCausalLM, config, cache_dir: str | Path, finger
     meta = nf4_cache.CacheMeta(fingerprint=fingerprint, quant_type=first.quant_type, double_quant=first.nested,
                                storage_dtype=first.dtype, tensor_dtype=tensor_dtype, blocksize=first.blocksize)
 
-    def group(name: str) -> int:  # the decoder layer's index; -1 for the rest, written first
-        return int(name.split(".")[2]) if name.startswith("model.layers.") else -1
-
-    shards: dict[int, list] = defaultdict(list)
+    shards: dict[int | None, list] = defaultdict(list)
     for name, layer in linear_layers(model).items():
-        shards[group(name)].append((f"{name}.weight", layer.weight))
+        shards[nf4_cache.decoder_layer_of(name)].append((f"{name}.weight", layer.weight))
     # named_parameters lists a tied LM head once, as the embedding: it is not stored twice.
     for name, param in model.named_parameters():
         if not name.endswith((".lora_A", ".lora_B")):
-            shards[group(name)].append((name, param))
+            shards[nf4_cache.decoder_layer_of(name)].append((name, param))
     with nf4_cache.CacheWriter(cache_dir) as writer:
-        for index in sorted(shards):
+        for index in sorted(shards, key=lambda layer: -1 if layer is None else layer):  # the rest first
             for name, value in shards[index]:
                 if isinstance(value, QuantizedWeight):
                     writer.add_quantized(name, value)

@@ -125,6 +125,11 @@ def source_fingerprint(model_dir: str | Path) -> str:
     return digest.hexdigest()
 
 
+def decoder_layer_of(name: str) -> int | None:
+    """The decoder layer a tensor belongs to, whose shard it goes in; None for the rest (embeddings, norm, head)."""
+    return int(name.split(".")[2]) if name.startswith("model.layers.") else None
+
+
 class CacheWriter:
     """Writes a cache shard by shard into a staging directory; `finish` renames it into place.
 
