@@ -78,6 +78,12 @@ def _as_token_rows(x: torch.Tensor) -> torch.Tensor:
     return rows if rows.stride(-1) == 1 else rows.contiguous()
 
 
+def _num_warps(block_q_heads: int, block_k_heads: int, block_half: int) -> int:
+    """About one warp per 256 elements of a token's q and k halves, at most 8, a power of two
+    (Triton refuses others: 8 q heads beside 4 k heads at 64 would make 3)."""
+    return max(1, min(8, triton.next_power_of_2((block_q_heads + block_k_heads) * block_half) // 256))
+
+
 def _rotate(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sin_sign: float):
     q_rows, k_rows = _as_token_rows(q), _as_token_rows(k)
     num_tokens, num_q_heads, head_dim = q_rows.shape
@@ -92,7 +98,7 @@ def _rotate(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
         q_rows.stride(0), q_rows.stride(1), k_rows.stride(0), k_rows.stride(1), cos.stride(0),
         num_q_heads, num_k_heads, half_dim,
         SIN_SIGN=sin_sign, BLOCK_Q_HEADS=block_q_heads, BLOCK_K_HEADS=block_k_heads, BLOCK_HALF=block_half,
-        num_warps=max(1, min(8, (block_q_heads + block_k_heads) * block_half // 256)),
+        num_warps=_num_warps(block_q_heads, block_k_heads, block_half),
     )
     return q_out.reshape(q.shape), k_out.reshape(k.shape)
 

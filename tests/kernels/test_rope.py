@@ -134,3 +134,16 @@ def test_matches_reference_cuda(cuda):
         (*expected, *torch.autograd.grad(expected, (q, k), grads_out)),
     ):
         torch.testing.assert_close(got, want, **_tolerances(torch.bfloat16))
+
+
+def test_launch_asks_for_a_power_of_two_warps():
+    # The interpreter ignores num_warps, so the CPU runs above cannot catch a count the GPU refuses
+    # (it did: 8 q heads beside 4 k heads of dim 128 asked for 3 warps).
+    from finetune_kernels.rope import _num_warps
+
+    powers = [2 ** i for i in range(8)]
+    for q_heads in powers:
+        for k_heads in (k for k in powers if k <= q_heads):
+            for half in powers[2:]:
+                warps = _num_warps(q_heads, k_heads, half)
+                assert 1 <= warps <= 8 and warps & (warps - 1) == 0, (q_heads, k_heads, half, warps)
