@@ -298,8 +298,11 @@ class QLoRALinear(nn.Module):
 
 
 def compute_device(model: nn.Module) -> torch.device:
-    """Where adapters belong: with the model's unquantized weights (its 4-bit ones may stream from host memory)."""
-    return next(p.device for p in model.parameters() if not p.is_meta)
+    """Where adapters belong: with the model's unquantized weights (its 4-bit ones may stream from host memory).
+
+    The meta device for a model built empty (native.empty_pretrained), which FSDP fills.
+    """
+    return next((p.device for p in model.parameters() if not p.is_meta), torch.device("meta"))
 
 
 FSDP_WRAPPED = "_fsdp_wrapped_module."

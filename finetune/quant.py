@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 BLOCKSIZE = 64
+NESTED_BLOCKSIZE = 256  # bitsandbytes' block for double-quantizing the absmax
 
 
 class QuantizedWeight(nn.Module):
@@ -44,6 +45,32 @@ class QuantizedWeight(nn.Module):
             weight.contiguous(), blocksize=BLOCKSIZE, compress_statistics=double_quant, quant_type=quant_type
         )
         return cls(packed, state)
+
+    @classmethod
+    def empty(cls, shape: tuple[int, int], dtype: torch.dtype, quant_type: str = "nf4",
+              double_quant: bool = True, device: torch.device | str = "meta") -> QuantizedWeight:
+        """The buffers `quantize` gives a (out, in) weight of `dtype`, without values (meta by default).
+
+        bitsandbytes packs two codes a byte into ((n + 1) // 2, 1) and keeps one absmax per block of
+        64; double quantization stores those as uint8 codes with one float32 absmax per 256 of them,
+        beside their mean (`offset`). Under FSDP the processes but the first build the model so and
+        receive the values from it; tests hold the layout against bitsandbytes'.
+        """
+        from bitsandbytes.functional import QuantState
+
+        numel = math.prod(shape)
+        blocks = -(-numel // BLOCKSIZE)
+        code = torch.empty(16, dtype=torch.float32, device=device)  # the 4-bit type's 16 values
+        packed = torch.empty(((numel + 1) // 2, 1), dtype=torch.uint8, device=device)
+        if not double_quant:
+            absmax = torch.empty(blocks, dtype=torch.float32, device=device)
+            return cls(packed, QuantState(absmax, shape, code, BLOCKSIZE, quant_type, dtype))
+        nested = QuantState(torch.empty(-(-blocks // NESTED_BLOCKSIZE), dtype=torch.float32, device=device),
+                            code=torch.empty(256, dtype=torch.float32, device=device),  # 8-bit: 256 values
+                            blocksize=NESTED_BLOCKSIZE, dtype=torch.float32)
+        return cls(packed, QuantState(torch.empty(blocks, dtype=torch.uint8, device=device), shape, code, BLOCKSIZE,
+                                      quant_type, dtype, offset=torch.empty((), dtype=torch.float32, device=device),
+                                      state2=nested))
 
     def codes(self) -> torch.Tensor:
         """The packed codes as bytes (under FSDP they are stored as a float32 view of those bytes)."""

@@ -16,6 +16,7 @@ import shutil
 import sys
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +33,8 @@ from finetune.checkpoint import (TrainerState, config_hash, gather_trainable_sta
                                  saved_optimizer_state)
 from finetune.config import ConfigError, ModelImpl, Resume, RunConfig
 from finetune.errors import TrainingStopped
-from finetune.models import build_model, load_adapter_weights
+from finetune.models import Placement, build_model, load_adapter_weights
+from finetune.models.native import materialize_empty
 from finetune.models.source import resolve_model_dir
 from finetune.signals import StopRequests
 from finetune.optim import build_optimizer, build_scheduler
@@ -69,7 +71,12 @@ def run(cfg: RunConfig) -> RunResult:
     # ---- model: frozen 4-bit base + LoRA ----
     with accelerator.main_process_first():  # the first process fills the shared caches (demo base, hub files)
         resolve_model_dir(cfg.model.name_or_path, cfg.cache_dir, cfg.model.revision)
-    loaded = build_model(cfg, device)
+    # FSDP with fsdp_cpu_ram_efficient_loading (as the shipped configs): the first process loads the
+    # base into host memory, the others build it empty; FSDP moves each unit to the GPU, broadcasts
+    # the first process's values (sync_module_states) and shards it. No GPU ever holds the whole base.
+    first_loads = fsdp and accelerator.state.fsdp_plugin.cpu_ram_efficient_loading
+    placement = Placement.device if not first_loads else Placement.host if is_main else Placement.empty
+    loaded = build_model(cfg, device, placement)
     model, tokenizer = loaded.model, loaded.tokenizer
     for notice in loaded.notices:
         say(f"note: {notice}")
@@ -128,6 +135,8 @@ def run(cfg: RunConfig) -> RunResult:
         if fsdp and hasattr(model, "prepare_for_fsdp"):
             # The native model makes its 4-bit codes shardable and names its own units.
             accelerator.state.fsdp_plugin.auto_wrap_policy = model.prepare_for_fsdp()
+            # accelerate's own param_init_fn would replace the parameters the optimizer holds.
+            accelerator.state.fsdp_plugin.param_init_fn = partial(materialize_empty, device=device)
         elif fsdp:
             from peft.utils.other import fsdp_auto_wrap_policy
 
@@ -136,6 +145,10 @@ def run(cfg: RunConfig) -> RunResult:
             # LoRA weights are float32 beside a bfloat16 base.
             accelerator.state.fsdp_plugin.auto_wrap_policy = fsdp_auto_wrap_policy(model)
         model, optimizer = accelerator.prepare(model, optimizer)
+        if fsdp and device.type == "cuda":  # every process takes part: the peak is the largest process's
+            loading_peak = _peak_memory_gib(device, accelerator)  # before training resets the counter
+            say(f"sharded by FSDP: {_memory_line(model, device)}, peak while loading and sharding "
+                f"{loading_peak:.2f} GiB")
     if resume_from is not None:  # after FSDP sharded the model: each process takes its own shard's state
         optimizer.load_state_dict(saved_optimizer_state(resume_from[2], rank))
     raw_model = accelerator.unwrap_model(model)  # for generation, saving, and its forward's signature
@@ -409,6 +422,11 @@ def start_processes(device_name: str) -> tuple[Accelerator, torch.device]:
     device = pick_device(device_name)
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
         return Accelerator(device_placement=False), device
+    if device.type == "cpu" and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        # Before the Accelerator: its FSDP plugin fails on a machine without GPUs, and where it
+        # does start, accelerate quietly trains CPU processes under DDP instead.
+        raise ConfigError("the accelerate config asks for FSDP, which accelerate runs on GPUs only, and these "
+                          "processes train on the CPU: launch with recipes/accelerate/cpu.yaml (DDP) there.")
     # Every process loads the same frozen weights, so DDP need not broadcast buffers before each
     # forward (the native model keeps its 4-bit weights in buffers).
     unsynced_buffers = DistributedDataParallelKwargs(broadcast_buffers=False)
@@ -440,9 +458,6 @@ def check_processes(cfg: RunConfig, accelerator: Accelerator, fsdp: bool, resume
                           "computes in quant.bnb_4bit_compute_dtype; set mixed_precision: 'no' (as "
                           "recipes/accelerate/*.yaml do).")
     if not fsdp:
-        if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
-            raise ConfigError("the accelerate config asks for FSDP, which accelerate runs on GPUs only, and these "
-                              "processes train on the CPU: launch with recipes/accelerate/cpu.yaml (DDP) there.")
         return
     plugin = accelerator.state.fsdp_plugin
     if plugin.fsdp_version != 1 or not plugin.use_orig_params:

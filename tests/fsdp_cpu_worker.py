@@ -16,36 +16,49 @@ trainable part) and OUT/adapter (gathered from the shards and saved as the recip
 FSDP). It also checkpoints after step 1 as the recipe does under FSDP, then builds and shards the
 model afresh, resumes from that checkpoint as the recipe does, trains the remaining steps again
 and writes their rows to OUT/resumed.json. WORKER_OPTIMIZER=adamw8bit (env) trains with
-bitsandbytes' 8-bit AdamW instead of the recipe's optimizer.
+bitsandbytes' 8-bit AdamW instead of the recipe's optimizer. The native model loads as under the
+shipped configs (only the first process loads, the others start empty and FSDP fills them);
+WORKER_LOADING=every has every process load it, as fsdp_cpu_ram_efficient_loading: false does.
 """
 
 import contextlib
 import json
 import os
 import sys
+from functools import partial
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from peft.utils.other import fsdp_auto_wrap_policy
 from torch.distributed.fsdp import FullyShardedDataParallel, ShardingStrategy
+from torch.distributed.fsdp import _init_utils as fsdp_init_utils
 
 from finetune import data as data_lib
 from finetune.api import compose_config
 from finetune.checkpoint import (TrainerState, gather_trainable_state, load_latest_checkpoint, optimizer_state_on_cpu,
                                  restore_rng_states, rng_states, save_adapter, save_checkpoint, saved_optimizer_state)
 from finetune.cli import quiet_libraries
-from finetune.models import build_model, load_adapter_weights
+from finetune.models import Placement, build_model, load_adapter_weights
+from finetune.models.native import materialize_empty
 from finetune.optim import build_optimizer, build_scheduler
 from finetune.recipe import _pad_id, _quantization_record, seed_everything
 
 DEVICE = torch.device("cpu")
+FIRST_PROCESS_LOADS = os.environ.get("WORKER_LOADING", "first") == "first"  # "every": each process loads
+# torch refuses to broadcast CPU tensors for sync_module_states because NCCL cannot; gloo can, and
+# this is the only way to run the first-process loading on the CPU (the GPU tests run it unpatched).
+fsdp_init_utils._check_module_states_for_sync_module_states = lambda states: None
 
 
 def build(cfg, checkpoint=None):
     """The recipe's set-up under FSDP: model, data stream, optimizer, schedule; resumed from `checkpoint`."""
     seed_everything(cfg.train.seed)
-    loaded = build_model(cfg, DEVICE)
+    # As the recipe under the shipped configs (fsdp_cpu_ram_efficient_loading): only the first
+    # process loads the native base, the others build it empty and FSDP fills them from it.
+    first_loads = FIRST_PROCESS_LOADS and cfg.model.impl.value == "native"
+    placement = Placement.device if not first_loads else Placement.host if dist.get_rank() == 0 else Placement.empty
+    loaded = build_model(cfg, DEVICE, placement)
     model, tokenizer = loaded.model, loaded.tokenizer
     data_lib.use_data_chat_template(tokenizer, cfg.data)
     train_samples, _, _ = data_lib.load_splits(cfg.data, tokenizer, cfg.train.seed, cfg.cache_dir)
@@ -75,12 +88,14 @@ def build(cfg, checkpoint=None):
     policy = model.prepare_for_fsdp() if hasattr(model, "prepare_for_fsdp") else fsdp_auto_wrap_policy(model)
     whole = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    built_empty = all(p.is_meta for p in model.parameters())
     sharded = FullyShardedDataParallel(model, sharding_strategy=ShardingStrategy.FULL_SHARD,
                                        auto_wrap_policy=policy, use_orig_params=True,
-                                       sync_module_states=False, device_id=DEVICE)
+                                       sync_module_states=first_loads, device_id=DEVICE,
+                                       param_init_fn=partial(materialize_empty, device=DEVICE))
     if checkpoint is not None:
         optimizer.load_state_dict(saved_optimizer_state(checkpoint[2], dist.get_rank()))
-    return loaded, model, sharded, batches, optimizer, scheduler, state, (whole, trainable)
+    return loaded, model, sharded, batches, optimizer, scheduler, state, (whole, trainable, built_empty)
 
 
 def gradient_elements(sharded) -> int:
@@ -141,18 +156,20 @@ def main(out: Path, overrides: list[str]) -> None:
     cfg = compose_config("demo", overrides)
 
     setup = build(cfg)
-    loaded, model, sharded, *_, (whole, trainable) = setup
+    loaded, model, sharded, *_, (whole, trainable, built_empty) = setup
     held = sum(p.numel() for p in sharded.parameters())
     rows = train(cfg, setup, cfg.train.max_steps, out, checkpoint_after=1)
     state = gather_trainable_state(sharded)
     shards, gradients = [None] * world, [None] * world
     dist.all_gather_object(shards, held)
     dist.all_gather_object(gradients, gradient_held[0])
+    empty = [None] * world
+    dist.all_gather_object(empty, built_empty)
     if rank == 0:  # the recipe's FSDP save, from the gathered state
         save_adapter(model, loaded.tokenizer, out / "adapter", _quantization_record(cfg, loaded.compute_dtype), state)
         (out / "losses.json").write_text(json.dumps(rows))
         (out / "shards.json").write_text(json.dumps({"whole": whole, "held": shards, "trainable": trainable,
-                                                     "gradients": gradients,
+                                                     "gradients": gradients, "built_empty": empty,
                                                      "gathered": sum(t.numel() for t in state.values())}))
 
     # As if stopped after step 1: a new model, sharded again, resumed from the checkpoint.

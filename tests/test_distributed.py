@@ -192,8 +192,10 @@ def test_fsdp_config_on_the_cpu_is_refused(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("impl, storage", [("hf", ["quant.bnb_4bit_quant_storage=float32"]), ("native", [])])
-def test_fsdp_shards_nf4_and_lora_and_trains_like_one_process(one_process, tmp_path, impl, storage):
+@pytest.mark.parametrize("impl, storage, loading", [("hf", ["quant.bnb_4bit_quant_storage=float32"], "every"),
+                                                    ("native", [], "first"), ("native", [], "every")])
+def test_fsdp_shards_nf4_and_lora_and_trains_like_one_process(one_process, tmp_path, monkeypatch, impl, storage,
+                                                             loading):
     # Run from a copy outside tests/: with the script's folder on sys.path, tests/kernels would
     # pass for PyPI's `kernels` package, which bitsandbytes probes for.
     worker = shutil.copy(REPO / "tests" / "fsdp_cpu_worker.py", tmp_path)
@@ -201,9 +203,12 @@ def test_fsdp_shards_nf4_and_lora_and_trains_like_one_process(one_process, tmp_p
     out.mkdir()
     # First, so that the demo base is built once, not by both workers at the same time.
     reference = one_process(impl)  # uint8 storage: the float32 view of the same bytes computes the same
+    monkeypatch.setenv("WORKER_LOADING", loading)
     result = torchrun(Path(worker), str(out), *TWO, f"model.impl={impl}", *storage, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     shards = json.loads((out / "shards.json").read_text())
+    # "first": the second process never held a weight before FSDP filled its shard from the first.
+    assert shards["built_empty"] == [False, loading == "first"]
     assert sum(shards["held"]) == shards["whole"] and max(shards["held"]) <= 0.51 * shards["whole"]
     # Gradients only for the LoRA weights, sharded too: a unit mixing frozen 4-bit codes with LoRA
     # would carry float32 gradients over the codes as well.

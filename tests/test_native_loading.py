@@ -70,3 +70,46 @@ def test_a_checkpoint_missing_tensors_is_refused_by_name(checkpoints, tmp_path):
     save_file(tensors, str(target / "model.safetensors"))
     with pytest.raises(ConfigError, match="model.layers.1.mlp.up_proj.weight"):
         load_pretrained(target, CPU)
+
+
+@pytest.mark.parametrize("family", ["llama", "llama_tied", "qwen2", "qwen3"])
+@pytest.mark.parametrize("from_cache", [False, True])
+def test_an_empty_model_has_every_tensor_of_the_loaded_one(family, from_cache, checkpoints, tmp_path):
+    # FSDP broadcasts the first process's loaded model into the others' empty ones, tensor for
+    # tensor: names, shapes, dtypes and the 4-bit weights' attributes must all agree.
+    from finetune.lora import linear_layers
+    from finetune.models.native import empty_pretrained
+
+    settings = dict(compute_dtype=torch.bfloat16, storage_dtype=torch.bfloat16, double_quant=family != "qwen2")
+    model_dir = checkpoints(family)
+    if from_cache:
+        settings["cache_dir"] = tmp_path / "cache"
+        load_pretrained(model_dir, CPU, **settings)  # writes the cache
+    loaded, empty = load_pretrained(model_dir, CPU, **settings), empty_pretrained(model_dir, CPU, **settings)
+    layout = {name: (tuple(t.shape), t.dtype) for name, t in loaded.state_dict().items()}
+    assert {name: (tuple(t.shape), t.dtype) for name, t in empty.state_dict().items()} == layout
+    assert all(t.is_meta for name, t in empty.state_dict().items() if not name.endswith("inv_freq"))
+    for name, layer in linear_layers(loaded).items():
+        mine = linear_layers(empty)[name].weight
+        for attribute in ("shape", "dtype", "blocksize", "quant_type", "nested", "nested_blocksize"):
+            assert getattr(mine, attribute, None) == getattr(layer.weight, attribute, None), (name, attribute)
+    assert (empty.lm_head.weight is empty.model.embed_tokens.weight) == loaded.args.tie_word_embeddings
+
+
+def test_materializing_keeps_the_parameter_objects_and_ties(checkpoints):
+    # The optimizer is built over the parameters before FSDP materializes them, and a tied LM head
+    # is the embedding's very parameter: both must still point at the materialized tensors.
+    from finetune.config import LoraConfig
+    from finetune.lora import attach_lora
+    from finetune.models.native import empty_pretrained, materialize_empty
+
+    model = empty_pretrained(checkpoints("llama_tied"), CPU)
+    attach_lora(model, LoraConfig(r=4, target_modules="all-linear"))
+    params = dict(model.named_parameters())
+    held = [p for p in model.parameters() if p.requires_grad]
+    assert held and all(p.is_meta for p in held)
+    for module in model.modules():
+        materialize_empty(module, CPU)
+    assert not any(t.is_meta for t in (*model.parameters(), *model.buffers()))
+    assert all(p is params[name] for name, p in model.named_parameters())
+    assert all(p.requires_grad for p in held) and model.lm_head.weight is model.model.embed_tokens.weight

@@ -43,3 +43,21 @@ def test_storage_follows_the_quant_settings():
     assert fp4.quant_type == "fp4" and not fp4.nested and fp4.absmax.dtype == torch.float32
     packed, state = bnb_functional.quantize_4bit(weight, blocksize=64, quant_type="fp4")
     assert torch.equal(dequantize_bnb(fp4), bnb_functional.dequantize_4bit(packed, state, quant_type="fp4"))
+
+
+@pytest.mark.parametrize("shape", [(7, 9), (64, 64), (300, 257), (1, 1), (129, 513)])
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_an_empty_weight_has_the_layout_bitsandbytes_gives(shape, quant_type, double_quant):
+    # FSDP's processes but the first build their weights empty and receive the values by broadcast,
+    # which needs every buffer's shape and dtype to match the quantized one's. (300, 257): absmax
+    # blocks not a multiple of 64, nested blocks not of 256; (7, 9): an odd count of codes.
+    def layout(weight):
+        buffers = {name: (tuple(b.shape), b.dtype) for name, b in weight.named_buffers()}
+        return buffers, (weight.shape, weight.dtype, weight.blocksize, weight.quant_type, weight.nested,
+                         getattr(weight, "nested_blocksize", None))
+
+    quantized = QuantizedWeight.quantize(torch.randn(*shape, dtype=torch.bfloat16), quant_type, double_quant)
+    empty = QuantizedWeight.empty(shape, torch.bfloat16, quant_type, double_quant)
+    assert all(b.is_meta for b in empty.buffers())
+    assert layout(empty) == layout(quantized)

@@ -11,6 +11,7 @@ import torch
 from finetune import memory
 from finetune.config import ConfigError, Dtype, ModelImpl, OffloadMode, RunConfig
 from finetune.models import hf, native
+from finetune.models.native import Placement
 from finetune.models.source import resolve_model_dir
 
 
@@ -84,8 +85,12 @@ def offload_decision(cfg: RunConfig, model_dir: Path, device: torch.device,
     return stream, mode in memory.PARKS_ACTIVATIONS or cfg.model.offload_checkpoints
 
 
-def build_model(cfg: RunConfig, device: torch.device) -> LoadedModel:
-    """Load the base quantized to 4 bits, attach LoRA, and load its tokenizer."""
+def build_model(cfg: RunConfig, device: torch.device, placement: Placement = Placement.device) -> LoadedModel:
+    """Load the base quantized to 4 bits, attach LoRA, and load its tokenizer.
+
+    `placement` other than `device` is for FSDP loading through its first process (host memory
+    there, meta elsewhere). The native path only: the generic one loads onto `device` regardless.
+    """
     from transformers import AutoTokenizer
 
     model_dir = resolve_model_dir(cfg.model.name_or_path, cfg.cache_dir, cfg.model.revision)
@@ -97,8 +102,11 @@ def build_model(cfg: RunConfig, device: torch.device) -> LoadedModel:
         notices.append(f"model.impl=auto: the {impl.value} model path ({why}).")
     if impl is ModelImpl.native:
         stream_weights, offload_checkpoints = offload_decision(cfg, model_dir, device, notices)
-        model = native.build(cfg, model_dir, compute_dtype, device, stream_weights, offload_checkpoints)
+        model = native.build(cfg, model_dir, compute_dtype, device, stream_weights, offload_checkpoints, placement)
     else:
+        if placement is not Placement.device:
+            notices.append("the generic model path loads the whole 4-bit base onto every GPU before FSDP shards it "
+                           "(fsdp_cpu_ram_efficient_loading applies to the native path).")
         if cfg.model.checkpoint_layers is not None:
             raise ConfigError(f"model.checkpoint_layers={cfg.model.checkpoint_layers} applies to the native model "
                               f"path, but this run takes the {impl.value} path ({why}); remove it.")

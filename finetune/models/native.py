@@ -22,6 +22,7 @@ import math
 import os
 from collections import defaultdict
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 from typing import Callable
 
@@ -509,12 +510,14 @@ def checkpoint_tensors(model_dir: Path):
 def load_pretrained(model_dir, device: torch.device, compute_dtype: torch.dtype = torch.float32,
                     storage_dtype: torch.dtype | None = None, quant_type: str = "nf4", double_quant: bool = True,
                     use_kernels: bool = True, ops: Ops | None = None, weights_device: torch.device | None = None,
-                    cache_dir: Path | None = None) -> NativeCausalLM:
+                    cache_dir: Path | None = None, load_device: torch.device | None = None) -> NativeCausalLM:
     """Build the decoder empty, then stream the checkpoint into it, quantizing linear weights on arrival.
 
     Linear weights are cast to `storage_dtype` (the checkpoint's dtype cast, quant.torch_dtype)
-    before quantizing, exactly as the generic path does; everything else then goes to `compute_dtype`.
-    Quantized weights end up on `weights_device` (default `device`; the CPU when they will stream).
+    before quantizing (on `device`), exactly as the generic path does; everything else then goes
+    to `compute_dtype`. The loaded tensors are kept on `load_device` (default `device`; the CPU
+    when FSDP will move them to the GPU a unit at a time), quantized weights on `weights_device`
+    (default `load_device`; the CPU when they will stream).
     `ops` defaults to the Triton kernels on CUDA (with use_kernels) and the references elsewhere;
     tests pass triton_ops() to run the kernels on the CPU under TRITON_INTERPRET=1.
 
@@ -525,7 +528,8 @@ def load_pretrained(model_dir, device: torch.device, compute_dtype: torch.dtype 
     from transformers import AutoConfig
 
     model_dir = Path(model_dir)
-    weights_device = weights_device or device
+    load_device = load_device or device
+    weights_device = weights_device or load_device
     storage_dtype = storage_dtype or compute_dtype
     fingerprint = None
     if nf4_cache.is_cache(model_dir):
@@ -538,7 +542,7 @@ def load_pretrained(model_dir, device: torch.device, compute_dtype: torch.dtype 
         nf4_cache.check_cache(cache_dir, meta, fingerprint=fingerprint, quant_type=quant_type,
                               double_quant=double_quant, storage_dtype=storage_dtype, compute_dtype=compute_dtype)
         model = _empty_model(config, device, compute_dtype, use_kernels, ops, model_dir)
-        load_from_cache(model, cache_dir, device, compute_dtype, weights_device)
+        load_from_cache(model, cache_dir, load_device, compute_dtype, weights_device)
         return model
 
     config = AutoConfig.from_pretrained(model_dir)
@@ -555,7 +559,7 @@ def load_pretrained(model_dir, device: torch.device, compute_dtype: torch.dtype 
             _check_shape(name, tensor, (layer.out_features, layer.in_features), model_dir)
             layer.weight = QuantizedWeight.quantize(tensor, quant_type, double_quant).to(weights_device)
         else:
-            _assign(model, module_name, leaf, tensor.to(compute_dtype), model_dir)
+            _assign(model, module_name, leaf, tensor.to(device=load_device, dtype=compute_dtype), model_dir)
     if args.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     check_complete(model, f"{model_dir}: the checkpoint", f"is it a complete {config.model_type} model?")
@@ -655,6 +659,58 @@ def check_complete(model: NativeCausalLM, source: str, hint: str) -> None:
                           f"({len(missing)} tensors); {hint}")
 
 
+def empty_pretrained(model_dir, device: torch.device, compute_dtype: torch.dtype = torch.float32,
+                     storage_dtype: torch.dtype | None = None, quant_type: str = "nf4", double_quant: bool = True,
+                     use_kernels: bool = True, cache_dir: Path | None = None) -> NativeCausalLM:
+    """The model load_pretrained would build from the same arguments, on the meta device: every
+    tensor's name, shape and dtype, no values, nothing read but the config (and a cache's settings).
+
+    Under FSDP the processes but the first start so; FSDP gives each unit storage on the GPU
+    (`materialize_empty`) and fills it from the first process (sync_module_states) before sharding.
+    """
+    model_dir = Path(model_dir)
+    storage_dtype = storage_dtype or compute_dtype
+    if nf4_cache.is_cache(model_dir) or (cache_dir is not None and Path(cache_dir).exists()):
+        # The first process refuses a cache made with other settings: so does every process.
+        cache_dir = model_dir if nf4_cache.is_cache(model_dir) else Path(cache_dir)
+        config, meta, _ = nf4_cache.read_cache(cache_dir)
+        fingerprint = None if cache_dir == model_dir else nf4_cache.source_fingerprint(model_dir)
+        nf4_cache.check_cache(cache_dir, meta, fingerprint=fingerprint, quant_type=quant_type,
+                              double_quant=double_quant, storage_dtype=storage_dtype, compute_dtype=compute_dtype)
+    else:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(model_dir)
+    model = _empty_model(config, device, compute_dtype, use_kernels, None, model_dir)
+    for name, param in list(model.named_parameters()):
+        module_name, leaf = name.rsplit(".", 1)
+        setattr(model.get_submodule(module_name), leaf,
+                nn.Parameter(torch.empty_like(param, dtype=compute_dtype), requires_grad=False))
+    for layer in linear_layers(model).values():
+        layer.weight = QuantizedWeight.empty((layer.out_features, layer.in_features), storage_dtype, quant_type,
+                                             double_quant)
+    if model.args.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    return model
+
+
+def materialize_empty(module: nn.Module, device: torch.device) -> None:
+    """FSDP's param_init_fn for a model from empty_pretrained: storage on `device` for the meta
+    tensors `module` holds itself (not its children's; FSDP calls this once per module).
+
+    The values are left unset: FSDP broadcasts the first process's right after. Parameters keep
+    their Python objects (their contents are swapped in), so the optimizer, built over them before
+    FSDP wraps the model, and a tied LM head still point at them.
+    """
+    for param in module.parameters(recurse=False):
+        if param.is_meta:
+            filled = nn.Parameter(torch.empty_like(param, device=device), requires_grad=param.requires_grad)
+            torch.utils.swap_tensors(param, filled)
+    for name, buffer in module.named_buffers(recurse=False):
+        if buffer.is_meta:
+            module._buffers[name] = torch.empty_like(buffer, device=device)
+
+
 def _assign(model: nn.Module, module_name: str, leaf: str, tensor: torch.Tensor, model_dir: Path) -> None:
     name = f"{module_name}.{leaf}"
     try:
@@ -671,8 +727,17 @@ def _check_shape(name: str, tensor: torch.Tensor, expected: tuple, model_dir: Pa
         raise ConfigError(f"{model_dir}: {name} has shape {tuple(tensor.shape)}, but config.json implies {expected}.")
 
 
+class Placement(Enum):
+    """Where `build` puts the 4-bit base."""
+
+    device = "device"  # on the run's device: one process, DDP, and FSDP where every process loads
+    host = "host"  # in host memory: FSDP's first process; FSDP moves a unit at a time to the GPU
+    empty = "empty"  # on the meta device: FSDP's other processes, filled from the first
+
+
 def build(cfg: RunConfig, model_dir: Path, compute_dtype: torch.dtype, device: torch.device,
-          stream_weights: bool = False, offload_checkpoints: bool = False) -> NativeCausalLM:
+          stream_weights: bool = False, offload_checkpoints: bool = False,
+          placement: Placement = Placement.device) -> NativeCausalLM:
     """The recipe's model: 4-bit base loaded from `model_dir`, LoRA attached per cfg.lora.
 
     `stream_weights` keeps the layers' 4-bit weights in pinned host memory (streaming.py);
@@ -689,15 +754,18 @@ def build(cfg: RunConfig, model_dir: Path, compute_dtype: torch.dtype, device: t
     if cfg.model.offload_checkpoints and not cfg.model.gradient_checkpointing:
         raise ConfigError("model.offload_checkpoints=true offloads the inputs of checkpointed layers; "
                           "it needs model.gradient_checkpointing=true.")
-    model = load_pretrained(
-        model_dir, device, compute_dtype,
-        storage_dtype=getattr(torch, cfg.quant.torch_dtype.value),
-        quant_type=cfg.quant.bnb_4bit_quant_type.value,
-        double_quant=cfg.quant.bnb_4bit_use_double_quant,
-        use_kernels=cfg.model.use_kernels,
-        weights_device=torch.device("cpu") if stream_weights else device,
-        cache_dir=Path(cfg.model.nf4_cache).expanduser() if cfg.model.nf4_cache else None,
-    )
+    settings = dict(storage_dtype=getattr(torch, cfg.quant.torch_dtype.value),
+                    quant_type=cfg.quant.bnb_4bit_quant_type.value,
+                    double_quant=cfg.quant.bnb_4bit_use_double_quant,
+                    use_kernels=cfg.model.use_kernels,
+                    cache_dir=Path(cfg.model.nf4_cache).expanduser() if cfg.model.nf4_cache else None)
+    if placement is Placement.empty:
+        model = empty_pretrained(model_dir, device, compute_dtype, **settings)
+    else:
+        host = torch.device("cpu")
+        model = load_pretrained(model_dir, device, compute_dtype, **settings,
+                                load_device=host if placement is Placement.host else device,
+                                weights_device=host if stream_weights else None)
     args = model.args
     attach_lora(model, cfg.lora)
     # Pinned host memory needs CUDA; on the CPU the activations are already in host memory.
