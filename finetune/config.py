@@ -132,8 +132,8 @@ class ModelConfig:
     # Native path: Triton kernels (RMSNorm, RoPE, SwiGLU, NF4 dequantize, fused LM head + loss) on
     # CUDA. The CPU always runs their plain-PyTorch references.
     use_kernels: bool = True
-    # Native path: torch.compile each decoder layer (slow first steps, faster after). CPU only
-    # for now: on CUDA it was measured to train wrongly and is refused.
+    # Native path: torch.compile each decoder layer. Trains like eager, but measured slower on an
+    # H100 (0.79x on the 8B): the hot paths are already fused kernels and cuBLAS GEMMs.
     compile: bool = False
     # Native path, with gradient_checkpointing: how many decoder layers (the first ones) recompute in
     # backward; null means all. The others keep their activations: each layer left out saves about

@@ -743,11 +743,6 @@ def build(cfg: RunConfig, model_dir: Path, compute_dtype: torch.dtype, device: t
     `stream_weights` keeps the layers' 4-bit weights in pinned host memory (streaming.py);
     `offload_checkpoints` parks checkpointed layers' inputs there (both CUDA only).
     """
-    if cfg.model.compile and device.type == "cuda":
-        # Measured on an H200 (torch 2.11): compiled layers trained visibly wrong (the loss stalled
-        # where eager fell from 6.2 to 4.9 in six demo steps), so CUDA compile stays off until fixed.
-        raise ConfigError("model.compile=true gives wrong gradients on CUDA in this version; "
-                          "train with model.compile=false.")
     if cfg.model.checkpoint_layers is not None and not cfg.model.gradient_checkpointing:
         raise ConfigError(f"model.checkpoint_layers={cfg.model.checkpoint_layers} picks layers to checkpoint; "
                           "it needs model.gradient_checkpointing=true.")
