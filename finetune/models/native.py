@@ -531,16 +531,10 @@ def load_pretrained(model_dir, device: torch.device, compute_dtype: torch.dtype 
     load_device = load_device or device
     weights_device = weights_device or load_device
     storage_dtype = storage_dtype or compute_dtype
-    fingerprint = None
-    if nf4_cache.is_cache(model_dir):
-        cache_dir = model_dir
-    elif cache_dir is not None:
-        cache_dir = Path(cache_dir)
-        fingerprint = nf4_cache.source_fingerprint(model_dir)
-    if cache_dir is not None and cache_dir.exists():
-        config, meta, _ = nf4_cache.read_cache(cache_dir)
-        nf4_cache.check_cache(cache_dir, meta, fingerprint=fingerprint, quant_type=quant_type,
-                              double_quant=double_quant, storage_dtype=storage_dtype, compute_dtype=compute_dtype)
+    cache_dir, fingerprint, config = _checked_cache(model_dir, cache_dir, quant_type=quant_type,
+                                                    double_quant=double_quant, storage_dtype=storage_dtype,
+                                                    compute_dtype=compute_dtype)
+    if config is not None:
         model = _empty_model(config, device, compute_dtype, use_kernels, ops, model_dir)
         load_from_cache(model, cache_dir, load_device, compute_dtype, weights_device)
         return model
@@ -563,10 +557,30 @@ def load_pretrained(model_dir, device: torch.device, compute_dtype: torch.dtype 
     if args.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     check_complete(model, f"{model_dir}: the checkpoint", f"is it a complete {config.model_type} model?")
-    # One writer per run: under DDP/FSDP every process quantizes, only the first keeps the result.
+    # One writer per run: where every process quantizes (DDP), only the first keeps the result.
     if cache_dir is not None and int(os.environ.get("RANK", "0")) == 0:
         write_nf4_cache(model, config, cache_dir, fingerprint)
     return model
+
+
+def _checked_cache(model_dir: Path, cache_dir: Path | None, **settings) -> tuple[Path | None, str | None, object]:
+    """(cache dir, source fingerprint, the cache's HF config) for loading `model_dir`.
+
+    `model_dir` may be a cache itself; otherwise `cache_dir`, once it exists, is the cache, checked
+    (nf4_cache.check_cache) to come from this checkpoint with these `settings`. The config is None
+    when there is no cache to read (yet: the fingerprint is what to write one with).
+    """
+    if nf4_cache.is_cache(model_dir):
+        cache_dir, fingerprint = model_dir, None
+    elif cache_dir is not None:
+        cache_dir, fingerprint = Path(cache_dir), nf4_cache.source_fingerprint(model_dir)
+    else:
+        return None, None, None
+    if not cache_dir.exists():
+        return cache_dir, fingerprint, None
+    config, meta, _ = nf4_cache.read_cache(cache_dir)
+    nf4_cache.check_cache(cache_dir, meta, fingerprint=fingerprint, **settings)
+    return cache_dir, fingerprint, config
 
 
 def write_nf4_cache(model: NativeCausalLM, config, cache_dir: str | Path, fingerprint: str) -> Path:
@@ -670,14 +684,10 @@ def empty_pretrained(model_dir, device: torch.device, compute_dtype: torch.dtype
     """
     model_dir = Path(model_dir)
     storage_dtype = storage_dtype or compute_dtype
-    if nf4_cache.is_cache(model_dir) or (cache_dir is not None and Path(cache_dir).exists()):
-        # The first process refuses a cache made with other settings: so does every process.
-        cache_dir = model_dir if nf4_cache.is_cache(model_dir) else Path(cache_dir)
-        config, meta, _ = nf4_cache.read_cache(cache_dir)
-        fingerprint = None if cache_dir == model_dir else nf4_cache.source_fingerprint(model_dir)
-        nf4_cache.check_cache(cache_dir, meta, fingerprint=fingerprint, quant_type=quant_type,
-                              double_quant=double_quant, storage_dtype=storage_dtype, compute_dtype=compute_dtype)
-    else:
+    # A cache made with other settings is refused here as the first process refuses it.
+    _, _, config = _checked_cache(model_dir, cache_dir, quant_type=quant_type, double_quant=double_quant,
+                                  storage_dtype=storage_dtype, compute_dtype=compute_dtype)
+    if config is None:
         from transformers import AutoConfig
 
         config = AutoConfig.from_pretrained(model_dir)
