@@ -116,7 +116,9 @@ def run(cfg: RunConfig) -> RunResult:
                          world_size=world, fsdp=fsdp)
     if resume_from is not None:
         checkpoint_dir, state, saved = resume_from
-        load_adapter_weights(model, checkpoint_dir)  # before FSDP shards the model: every process holds it whole
+        # Before FSDP shards the model, while each process holds it whole (or empty: FSDP then
+        # broadcasts the first process's weights, these among them).
+        load_adapter_weights(model, checkpoint_dir)
         scheduler.load_state_dict(saved["scheduler"])
         # Replaying the batch stream puts the data position exactly where the checkpoint left it.
         for _ in range(state.micro_batches_consumed):
