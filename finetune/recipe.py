@@ -557,7 +557,8 @@ def _reset_peak_memory(device: torch.device) -> None:
 
 
 def _peak_memory_gib(device: torch.device, accelerator: Accelerator) -> float:
-    """GPU: peak allocated by torch since training began. CPU: the process's peak resident memory.
+    """GPU: peak allocated by torch since the counter was last reset (training resets it as it
+    begins; before that, the loading peak). CPU: the process's peak resident memory.
 
     With several processes, the largest of theirs: under FSDP the first process is not always the
     fullest. Every process must call this.
