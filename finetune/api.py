@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from finetune.errors import UserError
+from finetune.hub_code import keep_hub_code_out
 
 
 def compose_config(recipe: str = "demo", overrides: list[str] | tuple[str, ...] = ()):
@@ -32,6 +33,7 @@ def train(recipe: str = "demo", overrides: list[str] | tuple[str, ...] = ()):
     from finetune.cli import quiet_libraries
     from finetune.recipe import run
 
+    keep_hub_code_out()
     quiet_libraries()
     return run(compose_config(recipe, overrides))
 
@@ -42,6 +44,7 @@ def load(adapter_dir: str | Path, device: str = "auto"):
     The base is the adapter's `base_model_name_or_path`; the 4-bit settings come from the
     adapter's finetune_quantization.json, so the model computes what was trained.
     """
+    keep_hub_code_out()
     import peft
     from transformers import AutoTokenizer
 

@@ -27,11 +27,17 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
-from finetune.memory import useful_flops_per_token
-
 REPO = Path(__file__).resolve().parent.parent
+if __name__ == "__main__":
+    # From a checkout, installed or not; make_random_checkpoint sits beside this file.
+    sys.path[:0] = [str(REPO), str(Path(__file__).resolve().parent)]
+    from finetune.entry import start
+
+    start("python scripts/bench.py")
+
+import torch  # noqa: E402
+
+from finetune.memory import useful_flops_per_token  # noqa: E402
 LORA = dict(r=16, lora_alpha=16, lora_dropout=0.0)
 
 
@@ -291,5 +297,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     main()

@@ -24,10 +24,16 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import torch
-from safetensors.torch import save_file
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # a checkout runs without an install
+    from finetune.entry import start
 
-from finetune.models.architectures import ARCHITECTURES, hf_config
+    start("python scripts/make_random_checkpoint.py")
+
+import torch  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+
+from finetune.models.architectures import ARCHITECTURES, hf_config  # noqa: E402
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig

@@ -4,8 +4,13 @@ Options and details: `python scripts/merge_adapter.py --help` and finetune/merge
 """
 
 import sys
-
-from finetune.merge import main
+from pathlib import Path
 
 if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # a checkout runs without an install
+    from finetune.entry import start
+
+    start("python scripts/merge_adapter.py")
+    from finetune.merge import main
+
     sys.exit(main())

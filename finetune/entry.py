@@ -1,0 +1,22 @@
+"""What every command does first, whether the project is installed or run from a checkout."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+
+from finetune.hub_code import keep_hub_code_out
+
+# Import names of what pyproject.toml's dependencies provide, checked before the first import.
+REQUIRED = ("torch", "bitsandbytes", "peft", "transformers", "accelerate", "datasets", "hydra", "omegaconf",
+            "safetensors", "gguf")
+
+
+def start(command: str) -> None:
+    """Stop with one line when the environment lacks the dependencies; then keep hub code out."""
+    missing = [name for name in REQUIRED if importlib.util.find_spec(name) is None]
+    if missing:
+        sys.exit(f"error: {', '.join(missing)} not installed in {sys.executable}. Run `scripts/venv-run "
+                 f"{command}` (it creates .venv from requirements/cpu.lock; FINETUNE_LOCK=cuda on a GPU box), "
+                 f"or `pip install -r requirements/cpu.lock -e .` in your environment.")
+    keep_hub_code_out()
