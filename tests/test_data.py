@@ -154,6 +154,26 @@ def test_columns_are_mapped_by_name(tmp_path, tokenizer):
     assert segments(train[0], tokenizer)[1] == ("black<|im_end|>", True)
 
 
+@pytest.mark.parametrize("user, assistant", [("human", "gpt"), ("user", "assistant")])
+def test_sharegpt_conversations_train_like_messages(tmp_path, tokenizer, user, assistant):
+    speakers = {"system": "system", "user": user, "assistant": assistant, "tool": "tool"}
+    sharegpt = [{"from": speakers[m["role"]], "value": m["content"]} for m in CHAT]
+    train, _ = load(tmp_path, [{"conversations": sharegpt}], tokenizer, columns=DataColumns(messages="conversations"))
+    assert segments(train[0], tokenizer) == [
+        (PREFIX, False), ("black<|im_end|>", True), (MIDDLE, False), ("brown<|im_end|>", True), ("\n", False)]
+    assert train[0].messages == CHAT  # what generation-based evaluation replays
+
+
+def test_openai_content_parts_are_joined_with_newlines(tmp_path, tokenizer):
+    question = [{"type": "text", "text": "Colour of"}, {"type": "text", "text": "the cat?"}]
+    rows = [{"messages": [{"role": "user", "content": question},
+                          {"role": "assistant", "content": [{"type": "text", "text": "black"}]}]}]
+    train, _ = load(tmp_path, rows, tokenizer)
+    assert segments(train[0], tokenizer) == [
+        ("<|im_start|>user\nColour of\nthe cat?<|im_end|>\n<|im_start|>assistant\n", False),
+        ("black<|im_end|>", True), ("\n", False)]
+
+
 def test_preview_marks_trained_tokens(tmp_path, tokenizer):
     train, _ = load(tmp_path, [{"messages": CHAT[1:3]}], tokenizer)
     text = preview(train[:1], tokenizer, color=False)
@@ -326,6 +346,16 @@ def test_unreadable_files_name_file_and_line(tmp_path, tokenizer, content, messa
     ([{"conversation": CHAT}], r"missing column\(s\) \['messages'\].*found \['conversation'\]"),
     ([{"messages": [{"role": "bot", "content": "hi"}]}], r"row 1: message 0 has unknown role 'bot'"),
     ([{"messages": CHAT}, {"messages": [{"role": "user", "content": 5}]}], r"row 2: message 0 \(user\) needs a string"),
+    ([{"messages": [{"speaker": "user", "text": "hi"}]}],
+     r"row 1: message 0 has no 'role'; found keys \['speaker', 'text'\]"),
+    ([{"conversations": [{"from": "human", "value": "hi"}]}],
+     r"found \['conversations'\]; this looks like ShareGPT data: pass data.columns.messages=conversations"),
+    ([{"messages": CHAT}, {"messages": [{"from": "bot", "value": "hi"}]}],
+     r"train.jsonl: row 2: message 0 has unknown ShareGPT speaker 'from': 'bot'; expected one of \('human', 'gpt', "
+     r"'system', 'user', 'assistant', 'tool'\)"),
+    ([{"messages": [{"role": "user", "content": [{"type": "text", "text": "What is this?"},
+                                                  {"type": "image_url", "image_url": {"url": "https://x/cat.png"}}]}]}],
+     r"train.jsonl: row 1: message 0 \(user\), content part 1 is of type 'image_url'; only 'text' parts"),
 ])
 def test_malformed_rows_say_what_is_wrong(tmp_path, tokenizer, rows, message):
     with pytest.raises(DataError, match=message):

@@ -17,6 +17,9 @@ from finetune.config import DataFormat, LossOn
 from finetune.data.samples import DataError
 
 ROLES = ("system", "user", "assistant", "tool")
+# ShareGPT's speakers; the datasets that write "user"/"assistant"/"tool" there mean our roles.
+SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system",
+                  "user": "user", "assistant": "assistant", "tool": "tool"}
 
 # ChatML, plus the tokenizer's EOS after each assistant turn when EOS is not <|im_end|>: a base
 # model without a chat template stops generating at its EOS, so it must learn to emit it.
@@ -86,13 +89,49 @@ def _checked_message(message: object, index: int, where: str) -> dict:
     # Arrow stores a column of messages as one struct type, filling keys a message lacks with
     # null; dropping them gives the template the message as it was written.
     message = {key: value for key, value in message.items() if value is not None}
-    if message.get("role") not in ROLES:
-        raise DataError(f"{where}: message {index} has unknown role {message.get('role')!r}; expected one of {ROLES}.")
+    if "role" not in message and "from" in message:
+        message = _from_sharegpt(message, index, where)
+    if "role" not in message:
+        raise DataError(f"{where}: message {index} has no 'role'; found keys {sorted(message)}. Messages are "
+                        "{role, content} objects, or ShareGPT's {from, value}.")
+    if message["role"] not in ROLES:
+        raise DataError(f"{where}: message {index} has unknown role {message['role']!r}; expected one of {ROLES}.")
+    if isinstance(message.get("content"), list):
+        message["content"] = _text_of_parts(message["content"], index, message["role"], where)
     content_optional = "tool_calls" in message
     if not isinstance(message.get("content"), str) and not (content_optional and "content" not in message):
         raise DataError(f"{where}: message {index} ({message['role']}) needs a string 'content', "
                         f"got {type(message.get('content')).__name__}.")
     return message
+
+
+def _from_sharegpt(message: dict, index: int, where: str) -> dict:
+    speaker, value = message.pop("from"), message.pop("value", None)
+    if not isinstance(speaker, str) or speaker not in SHAREGPT_ROLES:
+        raise DataError(f"{where}: message {index} has unknown ShareGPT speaker 'from': {speaker!r}; expected one "
+                        f"of {tuple(SHAREGPT_ROLES)}. Rename the speaker in the data or leave the message out.")
+    if not isinstance(value, str):
+        raise DataError(f"{where}: message {index} ({speaker}) needs a string 'value', got {type(value).__name__}.")
+    return {**message, "role": SHAREGPT_ROLES[speaker], "content": value}
+
+
+def _text_of_parts(parts: list, index: int, role: str, where: str) -> str:
+    """OpenAI-style content parts as one string, for templates that expect string content."""
+    texts = []
+    for number, part in enumerate(parts):
+        kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+        if kind != "text":
+            raise DataError(
+                f"{where}: message {index} ({role}), content part {number} is of type {kind!r}; only 'text' "
+                "parts can be trained on, as this trainer trains language models on text. Leave such parts (and "
+                "the rows that need them) out of the data, or give the content as a string.")
+        if not isinstance(part.get("text"), str):
+            raise DataError(f"{where}: message {index} ({role}), content part {number} (text) needs a string "
+                            f"'text', got {type(part.get('text')).__name__}.")
+        texts.append(part["text"])
+    # vLLM's OpenAI server joins text parts with a newline before a string-content template sees
+    # them, so a model trained on the same join is served the text it learned from.
+    return "\n".join(texts)
 
 
 def instruction_messages(row: dict, where: str) -> list[dict]:

@@ -62,10 +62,15 @@ class Source:
                    if column not in raw.column_names and field_name not in OPTIONAL_COLUMNS]
         if missing:
             first = next(iter(self.columns))
+            # ShareGPT data keeps its chats in "conversations"; the column is named rather than
+            # guessed, so what trains is always what the config says.
+            fix = ("this looks like ShareGPT data: pass data.columns.messages=conversations"
+                   if self.data_format is DataFormat.messages and "conversations" in raw.column_names
+                   else f"name yours with data.columns, e.g. data.columns.{first}=your_column, or pick "
+                        "another data.format")
             raise DataError(
                 f"{self.name}: missing column(s) {missing} for data.format={self.data_format.value}; expected "
-                f"{list(self.columns.values())}, found {raw.column_names}. Name yours with data.columns, "
-                f"e.g. data.columns.{first}=your_column, or pick another data.format."
+                f"{list(self.columns.values())}, found {raw.column_names}; {fix}."
             )
         present = {column: field_name for field_name, column in self.columns.items() if column in raw.column_names}
         return raw.select_columns(list(present)).rename_columns(

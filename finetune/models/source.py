@@ -38,12 +38,26 @@ def resolve_model_dir(name_or_path: str, cache_dir: str | Path, revision: str | 
                 "point it at a Hugging Face model directory (config.json, *.safetensors, tokenizer files)."
             )
         return local.resolve()
+    if local.is_file():
+        raise ConfigError(_model_file_message(name_or_path, local))
     if _looks_like_path(name_or_path):
         raise ModelNotFoundError(
             f"model.name_or_path={name_or_path!r}: no such directory ({local.resolve()}). "
             "Pass an existing local model directory or a hub id such as meta-llama/Llama-3.1-8B."
         )
     return _from_hub(name_or_path, revision)
+
+
+def _model_file_message(name_or_path: str, path: Path) -> str:
+    if path.suffix.lower() == ".gguf":
+        # People meet GGUF files first (Ollama, LM Studio), so they reach for one to fine-tune.
+        return (f"model.name_or_path={name_or_path!r} is a GGUF file, llama.cpp's format for running models: "
+                "an export product (often quantized, with llama.cpp's tensor names) that this trainer cannot "
+                "train from. Pass the Hugging Face model directory it was exported from (config.json, "
+                "*.safetensors, tokenizer files) or its hub id, e.g. model.name_or_path=meta-llama/Llama-3.1-8B.")
+    return (f"model.name_or_path={name_or_path!r} is a file, not a model directory. Pass the Hugging Face "
+            f"model directory holding config.json, *.safetensors and the tokenizer files (perhaps "
+            f"{path.resolve().parent}), or a hub id.")
 
 
 def _from_hub(repo_id: str, revision: str | None) -> Path:
