@@ -13,6 +13,7 @@ from omegaconf.errors import MissingMandatoryValue
 
 from finetune.config import RunConfig, register_configs
 from finetune.errors import TrainingStopped, UserError
+from finetune.hub_code import keep_hub_code_out
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 
@@ -28,7 +29,12 @@ def quiet_libraries() -> None:
     import datasets
     from transformers.utils import logging as hf_logging
 
+    # transformers sets its logger's level when its logging module is first imported, so its own
+    # switch is what sticks (it also drops the tokenizer's "longer than the maximum sequence length"
+    # warning: we truncate and pack after tokenizing, on purpose).
+    hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    datasets.utils.logging.set_verbosity_error()
     datasets.disable_progress_bars()
 
 
@@ -117,6 +123,7 @@ register_configs()
 
 @hydra.main(version_base="1.3", config_path=str(RECIPES_DIR), config_name="train")
 def train_main(cfg: DictConfig) -> dict:
+    keep_hub_code_out()
     quiet_libraries()
     from finetune.recipe import run
 

@@ -295,9 +295,13 @@ class DataConfig:
     preview: int = 0
 
     def validate(self) -> None:
+        self.validate_shape()
         if self.path is None and not self.sources:
             raise ConfigError("no training data: pass data.path=FILE_OR_HUB_NAME or "
                               "data.sources=[{path: ..., weight: ...}, ...].")
+
+    def validate_shape(self) -> None:
+        """The rules a memory plan depends on; it needs no data."""
         if self.path is not None and self.sources:
             raise ConfigError(f"data.path={self.path!r} and data.sources are both set; pass one of them "
                               "(data.path is the shorthand for a single source; data.path=null clears a "
@@ -455,8 +459,10 @@ class RunConfig:
     hardware: HardwareConfig = field(default_factory=HardwareConfig)
 
     def validate(self) -> None:
-        for group in (self.quant, self.lora, self.data, self.optim, self.train, self.hardware):
+        for group in (self.quant, self.lora, self.optim, self.train, self.hardware):
             group.validate()
+        # The memory plan does not depend on which data is trained on, only on its shape.
+        self.data.validate_shape() if self.train.dry_run else self.data.validate()
 
 
 GROUP_SCHEMAS = {

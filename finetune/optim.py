@@ -7,17 +7,22 @@ import torch
 from finetune.config import ConfigError, OptimConfig, Optimizer
 
 
+def check_optimizer_device(optim: OptimConfig, device: torch.device) -> None:
+    """Refuse an optimizer the device cannot run; called before the model or data is loaded."""
+    if optim.name is Optimizer.paged_adamw_8bit and device.type != "cuda":
+        raise ConfigError(
+            "optim.name=paged_adamw_8bit needs a CUDA GPU (its states page through CUDA unified memory). "
+            "On this machine use optim=adamw."
+        )
+
+
 def build_optimizer(params: list[torch.nn.Parameter], optim: OptimConfig, device: torch.device):
+    check_optimizer_device(optim, device)
     kwargs = dict(lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps, weight_decay=optim.weight_decay)
     if optim.name is Optimizer.adamw:
         # The fused kernel is one launch per step instead of one per tensor; CUDA only.
         return torch.optim.AdamW(params, fused=device.type == "cuda", **kwargs)
     if optim.name is Optimizer.paged_adamw_8bit:
-        if device.type != "cuda":
-            raise ConfigError(
-                "optim.name=paged_adamw_8bit needs a CUDA GPU (its states page through CUDA unified memory). "
-                "On this machine use optim=adamw."
-            )
         import bitsandbytes as bnb
 
         return bnb.optim.PagedAdamW8bit(params, **kwargs)

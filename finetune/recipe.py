@@ -37,7 +37,7 @@ from finetune.models import Placement, build_model, load_adapter_weights
 from finetune.models.native import materialize_empty
 from finetune.models.source import resolve_model_dir
 from finetune.signals import StopRequests
-from finetune.optim import build_optimizer, build_scheduler
+from finetune.optim import build_optimizer, build_scheduler, check_optimizer_device
 from finetune.tracking import Trackers, open_trackers
 
 
@@ -62,6 +62,7 @@ def run(cfg: RunConfig) -> RunResult:
     seed_everything(cfg.train.seed)
     # ---- processes: this one alone, or one of several started by `accelerate launch` / torchrun ----
     accelerator, device = start_processes(cfg.train.device)
+    check_optimizer_device(cfg.optim, device)  # a rule of this machine: known before any loading
     is_main, world, rank = accelerator.is_main_process, accelerator.num_processes, accelerator.process_index
     fsdp = world > 1 and accelerator.distributed_type is DistributedType.FSDP
     check_processes(cfg, accelerator, fsdp, resume_from)
@@ -218,8 +219,9 @@ def run(cfg: RunConfig) -> RunResult:
     # ---- training loop ----
     model.train()
     _reset_peak_memory(device)
+    # A bar redraws with carriage returns: in a log file (no terminal) the note lines alone say how it goes.
     progress = tqdm(range(state.step + 1, cfg.train.max_steps + 1), desc="train", unit="step", dynamic_ncols=True,
-                    initial=state.step, total=cfg.train.max_steps, disable=not is_main)
+                    initial=state.step, total=cfg.train.max_steps, disable=not (is_main and sys.stderr.isatty()))
 
     def note(line: str) -> None:  # a line above the progress bar, from the first process
         if is_main:
@@ -332,9 +334,7 @@ def run(cfg: RunConfig) -> RunResult:
     }
     tracker.log(summary, cfg.train.max_steps)
     tracker.close()
-    if resume_from is None:
-        say(f"eval before training: {_format(evals[0])}")
-    say(f"eval after training:  {_format(after)}")
+    say(f"eval after training:  {_format(after, before=evals[0] if resume_from is None else None)}")
     say(f"done in {summary['time_s']:.0f} s: {total_tokens:,} tokens, best eval loss {summary['best_eval_loss']:.4f}, "
         f"peak memory {summary['peak_memory_gib']:.2f} GiB")
     say(f"adapter saved to {adapter_dir}")
@@ -584,10 +584,15 @@ def _quantization_record(cfg: RunConfig, compute_dtype: torch.dtype) -> dict:
     }
 
 
-def _format(metrics: dict) -> str:
-    parts = [f"loss {metrics['eval_loss']:.4f}", f"perplexity {metrics['perplexity']:.2f}"]
-    if "exact_match" in metrics:
-        parts.append(f"exact match {metrics['exact_match']:.1%}")
+def _format(metrics: dict, before: dict | None = None) -> str:
+    """`loss 1.75, ...`, or with `before` each figure beside where it started: `loss 1.75 (from 6.21), ...`."""
+    shown = [("loss", "eval_loss", "{:.4f}"), ("perplexity", "perplexity", "{:.2f}"),
+             ("exact match", "exact_match", "{:.1%}")]
+    parts = []
+    for label, key, style in shown:
+        if key in metrics:
+            start = f" (from {style.format(before[key])})" if before and key in before else ""
+            parts.append(f"{label} {style.format(metrics[key])}{start}")
     return ", ".join(parts)
 
 

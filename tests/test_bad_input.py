@@ -52,6 +52,10 @@ CASES = [
     ("missing-data-path", lambda t: ["recipe=llama3_8b_qlora"], "data.path"),
     ("seq-above-model-max", lambda t: ["data.max_seq_len=4096"], "exceeds the model's maximum sequence length"),
     ("missing-model-dir", lambda t: [f"model.name_or_path={t / 'no-model'}"], "no such directory"),
+    ("gguf-model-file", lambda t: [f"model.name_or_path={write(t / 'model.Q4_K_M.gguf', b'GGUF')}"],
+     "is a GGUF file"),
+    ("model-path-is-a-file", lambda t: [f"model.name_or_path={write(t / 'config.json', '{}')}"],
+     "is a file, not a model directory"),
     ("hub-id-offline", lambda t: ["model.name_or_path=nobody-here/missing-model"], "not in the Hugging Face cache"),
     ("not-a-causal-lm", lambda t: [f"model.name_or_path={encoder_decoder_dir(t)}"], "not a causal language model"),
     ("target-modules-match-nothing", lambda t: ["lora.target_modules=[no_such_proj]"], "lora.target_modules"),
@@ -85,6 +89,14 @@ def test_bad_input_gets_one_clear_line_and_exit_2(tmp_path, overrides, expected)
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and expected in errors[0], result.stderr[-2000:]
     assert not out.exists()
+
+
+@pytest.mark.slow
+def test_machine_rules_are_checked_before_anything_loads(tmp_path):
+    result = run_train("optim.name=paged_adamw_8bit", f"output_dir={tmp_path / 'out'}", *FAST)
+    assert result.returncode == 2 and "needs a CUDA GPU" in result.stderr
+    # Neither the model line nor the data report: the refusal came before loading either.
+    assert "model:" not in result.stdout and "data " not in result.stdout, result.stdout
 
 
 @pytest.mark.slow

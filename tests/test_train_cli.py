@@ -54,6 +54,10 @@ def test_demo_learns_the_task(demo_run):
     # 300 steps anywhere between 78% and 100% on this tiny task; an untrained model scores 0%.
     assert before["exact_match"] == 0.0 and after["exact_match"] >= 0.7
     assert "eval before training" in result.stdout and "eval after training" in result.stdout
+    # Once each, and the end shows where each figure started; a log file gets no progress-bar frames.
+    assert result.stdout.count("eval before training") == 1 and "(from " in result.stdout
+    assert "\r" not in result.stdout + result.stderr
+    assert "Token indices sequence length" not in result.stdout + result.stderr
     assert "trainable" in result.stdout and "parameters" in result.stdout
 
 
