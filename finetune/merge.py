@@ -5,7 +5,9 @@
 Two merge bases (`merge_into=`):
   dequantized (default)  W' = dequant(NF4(W)) + s·B·A, with W cast to the training dtype and
                          quantized exactly as in training: the weights the adapter was trained
-                         against, so the merged model computes what the trained model computed.
+                         against, so the merged model computes what the trained model computed;
+                         the other tensors (embeddings, norms) keep the values training held
+                         them in, rounded through its dtypes, whatever `dtype` stores them in.
   original               W' = W + s·B·A on the full-precision base. The adapter never saw these
                          weights; the result differs from the trained model by the base's
                          quantization error (often harmless, sometimes not: verify tells).
@@ -39,6 +41,7 @@ from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from finetune.config import Dtype
 from finetune.errors import MergeError
+from finetune.hub_code import keep_hub_code_out
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
@@ -64,6 +67,7 @@ DEFAULT_QUANTIZATION = {
     "bnb_4bit_use_double_quant": True,
     "blocksize": 64,
     "torch_dtype": "bfloat16",
+    "bnb_4bit_compute_dtype": "bfloat16",
 }
 VERIFY_PROMPTS = (
     "What is the capital of France?",
@@ -206,6 +210,7 @@ def main(argv: list[str] | None = None) -> int:
 
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:
+        keep_hub_code_out()
         merge_adapter(parse_args(argv))
     except MergeError as e:
         print(f"finetune-merge: error: {e}", file=sys.stderr)
@@ -245,7 +250,8 @@ class QuantSpec:
     quant_type: str
     double_quant: bool
     blocksize: int
-    base_dtype: torch.dtype
+    base_dtype: torch.dtype  # what the checkpoint was cast to before quantizing (quant.torch_dtype)
+    compute_dtype: torch.dtype  # what training held the unquantized tensors in
     skip_modules: list[str] | None = None
 
     def roundtrip(self, weight: torch.Tensor) -> torch.Tensor:
@@ -426,15 +432,21 @@ def load_quant_spec(cfg: MergeConfig, adapter: Adapter) -> QuantSpec:
     if cfg.base_dtype is not None:
         raw["torch_dtype"] = cfg.base_dtype.value
 
-    dtype_name = str(raw.get("torch_dtype", "bfloat16")).removeprefix("torch.")
-    if dtype_name not in Dtype.__members__:
-        raise MergeError(f"{path}: torch_dtype {dtype_name!r} is not one of {list(Dtype.__members__)}")
+    def dtype(key: str, default: str) -> torch.dtype:
+        name = str(raw.get(key, default)).removeprefix("torch.")
+        if name not in Dtype.__members__:
+            raise MergeError(f"{path}: {key} {name!r} is not one of {list(Dtype.__members__)}")
+        return getattr(torch, name)
+
+    base_dtype = dtype("torch_dtype", "bfloat16")
     spec = QuantSpec(
         load_in_4bit=bool(raw.get("load_in_4bit", True)),
         quant_type=raw.get("bnb_4bit_quant_type", "nf4"),
         double_quant=bool(raw.get("bnb_4bit_use_double_quant", False)),
         blocksize=int(raw.get("blocksize", 64)),
-        base_dtype=getattr(torch, dtype_name),
+        base_dtype=base_dtype,
+        # A record without it names no second cast: the tensors stayed in torch_dtype.
+        compute_dtype=dtype("bnb_4bit_compute_dtype", str(base_dtype)),
         skip_modules=raw.get("llm_int8_skip_modules"),
     )
     if spec.quant_type not in QuantType.__members__:
@@ -544,6 +556,26 @@ def merge_weight(weight: torch.Tensor, lora: LoraWeights) -> torch.Tensor:
     return merged
 
 
+def trained_base_tensor(plan: MergePlan, name: str, tensor: torch.Tensor) -> torch.Tensor:
+    """A floating-point base tensor as the trained model held it (merge_into=dequantized), or as it is.
+
+    Training cast the checkpoint to torch_dtype, quantized the 4-bit layers' weights from there
+    (their dequantized values are torch_dtype numbers), and held every other tensor (embeddings,
+    norms, biases, an unquantized lm_head) in the compute dtype: the native path casts torch_dtype
+    to the compute dtype, the generic path keeps torch_dtype, and the recipes' dtypes make those
+    the same values. Those values, and no others, are what the adapter learned on top of. So even
+    a float32 output stores them rounded, not the base's own float32 values: a deployment of the
+    merged model then computes what the trained model computed, where the originals would shift
+    every logit by the rounding the adapter was trained to live with.
+    """
+    if plan.spec is None:
+        return tensor
+    held = tensor.to(plan.spec.base_dtype)
+    if name.endswith(".weight") and name.removesuffix(".weight") in plan.quantized:
+        return plan.spec.roundtrip(held)
+    return held.to(plan.spec.compute_dtype)
+
+
 def merged_tensor(plan: MergePlan, name: str, tensor: torch.Tensor) -> torch.Tensor:
     """The output tensor for one base tensor."""
     if not tensor.is_floating_point():
@@ -552,12 +584,8 @@ def merged_tensor(plan: MergePlan, name: str, tensor: torch.Tensor) -> torch.Ten
     lora = plan.adapter.lora.get(module)
     if name in plan.adapter.replacements:
         tensor = plan.adapter.replacements[name]
-    elif plan.spec is not None:
-        # The trained model held every base weight in the training dtype, the 4-bit ones
-        # round-tripped through NF4: that, and no other, is what the adapter learned on top of.
-        tensor = tensor.to(plan.spec.base_dtype)
-        if module in plan.quantized:
-            tensor = plan.spec.roundtrip(tensor)
+    else:
+        tensor = trained_base_tensor(plan, name, tensor)
     if lora is not None:
         tensor = merge_weight(tensor, lora)
     out = tensor.to(plan.dtype)
@@ -664,58 +692,30 @@ def _verification_inputs(model_dir: Path, vocab_size: int) -> list[torch.Tensor]
 
 
 def _reference_model(plan: MergePlan) -> torch.nn.Module:
-    """Base + adapter through transformers and peft: the model as it was trained.
+    """Base + adapter as training computed them, through transformers and peft, in fp32 throughout.
 
-    Evaluated in fp32 throughout (4-bit layers dequantize to the training dtype, then compute in
-    fp32), so verification measures what the merge did, not bf16 arithmetic noise.
+    Every base tensor holds what the trained model held (trained_base_tensor), in plain fp32
+    Linear layers, and peft adds the adapter on top: its own LoRA, DoRA and modules_to_save code,
+    not the merge's. No bitsandbytes 4-bit layer computes here: its matmul (0.50's gemm_4bit)
+    dequantizes the codes straight into the input's dtype, so in fp32 it skips the rounding to
+    torch_dtype that training's dequantization applied; after bf16 training that is another
+    model, ~4e-3 of the largest logit away, 40x the fp32 tolerance.
     """
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM
 
-    spec = plan.spec
-    kwargs: dict[str, Any] = {"dtype": torch.float32}
-    if spec is not None:
-        kwargs["dtype"] = spec.base_dtype
-        if spec.load_in_4bit:
-            kwargs["quantization_config"] = BitsAndBytesConfig(
-                load_in_4bit=True,
-                bnb_4bit_quant_type=spec.quant_type,
-                bnb_4bit_use_double_quant=spec.double_quant,
-                bnb_4bit_compute_dtype=torch.float32,
-                llm_int8_skip_modules=spec.skip_modules,
-            )
-    model = AutoModelForCausalLM.from_pretrained(plan.base.path, **kwargs)
-    for param in model.parameters():
-        if param.is_floating_point():  # 4-bit weights are packed uint8 and stay as they are
-            param.data = param.data.float()
-    exact_4bit_inference(model)
+    model = AutoModelForCausalLM.from_pretrained(plan.base.path, dtype=torch.float32)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            param.copy_(trained_base_tensor(plan, name, param))
     return PeftModel.from_pretrained(model, plan.adapter.path).eval()
-
-
-def exact_4bit_inference(model: torch.nn.Module) -> None:
-    """Make bitsandbytes' 4-bit layers compute in their compute dtype in eval mode on the CPU.
-
-    On CPUs with AVX512-BF16, an eval-mode Linear4bit repacks its weight for a bf16 kernel,
-    whatever its compute dtype: logits then move by ~1e-2, which would swamp the fp32 comparison.
-    """
-    import bitsandbytes as bnb
-
-    for module in model.modules():
-        if isinstance(module, bnb.nn.Linear4bit):
-            module.support_avx512bf16_for_cpu = False
 
 
 @torch.no_grad()
 def verify(plan: MergePlan, merged_dir: Path) -> None:
-    """Logits of the merged model against base + adapter (peft) on a few prompts, both in fp32.
-
-    On the CPU: bitsandbytes' 4-bit CPU path is the one known here to match the merge's NF4
-    round trip bit for bit."""
+    """Logits of the merged model against base + adapter (peft) on a few prompts, both in fp32."""
     from transformers import AutoModelForCausalLM
 
-    if plan.spec is not None and plan.spec.load_in_4bit and plan.spec.blocksize != 64:
-        print(f"skipping verification: transformers quantizes with blocksize 64, training used {plan.spec.blocksize}")
-        return
     inputs = _verification_inputs(merged_dir, plan.base.config.get("vocab_size", 32))
     reference = _reference_model(plan)
     expected = [reference(input_ids=ids).logits.float() for ids in inputs]
@@ -826,7 +826,9 @@ def merge_adapter(cfg: MergeConfig | Mapping[str, Any]) -> Path:
             "dtype": cfg.dtype.value,
             "format": cfg.format.value,
             "gguf_type": gguf_type if cfg.format is OutputFormat.gguf else None,
-            "training_quantization": None if spec is None else {**asdict(spec), "base_dtype": str(spec.base_dtype)},
+            "training_quantization": None if spec is None else {
+                **asdict(spec), "base_dtype": str(spec.base_dtype), "compute_dtype": str(spec.compute_dtype)
+            },
             "verified": run_verify,
         }
         (staging / MERGE_MARKER).write_text(json.dumps(record, indent=2) + "\n")

@@ -7,6 +7,7 @@ in fp32 so that a 1e-4 tolerance means "same function" rather than "close enough
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -38,6 +39,8 @@ QUANT_FP32 = {
     "blocksize": 64,
     "torch_dtype": "float32",
 }
+# What training records by default: the base cast to bf16 before quantizing, bf16 compute.
+QUANT_BF16 = dict(QUANT_FP32, torch_dtype="bfloat16", bnb_4bit_compute_dtype="bfloat16")
 # Logits of the tiny models are O(1) (init std 0.1): 1e-4 is ~1e-4 relative.
 FP32_TOL = 1e-4
 
@@ -194,6 +197,12 @@ def adapter(base, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def bf16_adapter(base, tmp_path_factory) -> Path:
+    """All-linear LoRA trained the default way over the float32 base: bf16 weights and compute."""
+    return build_adapter(base, tmp_path_factory.mktemp("bf16-adapter") / "lora", quant=QUANT_BF16)
+
+
+@pytest.fixture(scope="session")
 def ids() -> torch.Tensor:
     return torch.randint(300, (2, 24), generator=torch.Generator().manual_seed(0))
 
@@ -265,8 +274,7 @@ def test_dora_merges_match_peft(base, ids, tmp_path):
 
 def test_adapter_from_elsewhere_bf16_defaults_and_builtin_verify(base, tmp_path, capsys):
     """No finetune_quantization.json: assume the usual bf16 NF4 recipe, say so, and verify."""
-    bf16 = dict(QUANT_FP32, torch_dtype="bfloat16", bnb_4bit_compute_dtype="bfloat16")
-    adapter = build_adapter(base, tmp_path / "plain-peft", quant=bf16)
+    adapter = build_adapter(base, tmp_path / "plain-peft", quant=QUANT_BF16)
     (adapter / merge.QUANT_FILE).unlink()
     out = merge_adapter({"adapter": str(adapter), "output": str(tmp_path / "merged")})  # verify: automatic
     printed = capsys.readouterr().out
@@ -284,6 +292,53 @@ def test_failed_verification_exits_nonzero_and_leaves_nothing(base, adapter, tmp
     monkeypatch.setattr(merge, "merge_weight", lambda weight, lora: real(weight, lora) * 1.01)
     output = tmp_path / "merged"
     assert main([f"adapter={adapter}", f"output={output}", "dtype=float32", "verify=true"]) == 3
+    assert "logits differ" in capsys.readouterr().err
+    assert leftovers(output) == []
+
+
+def test_float32_merge_of_bf16_trained_adapter_verifies(base, bf16_adapter, tmp_path, capsys):
+    """Issue 15: verification refused this correct merge. Its reference ran bitsandbytes' 4-bit
+    matmul, which in fp32 skips the rounding to bf16 that training's dequantized weights had."""
+    from transformers import AutoModelForCausalLM
+
+    out = merge_adapter({"adapter": str(bf16_adapter), "output": str(tmp_path / "merged"), "dtype": "float32",
+                         "verify": True})
+    assert "verify: max |logit difference|" in capsys.readouterr().out
+
+    # Training held the unquantized tensors in bf16; the merged model keeps exactly those values
+    # (as float32 numbers), not the base's own float32 ones. (The random base's norms are all
+    # ones, the same either way.)
+    original = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).state_dict()
+    merged = load_merged(out).state_dict()
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        assert merged[name].dtype == torch.float32
+        assert torch.equal(merged[name], original[name].bfloat16().float()), name
+        assert not torch.equal(merged[name], original[name]), name
+
+
+def _delta_too_large(monkeypatch):
+    real = merge.merge_weight
+    monkeypatch.setattr(
+        merge, "merge_weight", lambda weight, lora: real(weight, dataclasses.replace(lora, scaling=lora.scaling * 1.02))
+    )
+
+
+def _base_tensors_as_stored(monkeypatch):
+    # The unquantized tensors as the checkpoint has them, not as training held them.
+    real = merge.merged_tensor
+
+    def merged_tensor(plan, name, tensor):
+        return tensor if name.removesuffix(".weight") not in plan.quantized else real(plan, name, tensor)
+
+    monkeypatch.setattr(merge, "merged_tensor", merged_tensor)
+
+
+@pytest.mark.parametrize("corrupt", [_delta_too_large, _base_tensors_as_stored])
+def test_verification_refuses_float32_merge_off_the_trained_model(bf16_adapter, tmp_path, monkeypatch, capsys,
+                                                                   corrupt):
+    corrupt(monkeypatch)
+    output = tmp_path / "merged"
+    assert main([f"adapter={bf16_adapter}", f"output={output}", "dtype=float32", "verify=true"]) == 3
     assert "logits differ" in capsys.readouterr().err
     assert leftovers(output) == []
 
