@@ -5,16 +5,14 @@ trained against) and `trainer_state.pt` (optimizer, scheduler, every process's R
 tensors and plain values only, so it loads with `torch.load(weights_only=True)`) plus
 `trainer_state.json` (step, data position, tracker run id, config hash, number of processes).
 It is written under a temporary name, every file fsync'ed, then renamed into place and the
-parent directory fsync'ed: after a crash at any moment the newest complete checkpoint is still
-readable. With several processes, the first one writes it.
+parent directory fsync'ed (finetune.io.atomic_dir): after a crash at any moment the newest
+complete checkpoint is still readable. With several processes, the first one writes it.
 """
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
-import os
 import random
 import shutil
 import warnings
@@ -24,7 +22,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from finetune.adapter_format import WEIGHTS_FILE, QuantRecord
 from finetune.errors import UserError
+from finetune.io import IfExists, atomic_dir
 from finetune.lora import FSDP_WRAPPED
 
 STATE_JSON = "trainer_state.json"
@@ -32,61 +32,11 @@ STATE_TENSORS = "trainer_state.pt"
 COMPLETE_MARKER = "COMPLETE"
 
 
-def fsync_path(path: Path) -> None:
-    """Flush a file's contents, or a directory's entries, to disk."""
-    fd = os.open(path, os.O_RDONLY)  # read-only opens directories too
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _publish(staging: Path, target: Path) -> None:
-    """Make `staging` appear as `target` in one rename, replacing an older `target` if present."""
-    for path in staging.rglob("*"):
-        if path.is_file():
-            fsync_path(path)
-    fsync_path(staging)
-    if target.exists():
-        retired = target.with_name(target.name + ".old")
-        shutil.rmtree(retired, ignore_errors=True)
-        target.rename(retired)
-        staging.rename(target)
-        shutil.rmtree(retired)
-    else:
-        staging.rename(target)
-    fsync_path(target.parent)
-
-
-def _write_adapter(model, tokenizer, directory: Path, quantization: dict, state_dict: dict | None) -> None:
-    if state_dict is None:
-        model.save_pretrained(directory)
-    elif hasattr(model, "peft_config"):
-        _write_gathered_adapter(model, directory, state_dict)
-    else:  # the native model names its LoRA weights itself
-        model.save_pretrained(directory, state_dict)
+def _write_adapter(model, tokenizer, directory: Path, quantization: QuantRecord, gathered_state: dict | None) -> None:
+    model.save_adapter(directory, gathered_state)
     tokenizer.save_pretrained(directory)
     # Merging needs the exact storage the adapter was trained against (dequant(NF4(W)), not W).
-    (directory / "finetune_quantization.json").write_text(json.dumps(quantization, indent=2) + "\n")
-
-
-def _write_gathered_adapter(model, directory: Path, full_state: dict) -> None:
-    """PEFT's files for a peft model sharded by FSDP, from its full state gathered off every shard.
-
-    The adapter is the trainable weights under PEFT's names: the parameter's name without FSDP's
-    `_fsdp_wrapped_module.` and without the adapter's name. peft's own save_pretrained finds the
-    weights by module name, which FSDP's nested units change (peft strips the marker only in
-    front), and would write an empty adapter.
-    """
-    from safetensors.torch import save_file
-
-    adapter = model.active_adapter
-    names = [name.replace(FSDP_WRAPPED, "") for name, param in model.named_parameters() if param.requires_grad]
-    weights = {name.replace(f".{adapter}.", "."): full_state[name].contiguous() for name in names}
-    save_file(weights, directory / "adapter_model.safetensors", metadata={"format": "pt"})
-    config = copy.copy(model.peft_config[adapter])
-    config.inference_mode = True
-    config.save_pretrained(directory)
+    quantization.write(directory)
 
 
 class _SaveErrors:
@@ -105,22 +55,11 @@ class _SaveErrors:
         return False
 
 
-def _staging_dir(target: Path) -> Path:
-    staging = target.with_name(f".{target.name}.partial-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    return staging
-
-
-def save_adapter(model, tokenizer, target: Path, quantization: dict, state_dict: dict | None = None) -> Path:
-    """Write a PEFT adapter (+ tokenizer + quantization record) to `target`, atomically."""
-    with _SaveErrors(target):
-        staging = _staging_dir(target)
-        try:
-            _write_adapter(model, tokenizer, staging, quantization, state_dict)
-            _publish(staging, target)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+def save_adapter(model, tokenizer, target: Path, quantization: QuantRecord,
+                 state_dict: dict | None = None) -> Path:
+    """Write a PEFT adapter (+ tokenizer + quantization record) to `target`, atomically, replacing an older one."""
+    with _SaveErrors(target), atomic_dir(target, IfExists.replace) as staging:
+        _write_adapter(model, tokenizer, staging, quantization, state_dict)
     return target
 
 
@@ -185,8 +124,8 @@ class TrainerState:
     fsdp: bool = False  # its optimizer state is one per process and shard: resumed under FSDP only
 
 
-def save_checkpoint(directory: Path, step: int, model, tokenizer, quantization: dict, optimizer, scheduler,
-                    state: TrainerState, keep_last: int, rng_by_rank: list[dict] | None = None,
+def save_checkpoint(directory: Path, step: int, model, tokenizer, quantization: QuantRecord, optimizer,
+                    scheduler, state: TrainerState, keep_last: int, rng_by_rank: list[dict] | None = None,
                     adapter_state: dict | None = None, optimizer_by_rank: list[dict] | None = None) -> Path:
     """Write checkpoints/step-N atomically, then keep only the newest `keep_last` complete ones.
 
@@ -196,21 +135,16 @@ def save_checkpoint(directory: Path, step: int, model, tokenizer, quantization: 
     """
     target = directory / f"step-{step}"
     rng_by_rank = rng_by_rank or [rng_states()]
-    with _SaveErrors(target):
-        directory.mkdir(parents=True, exist_ok=True)
-        staging = _staging_dir(target)
-        try:
-            _write_adapter(model, tokenizer, staging, quantization, adapter_state)
-            optimizer_state = {"optimizer_by_rank": optimizer_by_rank} if optimizer_by_rank is not None \
-                else {"optimizer": optimizer.state_dict()}
-            torch.save({**optimizer_state, "scheduler": scheduler.state_dict(),
-                        "rng_by_rank": [_rng_for_saving(rng) for rng in rng_by_rank]}, staging / STATE_TENSORS)
-            (staging / STATE_JSON).write_text(json.dumps(state.__dict__, indent=2) + "\n")
-            # Written last: a directory without it was never finished.
-            (staging / COMPLETE_MARKER).write_text("")
-            _publish(staging, target)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+    # Replacing: a run resumed from an older checkpoint (the newest would not load) saves the same step again.
+    with _SaveErrors(target), atomic_dir(target, IfExists.replace) as staging:
+        _write_adapter(model, tokenizer, staging, quantization, adapter_state)
+        optimizer_state = {"optimizer_by_rank": optimizer_by_rank} if optimizer_by_rank is not None \
+            else {"optimizer": optimizer.state_dict()}
+        torch.save({**optimizer_state, "scheduler": scheduler.state_dict(),
+                    "rng_by_rank": [_rng_for_saving(rng) for rng in rng_by_rank]}, staging / STATE_TENSORS)
+        (staging / STATE_JSON).write_text(json.dumps(state.__dict__, indent=2) + "\n")
+        # Written last: a directory without it was never finished.
+        (staging / COMPLETE_MARKER).write_text("")
     for old in complete_checkpoints(directory)[:-keep_last] if keep_last > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return target
@@ -284,8 +218,8 @@ def load_latest_checkpoint(directory: Path):
             tensors = torch.load(path / STATE_TENSORS, weights_only=True, map_location="cpu")
             # Checkpoints from before several processes were supported hold one "rng".
             tensors["rng_by_rank"] = [_rng_for_loading(rng) for rng in tensors.get("rng_by_rank", [tensors.get("rng")])]
-            if not (path / "adapter_model.safetensors").is_file():
-                raise FileNotFoundError("adapter_model.safetensors")
+            if not (path / WEIGHTS_FILE).is_file():
+                raise FileNotFoundError(WEIGHTS_FILE)
             return path, state, tensors
         except Exception as error:  # noqa: BLE001 - any unreadable checkpoint is skipped, never trusted
             warnings.warn(f"skipping checkpoint {path}: it cannot be read ({type(error).__name__}: {error}).")

@@ -13,9 +13,10 @@ from dataclasses import dataclass, field
 from typing import Any, List, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, OmegaConf
 
 from finetune.errors import UserError
+from finetune.sweep import default_output_dir, sweep_group
 
 
 class ConfigError(UserError):
@@ -153,6 +154,22 @@ class ModelConfig:
     nf4_cache: Optional[str] = None
     trust_remote_code: bool = False
     revision: Optional[str] = None
+
+    def validate(self) -> None:
+        if self.checkpoint_layers is not None and not self.gradient_checkpointing:
+            raise ConfigError(f"model.checkpoint_layers={self.checkpoint_layers} picks layers to checkpoint; "
+                              "it needs model.gradient_checkpointing=true.")
+        if self.checkpoint_layers is not None and self.checkpoint_layers < 0:
+            raise ConfigError(f"model.checkpoint_layers must be >= 0 (or null for all), got {self.checkpoint_layers}.")
+        if self.offload_checkpoints and not self.gradient_checkpointing:
+            raise ConfigError("model.offload_checkpoints=true offloads the inputs of checkpointed layers; "
+                              "it needs model.gradient_checkpointing=true.")
+        if self.mlp_chunk_tokens is not None and self.mlp_chunk_tokens < 1:
+            raise ConfigError(f"model.mlp_chunk_tokens must be a positive number of tokens (or null), "
+                              f"got {self.mlp_chunk_tokens}.")
+        if self.impl is ModelImpl.hf and self.checkpoint_layers is not None:
+            raise ConfigError(f"model.checkpoint_layers={self.checkpoint_layers} applies to the native model path, "
+                              "and model.impl=hf takes the generic one; remove it.")
 
     def checkpointed_layers(self, num_layers: int) -> int:
         """How many of `num_layers` layers recompute in backward (gradient_checkpointing, checkpoint_layers).
@@ -459,8 +476,12 @@ class RunConfig:
     hardware: HardwareConfig = field(default_factory=HardwareConfig)
 
     def validate(self) -> None:
-        for group in (self.quant, self.lora, self.optim, self.train, self.hardware):
+        """Every rule that needs no model, no data and no machine: run before anything is loaded."""
+        for group in (self.model, self.quant, self.lora, self.optim, self.train, self.hardware):
             group.validate()
+        if self.model.impl is ModelImpl.native and self.lora.use_dora:
+            raise ConfigError("lora.use_dora=true runs on the generic model path only: pass model.impl=auto "
+                              "(which then takes it) or hf.")
         # The memory plan does not depend on which data is trained on, only on its shape.
         self.data.validate_shape() if self.train.dry_run else self.data.validate()
 
@@ -479,10 +500,6 @@ GROUP_SCHEMAS = {
 
 def register_configs() -> None:
     """Register the run schema, one schema per group, and the resolvers recipes/train.yaml uses."""
-    from omegaconf import OmegaConf
-
-    from finetune.sweep import default_output_dir, sweep_group
-
     OmegaConf.register_new_resolver("finetune_output_dir", default_output_dir, replace=True)
     OmegaConf.register_new_resolver("finetune_sweep_group", sweep_group, replace=True)
     store = ConfigStore.instance()

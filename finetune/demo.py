@@ -12,12 +12,12 @@ strings.
 from __future__ import annotations
 
 import json
-import os
 import random
-import shutil
 from pathlib import Path
 
 import torch
+
+from finetune.io import IfExists, atomic_dir, atomic_write_text
 
 DEMO_SEED = 1234
 # Bump when anything below changes what gets written, so stale caches are rebuilt.
@@ -122,14 +122,8 @@ def write_demo_data(data_dir: Path) -> tuple[Path, Path]:
     for path, rows in zip(paths, (train, held_out)):
         text = "".join(json.dumps(row) + "\n" for row in rows)
         if not path.exists() or path.read_text() != text:
-            _atomic_write_text(path, text)
+            atomic_write_text(path, text)
     return paths
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 def _corpus() -> list[str]:
@@ -192,19 +186,10 @@ def ensure_demo_base(cache_dir: Path) -> Path:
     with torch.random.fork_rng():
         torch.manual_seed(DEMO_SEED)
         model = LlamaForCausalLM(config)
-    # A staging name of this process's own: the processes of a multi-process launch on a cold
-    # cache all build the same model, and the first rename wins.
-    staging = model_dir.with_name(f"{model_dir.name}.partial-{os.getpid()}")
-    if staging.exists():
-        shutil.rmtree(staging)
-    try:
+    # The processes of a multi-process launch on a cold cache all build the same model: the first
+    # one published wins.
+    with atomic_dir(model_dir, IfExists.keep) as staging:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         (staging / "finetune_demo.json").write_text(json.dumps({"version": DEMO_VERSION, "seed": DEMO_SEED}))
-        staging.rename(model_dir)
-    except OSError:
-        if not (model_dir / "finetune_demo.json").exists():
-            raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return model_dir

@@ -1,4 +1,4 @@
-"""LoRA over 4-bit storage, with peft's module names and adapter files.
+"""LoRA over 4-bit storage, with peft's module names (its adapter files: finetune.adapter_format).
 
 For token rows x (N, in), the frozen weight W (out, in) held as NF4 codes, A (r, in), B (out, r),
 the scaling s (lora_alpha / r, or lora_alpha / sqrt(r) with rsLoRA) and dropout written as a
@@ -38,17 +38,14 @@ activation checkpointing (`keep_dequantized`), whose recompute hands its Wc (or 
 backward that immediately follows.
 
 A and B are fp32 parameters (peft's choice too), cast to the compute dtype once per forward;
-their gradients come back in fp32. Adapter files use peft's keys
-(base_model.model.<module>.lora_A.weight) and peft's adapter_config.json, in both directions.
+their gradients come back in fp32.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from itertools import accumulate
-from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 import torch
@@ -57,9 +54,6 @@ from torch import nn
 
 from finetune.config import ConfigError, LoraConfig
 from finetune.quant import QuantizedWeight
-
-PEFT_PREFIX = "base_model.model."
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
 def dequantize_rows(layers: Sequence[QLoRALinear], dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -348,110 +342,3 @@ def attach_lora(model: nn.Module, lora: LoraConfig) -> None:
     layers = linear_layers(model)
     for name in select_targets(list(layers), lora.target_modules):
         layers[name].add_lora(lora.r, lora.lora_alpha, lora.lora_dropout, lora.use_rslora, compute_device(model))
-
-
-def peft_config(model: nn.Module, base_model_name_or_path: str):
-    """The peft.LoraConfig that describes this model's adapters, as peft itself would write it.
-
-    target_modules lists the adapted layers by full name, as peft records "all-linear".
-    """
-    import peft
-
-    layers = adapted_layers(model)
-    settings = {(m.r, m.lora_alpha, m.lora_dropout, m.use_rslora) for m in layers.values()}
-    if len(settings) != 1:
-        raise ValueError(f"expected one LoRA setting across layers, found {sorted(settings)}")
-    r, lora_alpha, lora_dropout, use_rslora = settings.pop()
-    return peft.LoraConfig(
-        r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, use_rslora=use_rslora,
-        target_modules=sorted(layers), bias="none", task_type="CAUSAL_LM",
-        base_model_name_or_path=base_model_name_or_path, inference_mode=True,
-    )
-
-
-def save_adapter(model: nn.Module, directory: Path, base_model_name_or_path: str,
-                 state_dict: dict[str, torch.Tensor] | None = None) -> None:
-    """adapter_config.json + adapter_model.safetensors, exactly as peft's save_pretrained writes them.
-
-    The LoRA weights come from the modules, or from `state_dict` (the full state FSDP gathers:
-    under FSDP each process's modules hold only its shard).
-    """
-    from safetensors.torch import save_file
-
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    peft_config(model, base_model_name_or_path).save_pretrained(str(directory))
-    tensors = {}
-    for name, module in adapted_layers(model).items():
-        for which in ("lora_A", "lora_B"):
-            tensor = getattr(module, which) if state_dict is None else state_dict[f"{name}.{which}"]
-            tensors[f"{PEFT_PREFIX}{name}.{which}.weight"] = tensor.detach().cpu().contiguous()
-    save_file(tensors, str(directory / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-
-
-def _peft_pairs(weights: dict[str, torch.Tensor], layers: dict[str, QLoRALinear], source) -> dict[str, dict]:
-    """{layer name: {"lora_A": tensor, "lora_B": tensor}} from peft's keys; unknown keys are errors."""
-    pairs: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in weights.items():
-        match = re.fullmatch(re.escape(PEFT_PREFIX) + r"(.+)\.(lora_A|lora_B)\.weight", key)
-        if match is None or match.group(1) not in layers:
-            raise ConfigError(f"{source}: tensor {key!r} matches no linear layer of this model.")
-        pairs.setdefault(match.group(1), {})[match.group(2)] = tensor
-    return pairs
-
-
-def copy_adapter_weights(model: nn.Module, weights: dict[str, torch.Tensor], source="the adapter") -> None:
-    """Copy saved LoRA tensors (peft's keys) into the model's adapters in place.
-
-    In place, because resuming restores an optimizer that holds these very parameter objects.
-    """
-    layers = adapted_layers(model)
-    pairs = _peft_pairs(weights, layers, source)
-    missing = sorted(set(layers) - set(pairs))
-    if missing:
-        raise ConfigError(f"{source} lacks LoRA weights the model has, e.g. for {missing[0]}.")
-    with torch.no_grad():
-        for name, pair in pairs.items():
-            for which, tensor in pair.items():
-                target = getattr(layers[name], which)
-                if target.shape != tensor.shape:
-                    raise ConfigError(f"{source}: {name}.{which} has shape {tuple(tensor.shape)}, "
-                                      f"the model's has {tuple(target.shape)}.")
-                target.copy_(tensor)
-
-
-def load_adapter(model: nn.Module, adapter_dir: str | Path) -> None:
-    """Replace the model's adapters with a peft LoRA adapter's (trained natively or by peft).
-
-    Layers the adapter does not cover end up without one, so the model computes exactly what the
-    adapter describes.
-    """
-    from safetensors.torch import load_file
-
-    adapter_dir = Path(adapter_dir)
-    config = json.loads((adapter_dir / "adapter_config.json").read_text())
-    if config.get("peft_type") != "LORA":
-        raise ConfigError(f"{adapter_dir} holds a {config.get('peft_type')} adapter; only LoRA loads here.")
-    unsupported = {key: config.get(key) for key in ("use_dora", "rank_pattern", "alpha_pattern", "modules_to_save")
-                   if config.get(key)}
-    if config.get("bias", "none") != "none":
-        unsupported["bias"] = config["bias"]
-    if unsupported:
-        raise ConfigError(f"{adapter_dir}: adapter settings {unsupported} are not supported by model.impl=native; "
-                          "load it with model.impl=hf.")
-    layers = linear_layers(model)
-    pairs = _peft_pairs(load_file(str(adapter_dir / ADAPTER_WEIGHTS)), layers, adapter_dir)
-    for name, layer in layers.items():
-        layer.remove_lora()
-        if name not in pairs:
-            continue
-        lora_A, lora_B = pairs[name]["lora_A"], pairs[name]["lora_B"]
-        if lora_A.shape != (config["r"], layer.in_features) or lora_B.shape != (layer.out_features, config["r"]):
-            raise ConfigError(f"{adapter_dir}: {name} has lora_A {tuple(lora_A.shape)} and lora_B "
-                              f"{tuple(lora_B.shape)}, which do not fit r={config['r']} on a "
-                              f"{layer.out_features}x{layer.in_features} layer.")
-        device = compute_device(model)
-        layer.lora_A = nn.Parameter(lora_A.to(device, torch.float32))
-        layer.lora_B = nn.Parameter(lora_B.to(device, torch.float32))
-        layer.r, layer.lora_alpha, layer.use_rslora = config["r"], config["lora_alpha"], config.get("use_rslora", False)
-        layer.lora_dropout = config.get("lora_dropout", 0.0)

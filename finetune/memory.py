@@ -33,6 +33,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from finetune.config import ConfigError, Dtype, HardwareConfig, ModelImpl, OffloadMode, Optimizer, RunConfig
+from finetune.models import Offload, choose_impl
+from finetune.models.source import ModelSource, locate_source
+from finetune.models.streaming import SLOTS
 
 GiB = 2**30
 GB = 10**9
@@ -289,85 +292,53 @@ def host_link_bytes_per_s(device, nbytes: int = GiB, iters: int = 5) -> float:
     return nbytes * iters / (time.perf_counter() - start)
 
 
-# ---------------------------------------------------------------- the architecture, offline
+# ---------------------------------------------------------------- the architecture
 
-def locate_architecture(cfg: RunConfig) -> tuple[dict, str]:
-    """The base model's HF config dict and where it came from, without weights or network.
-
-    Looked for in order: the demo's own sizes, a local model directory's config.json, the
-    Hugging Face cache, the table of known architectures (finetune.models.architectures).
-    """
-    from finetune.models.architectures import ARCHITECTURES, HUB_IDS
-
-    name = cfg.model.name_or_path
-    if name == "demo":
-        from finetune.demo import TINY_LLAMA, build_tokenizer
-
-        return dict(model_type="llama", vocab_size=len(build_tokenizer()), **TINY_LLAMA), "the demo's tiny Llama"
-    local = Path(name).expanduser()
-    if local.is_dir():
-        path = local / "config.json"
-        if not path.is_file():
-            raise ConfigError(f"model.name_or_path={name!r} is a directory without config.json: point it at a "
-                              "Hugging Face model directory.")
-        return _checked(json.loads(path.read_text()), path), str(path)
-    from huggingface_hub import constants, try_to_load_from_cache
-    from huggingface_hub.errors import HFValidationError
-
-    try:
-        cached = try_to_load_from_cache(name, "config.json", revision=cfg.model.revision)
-    except HFValidationError:  # not a hub id, e.g. a mistyped path: the error below names both
-        cached = None
-    if isinstance(cached, str):
-        return _checked(json.loads(Path(cached).read_text()), cached), cached
-    known = {hub_id.lower(): arch for hub_id, arch in HUB_IDS.items()}
-    if name.lower() in known:
-        arch = known[name.lower()]
-        return dict(ARCHITECTURES[arch]), f"{arch} in finetune's architecture table"
-    raise ConfigError(
-        f"model.name_or_path={name!r}: no sizes to plan with. Looked for a local directory {local.resolve()}, "
-        f"a cached config.json in the Hugging Face cache ({constants.HF_HUB_CACHE}), and the known hub ids "
-        f"({', '.join(sorted(HUB_IDS))}). Pass a model directory, or download the model's config.json "
-        "(huggingface-cli download ID config.json).")
-
-
-def architecture_for(cfg: RunConfig) -> dict:
-    """The base model's HF config dict, read without weights or network (see `locate_architecture`)."""
-    return locate_architecture(cfg)[0]
-
-
-def _checked(arch: dict, source) -> dict:
+def checked_architecture(source: ModelSource) -> dict:
+    """The source's config, refused where the plan cannot size it."""
+    arch = source.config
     if any(key in arch for key in ("num_local_experts", "num_experts", "n_routed_experts")):
-        raise ConfigError(f"{source} describes a mixture-of-experts model; the memory plan sizes dense decoders only.")
+        raise ConfigError(f"{source.described_by} describes a mixture-of-experts model; the memory plan sizes "
+                          "dense decoders only.")
     missing = [key for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                                "vocab_size") if key not in arch]
     if missing:
-        raise ConfigError(f"{source} lacks {', '.join(missing)}: the memory plan sizes Llama-like decoders only.")
+        raise ConfigError(f"{source.described_by} lacks {', '.join(missing)}: the memory plan sizes Llama-like "
+                          "decoders only.")
     return arch
 
 
-def resolve_impl(cfg: RunConfig, arch: dict) -> tuple[ModelImpl, str]:
-    """The model path a run would take, as `finetune.models.choose_impl` decides it, from sizes alone."""
-    if cfg.model.impl is ModelImpl.hf:
-        return ModelImpl.hf, "model.impl=hf"
-    from transformers import AutoConfig
+def decide_offload(cfg: RunConfig, source: ModelSource, impl: ModelImpl, impl_reason: str,
+                   device, notices: list[str]) -> Offload:
+    """hardware.offload, with auto settled by the plan: what the native path moves to host memory.
 
-    from finetune.models import native
-
-    model_type = arch.get("model_type")
-    if model_type in native.FAMILIES:
-        settings = {k: v for k, v in arch.items() if k != "model_type"}
-        local = Path(cfg.model.name_or_path).expanduser()
-        reason = native.unsupported_reason(AutoConfig.for_model(model_type, **settings), cfg.lora,
-                                           local if local.is_dir() else None)
-    else:
-        reason = f"model_type {model_type!r} is not one of {sorted(native.FAMILIES)}"
-    if reason is None:
-        return ModelImpl.native, f"model.impl={cfg.model.impl.value}: {model_type} is a native architecture"
-    if cfg.model.impl is ModelImpl.native:
-        raise ConfigError(f"model.impl=native cannot run {cfg.model.name_or_path}: {reason}. "
-                          "Use model.impl=auto or hf.")
-    return ModelImpl.hf, f"model.impl=auto: {reason}"
+    Only CUDA moves anything: elsewhere the weights and activations are in host memory already.
+    """
+    if device.type != "cuda" or impl is not ModelImpl.native:
+        return Offload()
+    mode = cfg.hardware.offload
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    if mode is OffloadMode.auto and processes > 1:
+        # The planner plans one process holding the whole base, which DDP's and FSDP's processes
+        # do not; and its answer for a big model, streaming, runs in one process only.
+        notices.append(f"hardware.offload=auto: none under {processes} processes (the memory planner plans one "
+                       "process); pass hardware.offload=activations to keep checkpoints in host memory.")
+        mode = OffloadMode.none
+    if mode is OffloadMode.auto:
+        plan = plan_for_run(cfg, source, impl, impl_reason)
+        mode = plan.offload
+        notices.append(f"hardware.offload=auto: {mode.value}, planned peak {plan.gpu_total / GiB:.1f} GiB "
+                       f"of {plan.budget_bytes / GiB:.1f} GiB ({plan.budget_source})"
+                       + ("" if plan.fits else "; the plan says it does not fit, see train.dry_run=true"))
+    stream = mode in STREAMS_WEIGHTS
+    if stream and processes > 1:
+        # DDP keeps one copy of every buffer per GPU and syncs it at start: streamed NF4 buffers
+        # live in host memory, where that cannot work.
+        raise ConfigError(f"hardware.offload={cfg.hardware.offload.value} would stream the weights "
+                          f"({mode.value}), which runs in one process only: under several processes each GPU "
+                          "must hold the 4-bit base. Use hardware.offload=none or activations with a shorter "
+                          "data.max_seq_len (train.dry_run=true shows what fits), or one process.")
+    return Offload(stream, mode in PARKS_ACTIVATIONS or cfg.model.offload_checkpoints)
 
 
 # ---------------------------------------------------------------- the plan
@@ -473,8 +444,6 @@ def _gpu_items(run: _Run, offload: OffloadMode, tokens: int) -> list[LineItem]:
     arch, L = run.arch, run.arch["num_hidden_layers"]
     items = []
     if offload in STREAMS_WEIGHTS:
-        from finetune.models.streaming import SLOTS
-
         items.append(LineItem(f"NF4 linear weights, {SLOTS} of {L} layers",
                               SLOTS * nf4_layer_bytes(arch, run.double_quant),
                               "the rest stream from pinned host memory"))
@@ -627,10 +596,16 @@ def _checkpointing_detail(run: _Run) -> str:
     return words
 
 
-def plan_for_run(cfg: RunConfig) -> MemoryPlan:
-    """How the run `cfg` describes uses its GPU: line items, offload decision, longest sequence that fits."""
-    arch, source = locate_architecture(cfg)
-    impl, impl_reason = resolve_impl(cfg, arch)
+def plan_offline(cfg: RunConfig) -> MemoryPlan:
+    """The plan for `cfg` from the model's sizes alone (no weights, no network): what train.dry_run prints."""
+    source = locate_source(cfg.model)
+    return plan_for_run(cfg, source, *choose_impl(cfg, source))
+
+
+def plan_for_run(cfg: RunConfig, source: ModelSource, impl: ModelImpl, impl_reason: str) -> MemoryPlan:
+    """How the run `cfg` describes uses its GPU, on the model path `impl` (as `choose_impl` decided):
+    line items, offload decision, longest sequence that fits."""
+    arch = checked_architecture(source)
     L = arch["num_hidden_layers"]
     compute_bytes = DTYPE_BYTES[cfg.quant.bnb_4bit_compute_dtype]
     run = _Run(
@@ -683,7 +658,8 @@ def plan_for_run(cfg: RunConfig) -> MemoryPlan:
         stream = StreamEstimate(streamed, link, cfg.hardware.host_link_gbps is None, transfer_s,
                                 flops / (ASSUMED_MFU * ASSUMED_PEAK_TFLOPS * 1e12), flops / transfer_s / 1e12)
     return MemoryPlan(
-        recipe=cfg.name, model=cfg.model.name_or_path, architecture_source=source, impl=impl, impl_reason=impl_reason,
+        recipe=cfg.name, model=cfg.model.name_or_path, architecture_source=source.described_by, impl=impl,
+        impl_reason=impl_reason,
         micro_batch_size=cfg.train.micro_batch_size, seq_len=cfg.data.max_seq_len,
         gradient_checkpointing=cfg.model.gradient_checkpointing, checkpointing_detail=_checkpointing_detail(run),
         budget_bytes=budget, budget_source=budget_source,

@@ -16,8 +16,8 @@ the lossy step peft's `merge_and_unload` takes on a 4-bit model.
 
 The base is streamed shard by shard (read a shard, merge its tensors, write it out), so peak host
 memory is about one input shard plus one output shard, whatever the model's size. Everything is
-written into OUTPUT.partial-<pid> and renamed into place only once it is complete (and verified),
-so a failure never leaves a half-written model behind.
+written into a hidden staging directory beside OUTPUT and renamed into place only once it is
+complete (and verified), so a failure never leaves a half-written model behind.
 """
 
 from __future__ import annotations
@@ -27,11 +27,10 @@ import gc
 import json
 import math
 import os
-import re
 import shutil
 import signal
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
 
@@ -39,15 +38,14 @@ import torch
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
-from finetune.config import Dtype
+from finetune.adapter_format import CONFIG_FILE, QUANT_FILE, AdapterError, LoraAdapter, LoraWeights, QuantRecord
+from finetune.adapter_format import read_adapter, read_config
+from finetune.config import Dtype, QuantType
 from finetune.errors import MergeError
 from finetune.hub_code import keep_hub_code_out
+from finetune.io import IfExists, atomic_dir
 
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
-QUANT_FILE = "finetune_quantization.json"
 MERGE_MARKER = "finetune_merge.json"
-PEFT_PREFIX = "base_model.model."
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -59,16 +57,6 @@ TOKENIZER_FILES = (
     "chat_template.jinja",
     "chat_template.json",
 )
-# What QLoRA recipes use almost everywhere (and this project's trainer writes down); assumed, and
-# said so, for adapters that come without finetune_quantization.json.
-DEFAULT_QUANTIZATION = {
-    "load_in_4bit": True,
-    "bnb_4bit_quant_type": "nf4",
-    "bnb_4bit_use_double_quant": True,
-    "blocksize": 64,
-    "torch_dtype": "bfloat16",
-    "bnb_4bit_compute_dtype": "bfloat16",
-}
 VERIFY_PROMPTS = (
     "What is the capital of France?",
     "Write a short poem about the sea.",
@@ -125,11 +113,6 @@ class GGUFType(enum.Enum):
     q5_0 = "q5_0"
     q4_1 = "q4_1"
     q4_0 = "q4_0"
-
-
-class QuantType(enum.Enum):
-    nf4 = "nf4"
-    fp4 = "fp4"
 
 
 @dataclass
@@ -227,47 +210,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 @dataclass
-class LoraWeights:
-    A: torch.Tensor  # (r, in_features)
-    B: torch.Tensor  # (out_features, r)
-    scaling: float
-    magnitude: torch.Tensor | None = None  # (out_features,), DoRA only
-
-
-@dataclass
-class Adapter:
-    path: Path
-    config: dict
-    lora: dict[str, LoraWeights]  # base module name -> its LoRA
-    replacements: dict[str, torch.Tensor]  # base parameter name -> trained copy (modules_to_save)
-
-
-@dataclass
-class QuantSpec:
-    """How training turned the base weights into the ones the adapter saw."""
-
-    load_in_4bit: bool
-    quant_type: str
-    double_quant: bool
-    blocksize: int
-    base_dtype: torch.dtype  # what the checkpoint was cast to before quantizing (quant.torch_dtype)
-    compute_dtype: torch.dtype  # what training held the unquantized tensors in
-    skip_modules: list[str] | None = None
-
-    def roundtrip(self, weight: torch.Tensor) -> torch.Tensor:
-        """dequant(quant(weight)) with bitsandbytes' own kernels, as a trained Linear4bit saw it."""
-        import bitsandbytes.functional as bnbf
-
-        packed, state = bnbf.quantize_4bit(
-            weight.to(self.base_dtype),
-            blocksize=self.blocksize,
-            compress_statistics=self.double_quant,
-            quant_type=self.quant_type,
-        )
-        return bnbf.dequantize_4bit(packed, state)
-
-
-@dataclass
 class Checkpoint:
     """A base model in HF safetensors format, known by its headers only."""
 
@@ -283,98 +225,26 @@ class Checkpoint:
         return sum(math.prod(shape) for shape in self.shapes.values())
 
 
-def load_adapter(path: Path) -> Adapter:
-    if not path.is_dir():
-        raise MergeError(f"adapter directory {path} does not exist")
-    config_file = path / ADAPTER_CONFIG
-    weights_file = next((path / name for name in ADAPTER_WEIGHTS if (path / name).is_file()), None)
-    if not config_file.is_file() or weights_file is None:
-        raise MergeError(
-            f"{path} is not a peft adapter directory: it needs {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS[0]}"
-        )
-    config = json.loads(config_file.read_text())
-    if config.get("peft_type", "LORA") != "LORA":
-        raise MergeError(f"{path} holds a {config['peft_type']} adapter; only LoRA adapters can be merged")
-    for option, what in (
-        ("lora_bias", "a bias on lora_B (lora_bias=true)"),
-        ("alora_invocation_tokens", "aLoRA (activated LoRA)"),
-        ("target_parameters", "LoRA on raw parameters (target_parameters)"),
-        ("trainable_token_indices", "trainable token indices"),
-        ("layer_replication", "layer replication"),
-        ("fan_in_fan_out", "fan_in_fan_out (Conv1D layers)"),
-    ):
-        if config.get(option):
-            raise MergeError(f"the adapter in {path} uses {what}, which this merge does not support")
-
-    if weights_file.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        tensors = load_file(weights_file)
-    else:
-        tensors = torch.load(weights_file, map_location="cpu", weights_only=True)
-    return _parse_adapter_tensors(path, config, tensors)
-
-
-def _parse_adapter_tensors(path: Path, config: dict, tensors: dict[str, torch.Tensor]) -> Adapter:
-    parts: dict[str, dict[str, torch.Tensor]] = {}
-    replacements = {}
-    for key, tensor in tensors.items():
-        if not key.startswith(PEFT_PREFIX):
-            raise MergeError(f"unexpected tensor {key!r} in {path}: peft names start with {PEFT_PREFIX!r}")
-        name = key[len(PEFT_PREFIX) :]
-        for suffix, slot in (
-            (".lora_A.weight", "A"),
-            (".lora_B.weight", "B"),
-            (".lora_magnitude_vector.weight", "magnitude"),  # peft < 0.12 wrapped it in a module
-            (".lora_magnitude_vector", "magnitude"),
+def load_adapter(path: Path) -> LoraAdapter:
+    """The adapter, refused where it uses a peft feature this merge cannot reproduce."""
+    try:
+        config = read_config(path)
+        for option, what in (
+            ("lora_bias", "a bias on lora_B (lora_bias=true)"),
+            ("alora_invocation_tokens", "aLoRA (activated LoRA)"),
+            ("target_parameters", "LoRA on raw parameters (target_parameters)"),
+            ("trainable_token_indices", "trainable token indices"),
+            ("layer_replication", "layer replication"),
+            ("fan_in_fan_out", "fan_in_fan_out (Conv1D layers)"),
         ):
-            if name.endswith(suffix):
-                parts.setdefault(name[: -len(suffix)], {})[slot] = tensor
-                break
-        else:
-            if "lora_embedding_" in name:
-                raise MergeError(
-                    f"the adapter has LoRA on an embedding layer ({name}); only LoRA on Linear layers "
-                    "can be merged"
-                )
-            if ".lora_" in name:
-                raise MergeError(f"unsupported adapter tensor {key!r} in {path}")
-            replacements[name] = tensor  # a modules_to_save copy: it replaces the base's tensor
-
-    lora = {}
-    for module, found in parts.items():
-        if "A" not in found or "B" not in found:
-            raise MergeError(f"the adapter in {path} has an incomplete LoRA pair for {module}")
-        A, B = found["A"], found["B"]
-        if A.ndim != 2 or B.ndim != 2:
-            raise MergeError(f"LoRA on {module} is not on a Linear layer (lora_A has shape {tuple(A.shape)})")
-        if A.shape[0] != B.shape[1]:
-            raise MergeError(f"lora_A/lora_B ranks differ for {module}: {A.shape[0]} vs {B.shape[1]}")
-        if "magnitude" in found and not config.get("use_dora"):
-            raise MergeError(f"{module} has a DoRA magnitude but adapter_config.json says use_dora=false")
-        if config.get("use_dora") and "magnitude" not in found:
-            raise MergeError(f"adapter_config.json says use_dora=true but {module} has no magnitude vector")
-        lora[module] = LoraWeights(A, B, _scaling(config, module, A.shape[0]), found.get("magnitude"))
-    return Adapter(path, config, lora, replacements)
+            if config.get(option):
+                raise MergeError(f"the adapter in {path} uses {what}, which this merge does not support")
+        return read_adapter(path, config)
+    except AdapterError as error:
+        raise MergeError(str(error)) from None
 
 
-def _pattern_value(patterns: Mapping[str, Any], module: str, default: Any) -> Any:
-    # peft's rank_pattern/alpha_pattern: the first key that matches the end of the module name.
-    for pattern, value in patterns.items():
-        if re.match(rf"(.*\.)?({pattern})$", module):
-            return value
-    return default
-
-
-def _scaling(config: dict, module: str, rank: int) -> float:
-    r = _pattern_value(config.get("rank_pattern") or {}, module, config["r"])
-    alpha = _pattern_value(config.get("alpha_pattern") or {}, module, config["lora_alpha"])
-    if r != rank:
-        raise MergeError(f"adapter_config.json gives {module} rank {r}, but its lora_A has rank {rank}")
-    return alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
-
-
-def resolve_base(cfg: MergeConfig, adapter: Adapter) -> Path:
+def resolve_base(cfg: MergeConfig, adapter: LoraAdapter) -> Path:
     if cfg.base is not None:
         base = Path(cfg.base)
         if not base.is_dir():
@@ -382,7 +252,7 @@ def resolve_base(cfg: MergeConfig, adapter: Adapter) -> Path:
         return base
     name = adapter.config.get("base_model_name_or_path")
     if not name:
-        raise MergeError(f"{adapter.path}/{ADAPTER_CONFIG} names no base model: pass base=PATH")
+        raise MergeError(f"{adapter.path}/{CONFIG_FILE} names no base model: pass base=PATH")
     for candidate in (Path(name), adapter.path / name):
         if candidate.is_dir():
             return candidate
@@ -414,46 +284,39 @@ def open_checkpoint(path: Path) -> Checkpoint:
     return Checkpoint(path, json.loads(config_file.read_text()), shards, shard_of, shapes, index_file.is_file())
 
 
-def load_quant_spec(cfg: MergeConfig, adapter: Adapter) -> QuantSpec:
-    path = adapter.path / QUANT_FILE
-    if path.is_file():
-        raw = json.loads(path.read_text())
-    else:
-        raw = dict(DEFAULT_QUANTIZATION)
+def training_quantization(cfg: MergeConfig, adapter: LoraAdapter) -> QuantRecord:
+    """How training stored the base: the adapter's record (or the usual settings), with cfg's overrides."""
+    try:
+        record = QuantRecord.read(adapter.path)
+    except AdapterError as error:
+        raise MergeError(str(error)) from None
+    if not (adapter.path / QUANT_FILE).is_file():
         print(
-            f"{adapter.path} has no {QUANT_FILE}: assuming training quantized the base as NF4 with double "
-            "quantization, blocksize 64, from bfloat16 weights (override with quant_type=, double_quant=, "
-            "base_dtype=)"
+            f"{adapter.path} has no {QUANT_FILE}: assuming training quantized the base as "
+            f"{record.bnb_4bit_quant_type.value.upper()} {'with' if record.bnb_4bit_use_double_quant else 'without'} "
+            f"double quantization, blocksize {record.blocksize}, "
+            f"from {record.torch_dtype.value} weights (override with quant_type=, double_quant=, base_dtype=)"
         )
-    if cfg.quant_type is not None:
-        raw["bnb_4bit_quant_type"] = cfg.quant_type.value
-    if cfg.double_quant is not None:
-        raw["bnb_4bit_use_double_quant"] = cfg.double_quant
-    if cfg.base_dtype is not None:
-        raw["torch_dtype"] = cfg.base_dtype.value
+    overrides = {"bnb_4bit_quant_type": cfg.quant_type, "bnb_4bit_use_double_quant": cfg.double_quant,
+                 "torch_dtype": cfg.base_dtype}
+    return replace(record, **{key: value for key, value in overrides.items() if value is not None})
 
-    def dtype(key: str, default: str) -> torch.dtype:
-        name = str(raw.get(key, default)).removeprefix("torch.")
-        if name not in Dtype.__members__:
-            raise MergeError(f"{path}: {key} {name!r} is not one of {list(Dtype.__members__)}")
-        return getattr(torch, name)
 
-    base_dtype = dtype("torch_dtype", "bfloat16")
-    spec = QuantSpec(
-        load_in_4bit=bool(raw.get("load_in_4bit", True)),
-        quant_type=raw.get("bnb_4bit_quant_type", "nf4"),
-        double_quant=bool(raw.get("bnb_4bit_use_double_quant", False)),
-        blocksize=int(raw.get("blocksize", 64)),
-        base_dtype=base_dtype,
-        # A record without it names no second cast: the tensors stayed in torch_dtype.
-        compute_dtype=dtype("bnb_4bit_compute_dtype", str(base_dtype)),
-        skip_modules=raw.get("llm_int8_skip_modules"),
+def _torch_dtype(dtype: Dtype) -> torch.dtype:
+    return getattr(torch, dtype.value)
+
+
+def roundtrip(quant: QuantRecord, weight: torch.Tensor) -> torch.Tensor:
+    """dequant(quant(weight)) with bitsandbytes' own kernels, as a trained Linear4bit saw it."""
+    import bitsandbytes.functional as bnbf
+
+    packed, state = bnbf.quantize_4bit(
+        weight.to(_torch_dtype(quant.torch_dtype)),
+        blocksize=quant.blocksize,
+        compress_statistics=quant.bnb_4bit_use_double_quant,
+        quant_type=quant.bnb_4bit_quant_type.value,
     )
-    if spec.quant_type not in QuantType.__members__:
-        raise MergeError(f"{path}: bnb_4bit_quant_type {spec.quant_type!r} is not nf4 or fp4")
-    if spec.blocksize not in (32, 64, 128, 256, 512, 1024, 2048, 4096):
-        raise MergeError(f"{path}: blocksize {spec.blocksize} is not one bitsandbytes supports")
-    return spec
+    return bnbf.dequantize_4bit(packed, state)
 
 
 # ----------------------------------------------------------------------------- planning
@@ -461,14 +324,14 @@ def load_quant_spec(cfg: MergeConfig, adapter: Adapter) -> QuantSpec:
 
 @dataclass
 class MergePlan:
-    adapter: Adapter
+    adapter: LoraAdapter
     base: Checkpoint
-    spec: QuantSpec | None  # None: merge into the original weights
+    quant: QuantRecord | None  # how training stored the base; None: merge into the original weights
     dtype: torch.dtype
     quantized: set[str] = field(default_factory=set)  # modules that were Linear4bit in training
 
 
-def plan_merge(adapter: Adapter, base: Checkpoint, spec: QuantSpec | None, dtype: torch.dtype) -> MergePlan:
+def plan_merge(adapter: LoraAdapter, base: Checkpoint, quant: QuantRecord | None, dtype: torch.dtype) -> MergePlan:
     """Check that the adapter fits the base, before any work is done."""
     architectures = base.config.get("architectures") or ["?"]
     trained_on = (adapter.config.get("auto_mapping") or {}).get("base_model_class")
@@ -476,7 +339,7 @@ def plan_merge(adapter: Adapter, base: Checkpoint, spec: QuantSpec | None, dtype
         raise MergeError(
             f"the adapter was trained on a {trained_on}, but the base at {base.path} is a {architectures[0]}"
         )
-    linear, quantized = _linear_modules(base, spec)
+    linear, quantized = _linear_modules(base, quant)
     for module, lw in adapter.lora.items():
         key = f"{module}.weight"
         if key not in base.shapes and base.config.get("tie_word_embeddings") and module == "lm_head":
@@ -507,15 +370,15 @@ def plan_merge(adapter: Adapter, base: Checkpoint, spec: QuantSpec | None, dtype
                 f"the adapter's {name} has shape {tuple(tensor.shape)}, the base's {base.shapes[name]} "
                 "(resized vocabulary?); merging that is not supported"
             )
-    return MergePlan(adapter, base, spec, dtype, quantized if spec is not None and spec.load_in_4bit else set())
+    return MergePlan(adapter, base, quant, dtype, quantized)
 
 
-def _linear_modules(base: Checkpoint, spec: QuantSpec | None) -> tuple[set[str], set[str]]:
+def _linear_modules(base: Checkpoint, quant: QuantRecord | None) -> tuple[set[str], set[str]]:
     """(Linear modules, those that were Linear4bit in training), from a weightless copy of the model.
 
     Training quantized the model through transformers' BitsAndBytesConfig, which leaves some Linear
-    layers (lm_head, keep-in-fp32 modules, llm_int8_skip_modules) unquantized: ask transformers
-    itself which, on a model built on the meta device.
+    layers (lm_head, keep-in-fp32 modules) unquantized: ask transformers itself which, on a model
+    built on the meta device.
     """
     import bitsandbytes as bnb
     from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig
@@ -529,12 +392,12 @@ def _linear_modules(base: Checkpoint, spec: QuantSpec | None) -> tuple[set[str],
     except (ValueError, KeyError, OSError) as e:
         raise MergeError(f"transformers cannot build the model in {base.path}: {e}") from None
     linear = {name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
-    if spec is None or not spec.load_in_4bit:
+    if quant is None or not quant.load_in_4bit:
         return linear, set()
     bnb_config = BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type=spec.quant_type, llm_int8_skip_modules=spec.skip_modules
+        load_in_4bit=True, bnb_4bit_quant_type=quant.bnb_4bit_quant_type.value
     )
-    skip = HfQuantizer.get_modules_to_not_convert(model, spec.skip_modules, model._keep_in_fp32_modules)
+    skip = HfQuantizer.get_modules_to_not_convert(model, None, model._keep_in_fp32_modules)
     replace_with_bnb_linear(model, modules_to_not_convert=skip, quantization_config=bnb_config)
     return linear, {name for name, module in model.named_modules() if isinstance(module, bnb.nn.Linear4bit)}
 
@@ -568,12 +431,12 @@ def trained_base_tensor(plan: MergePlan, name: str, tensor: torch.Tensor) -> tor
     merged model then computes what the trained model computed, where the originals would shift
     every logit by the rounding the adapter was trained to live with.
     """
-    if plan.spec is None:
+    if plan.quant is None:
         return tensor
-    held = tensor.to(plan.spec.base_dtype)
+    held = tensor.to(_torch_dtype(plan.quant.torch_dtype))
     if name.endswith(".weight") and name.removesuffix(".weight") in plan.quantized:
-        return plan.spec.roundtrip(held)
-    return held.to(plan.spec.compute_dtype)
+        return roundtrip(plan.quant, held)
+    return held.to(_torch_dtype(plan.quant.bnb_4bit_compute_dtype))
 
 
 def merged_tensor(plan: MergePlan, name: str, tensor: torch.Tensor) -> torch.Tensor:
@@ -601,7 +464,7 @@ def write_merged_checkpoint(plan: MergePlan, out_dir: Path) -> None:
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    out_dir.mkdir(parents=True)
+    out_dir.mkdir(exist_ok=True)  # the staging directory itself, or a folder in it
     base = plan.base
     total_size = 0
     for i, shard in enumerate(base.shards, 1):
@@ -762,20 +625,6 @@ def _check_output(output: Path, overwrite: bool) -> None:
         )
 
 
-def _move_into_place(staging: Path, output: Path) -> None:
-    if not output.is_dir():
-        staging.rename(output)
-        return
-    old = output.with_name(f"{output.name}.replaced-{os.getpid()}")
-    output.rename(old)
-    try:
-        staging.rename(output)
-    except BaseException:
-        old.rename(output)
-        raise
-    shutil.rmtree(old)
-
-
 def merge_adapter(cfg: MergeConfig | Mapping[str, Any]) -> Path:
     """Merge cfg.adapter into its base and write cfg.output; returns the output directory."""
     if not isinstance(cfg, MergeConfig):
@@ -783,7 +632,7 @@ def merge_adapter(cfg: MergeConfig | Mapping[str, Any]) -> Path:
         cfg = _to_config(lambda: OmegaConf.create(options))
     adapter = load_adapter(Path(cfg.adapter))
     base = open_checkpoint(resolve_base(cfg, adapter))
-    spec = load_quant_spec(cfg, adapter) if cfg.merge_into is MergeInto.dequantized else None
+    quant = training_quantization(cfg, adapter) if cfg.merge_into is MergeInto.dequantized else None
     gguf_type = cfg.gguf_type.value if cfg.gguf_type else GGUF_TYPE_OF_DTYPE[cfg.dtype.value]
     if cfg.format is OutputFormat.gguf:
         from finetune.gguf_export import check_exportable
@@ -793,24 +642,24 @@ def merge_adapter(cfg: MergeConfig | Mapping[str, Any]) -> Path:
         raise MergeError("gguf_type applies to format=gguf only")
     output = Path(cfg.output)
     _check_output(output, cfg.overwrite)
-    plan = plan_merge(adapter, base, spec, getattr(torch, cfg.dtype.value))
+    plan = plan_merge(adapter, base, quant, _torch_dtype(cfg.dtype))
     run_verify = should_verify(cfg, base.n_params)
 
     output.parent.mkdir(parents=True, exist_ok=True)
-    needed = base.n_params * getattr(torch, cfg.dtype.value).itemsize
+    needed = base.n_params * _torch_dtype(cfg.dtype).itemsize
     if cfg.format is OutputFormat.gguf:  # the GGUF is written beside the HF staging copy
         needed += base.n_params * GGUF_BYTES_PER_PARAM[gguf_type]
     if shutil.disk_usage(output.parent).free < needed:
         raise MergeError(f"not enough disk space in {output.parent}: the merge writes ~{needed / 2**30:.1f} GiB")
 
-    staging = output.with_name(f"{output.name}.partial-{os.getpid()}")
-    hf_dir = staging if cfg.format is OutputFormat.hf else staging / "hf"
     print(
         f"merging {adapter.path} ({len(adapter.lora)} LoRA modules"
         f"{', DoRA' if adapter.config.get('use_dora') else ''}) into {cfg.merge_into.value} {base.path} "
         f"-> {output} ({cfg.dtype.value}, {cfg.format.value})"
     )
-    try:
+    # Replacing: _check_output let through only an empty directory or an earlier merge (with overwrite=true).
+    with atomic_dir(output, IfExists.replace) as staging:
+        hf_dir = staging if cfg.format is OutputFormat.hf else staging / "hf"
         write_merged_checkpoint(plan, hf_dir)
         if run_verify:
             verify(plan, hf_dir)
@@ -826,16 +675,10 @@ def merge_adapter(cfg: MergeConfig | Mapping[str, Any]) -> Path:
             "dtype": cfg.dtype.value,
             "format": cfg.format.value,
             "gguf_type": gguf_type if cfg.format is OutputFormat.gguf else None,
-            "training_quantization": None if spec is None else {
-                **asdict(spec), "base_dtype": str(spec.base_dtype), "compute_dtype": str(spec.compute_dtype)
-            },
+            "training_quantization": None if quant is None else quant.to_json(),
             "verified": run_verify,
         }
         (staging / MERGE_MARKER).write_text(json.dumps(record, indent=2) + "\n")
-        _move_into_place(staging, output)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     print(f"wrote {output}" + (f" (model.gguf as {gguf_type}, Modelfile)" if cfg.format is OutputFormat.gguf else ""))
     return output
 

@@ -90,7 +90,7 @@ class QuantizedWeight(nn.Module):
     def forward(self, out: torch.Tensor | None = None) -> torch.Tensor:
         """The weight dequantized by `dequantize_with(self, out)`, set by whoever calls the module.
 
-        Only FSDP calls it so (see NativeCausalLM.prepare_for_fsdp): a call is what makes FSDP
+        Only FSDP calls it so (see NativeCausalLM.fsdp_wrap_policy): a call is what makes FSDP
         gather a unit's shards, and this module is a unit of its own there.
         """
         return self.dequantize_with(self, out)

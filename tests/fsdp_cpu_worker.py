@@ -30,7 +30,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from peft.utils.other import fsdp_auto_wrap_policy
 from torch.distributed.fsdp import FullyShardedDataParallel, ShardingStrategy
 from torch.distributed.fsdp import _init_utils as fsdp_init_utils
 
@@ -42,7 +41,9 @@ from finetune.cli import quiet_libraries
 from finetune.models import Placement, build_model, load_adapter_weights
 from finetune.models.native import materialize_empty
 from finetune.optim import build_optimizer, build_scheduler
-from finetune.recipe import _pad_id, _quantization_record, seed_everything
+from finetune.adapter_format import QuantRecord
+from finetune.evaluate import pad_id
+from finetune.recipe import seed_everything
 
 DEVICE = torch.device("cpu")
 FIRST_PROCESS_LOADS = os.environ.get("WORKER_LOADING", "first") == "first"  # "every": each process loads
@@ -62,7 +63,7 @@ def build(cfg, checkpoint=None):
     model, tokenizer = loaded.model, loaded.tokenizer
     data_lib.use_data_chat_template(tokenizer, cfg.data)
     train_samples, _, _ = data_lib.load_splits(cfg.data, tokenizer, cfg.train.seed, cfg.cache_dir)
-    batches = data_lib.train_batches(train_samples, cfg.data, cfg.train.micro_batch_size, _pad_id(tokenizer),
+    batches = data_lib.train_batches(train_samples, cfg.data, cfg.train.micro_batch_size, pad_id(tokenizer),
                                      cfg.train.seed)
     trainable = [p for p in model.parameters() if p.requires_grad]
     if os.environ.get("WORKER_OPTIMIZER") == "adamw8bit":
@@ -85,7 +86,7 @@ def build(cfg, checkpoint=None):
             next(batches)
         restore_rng_states(saved["rng_by_rank"][dist.get_rank()])
     # The recipe's choice of units: the native model names its own (and makes its codes parameters).
-    policy = model.prepare_for_fsdp() if hasattr(model, "prepare_for_fsdp") else fsdp_auto_wrap_policy(model)
+    policy = model.fsdp_wrap_policy()
     whole = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     built_empty = all(p.is_meta for p in model.parameters())
@@ -122,7 +123,7 @@ def train(cfg, setup, last_step: int, out: Path, checkpoint_after: int | None = 
         for i, mb in enumerate(micro_batches):
             last = i == len(micro_batches) - 1
             with contextlib.nullcontext() if last else sharded.no_sync():
-                loss = sharded(**data_lib.model_inputs(mb, model, DEVICE), num_items_in_batch=step_targets).loss
+                loss = sharded(**data_lib.model_inputs(mb, DEVICE, model.takes_packed_boundaries), num_items_in_batch=step_targets).loss
                 (loss * world).backward()
             step_loss += loss.item()
         total = torch.tensor(step_loss, dtype=torch.float64)
@@ -142,7 +143,7 @@ def train(cfg, setup, last_step: int, out: Path, checkpoint_after: int | None = 
             dist.all_gather_object(optimizer_by_rank, optimizer_state_on_cpu(optimizer))
             if rank == 0:
                 save_checkpoint(out / "checkpoints", step, model, loaded.tokenizer,
-                                _quantization_record(cfg, loaded.compute_dtype), optimizer, scheduler, state,
+                                QuantRecord.from_config(cfg.quant, loaded.compute_dtype), optimizer, scheduler, state,
                                 keep_last=1, rng_by_rank=rng_by_rank, adapter_state=adapter_state,
                                 optimizer_by_rank=optimizer_by_rank)
             dist.barrier()
@@ -166,7 +167,7 @@ def main(out: Path, overrides: list[str]) -> None:
     empty = [None] * world
     dist.all_gather_object(empty, built_empty)
     if rank == 0:  # the recipe's FSDP save, from the gathered state
-        save_adapter(model, loaded.tokenizer, out / "adapter", _quantization_record(cfg, loaded.compute_dtype), state)
+        save_adapter(model, loaded.tokenizer, out / "adapter", QuantRecord.from_config(cfg.quant, loaded.compute_dtype), state)
         (out / "losses.json").write_text(json.dumps(rows))
         (out / "shards.json").write_text(json.dumps({"whole": whole, "held": shards, "trainable": trainable,
                                                      "gradients": gradients, "built_empty": empty,

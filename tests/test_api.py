@@ -6,7 +6,7 @@ import pytest
 
 import finetune
 from finetune.errors import UserError
-from finetune.recipe import generate_answer
+from finetune.evaluate import generate_answer
 
 from runner import run_train
 

@@ -7,7 +7,7 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
-from finetune.cli import RECIPES_DIR, to_run_config
+from finetune.compose import RECIPES_DIR, to_run_config
 from finetune.config import ConfigError, Optimizer, RunConfig
 from finetune.errors import UserError
 

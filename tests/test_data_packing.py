@@ -49,25 +49,22 @@ def test_packed_layout_restarts_positions_and_masks_each_first_label():
     assert "attention_mask" not in batch and count_tokens(batch) == 10
 
 
-def test_boundaries_go_only_to_models_that_take_them(model):
-    class Varlen(torch.nn.Module):
-        def forward(self, input_ids, labels=None, position_ids=None, cu_seqlens=None, use_cache=None):
-            raise NotImplementedError
-
+def test_boundaries_go_only_to_models_that_take_them():
     batch = collate_packed(random_samples([3, 5]))
-    assert "cu_seqlens" not in model_inputs(batch, model, CPU) and model_inputs(batch, model, CPU)["use_cache"] is False
-    assert model_inputs(batch, Varlen(), CPU)["cu_seqlens"].tolist() == [0, 3, 8]
+    without = model_inputs(batch, CPU, packed_boundaries=False)
+    assert "cu_seqlens" not in without and without["use_cache"] is False
+    assert model_inputs(batch, CPU, packed_boundaries=True)["cu_seqlens"].tolist() == [0, 3, 8]
 
 
 def test_packed_loss_equals_the_token_mean_over_samples_run_one_by_one(model):
     samples = random_samples([7, 12, 3, 9, 20])
     packed = collate_packed(samples)
-    loss = model(**model_inputs(packed, model, CPU), num_items_in_batch=targets(packed)).loss
+    loss = model(**model_inputs(packed, CPU, packed_boundaries=False), num_items_in_batch=targets(packed)).loss
     summed = 0.0
     for sample in samples:
         alone = collate_packed([sample])
         # num_items_in_batch=1 returns the summed token loss.
-        summed += model(**model_inputs(alone, model, CPU), num_items_in_batch=1).loss
+        summed += model(**model_inputs(alone, CPU, packed_boundaries=False), num_items_in_batch=1).loss
     assert targets(packed) == sum(targets(collate_packed([s])) for s in samples)
     torch.testing.assert_close(loss, summed / targets(packed), rtol=1e-6, atol=1e-6)
 
@@ -76,8 +73,8 @@ def test_a_sample_never_changes_its_neighbours_logits(model):
     samples = random_samples([6, 10, 8])
     changed = [samples[0], Sample([(i + 1) % 64 for i in samples[1].input_ids], samples[1].labels, []), samples[2]]
     with torch.no_grad():
-        before = model(**model_inputs(collate_packed(samples), model, CPU)).logits[0]
-        after = model(**model_inputs(collate_packed(changed), model, CPU)).logits[0]
+        before = model(**model_inputs(collate_packed(samples), CPU, packed_boundaries=False)).logits[0]
+        after = model(**model_inputs(collate_packed(changed), CPU, packed_boundaries=False)).logits[0]
     unchanged = torch.cat([torch.arange(0, 6), torch.arange(16, 24)])
     torch.testing.assert_close(after[unchanged], before[unchanged], rtol=0, atol=0)
     assert not torch.equal(after[6:16], before[6:16])

@@ -261,16 +261,21 @@ def test_fsdp_refuses_what_it_cannot_run(overrides, error):
     from types import SimpleNamespace
 
     from finetune.api import compose_config
-    from finetune.recipe import check_processes
+    from finetune.training.processes import check_model_path, check_processes
 
     plugin = SimpleNamespace(fsdp_version=1, use_orig_params=True)
     accelerator = SimpleNamespace(num_processes=2, mixed_precision="no", state=SimpleNamespace(fsdp_plugin=plugin))
     cfg = compose_config("demo", overrides)
-    if error is None:
+
+    def check():
         check_processes(cfg, accelerator, True, None)
+        check_model_path(cfg, True, cfg.model.impl)  # the generic path here: model.impl=hf
+
+    if error is None:
+        check()
     else:
         with pytest.raises(UserError, match=error):
-            check_processes(cfg, accelerator, True, None)
+            check()
 
 
 @pytest.mark.parametrize("trained_fsdp, run_fsdp, error", [
@@ -284,19 +289,18 @@ def test_resume_needs_the_same_engine(tmp_path, trained_fsdp, run_fsdp, error):
 
     from finetune.api import compose_config
     from finetune.checkpoint import TrainerState
-    from finetune.recipe import check_processes
+    from finetune.training.processes import check_processes
 
     plugin = SimpleNamespace(fsdp_version=1, use_orig_params=True)
     accelerator = SimpleNamespace(num_processes=2, mixed_precision="no", state=SimpleNamespace(fsdp_plugin=plugin))
     state = TrainerState(step=1, micro_batches_consumed=2, config_hash="", tracker_run_id=None, world_size=2,
                          fsdp=trained_fsdp)
     cfg = compose_config("demo", FSDP_READY)
-    resume_from = (tmp_path / "step-1", state, {})
     if error is None:
-        check_processes(cfg, accelerator, run_fsdp, resume_from)
+        check_processes(cfg, accelerator, run_fsdp, state)
     else:
         with pytest.raises(UserError, match=error):
-            check_processes(cfg, accelerator, run_fsdp, resume_from)
+            check_processes(cfg, accelerator, run_fsdp, state)
 
 
 two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")

@@ -4,26 +4,28 @@ import json
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-
 from runner import run_train
 from finetune import memory
-from finetune.cli import RECIPES_DIR, to_run_config
-from finetune.config import ConfigError, ModelImpl, OffloadMode, Optimizer, register_configs
+from finetune.compose import compose
+from finetune.config import ConfigError, ModelImpl, OffloadMode, Optimizer
 from finetune.models.architectures import ARCHITECTURES
+from finetune.models.source import locate_source
 
 LLAMA3_8B, LLAMA3_70B = ARCHITECTURES["llama3-8b"], ARCHITECTURES["llama3-70b"]
 
 
 def config(*overrides):
     """The run config the CLI would build from these overrides."""
-    register_configs()
-    with initialize_config_dir(config_dir=str(RECIPES_DIR), version_base="1.3"):
-        return to_run_config(compose(config_name="train", overrides=["data.path=x.jsonl", *overrides]))
+    return compose(["data.path=x.jsonl", *overrides])
 
 
 def plan(*overrides):
-    return memory.plan_for_run(config(*overrides))
+    return memory.plan_offline(config(*overrides))
+
+
+def sizes(cfg) -> dict:
+    """The architecture the plan sizes, found offline as the dry run finds it."""
+    return memory.checked_architecture(locate_source(cfg.model))
 
 
 # ---------------------------------------------------------------- arithmetic
@@ -114,12 +116,12 @@ def test_loss_chunk_matches_the_kernels_default():
 # ---------------------------------------------------------------- where the sizes come from
 
 def test_hub_ids_map_to_table_architectures_offline():
-    cfg = config("recipe=llama70b_qlora")
-    arch, source = memory.locate_architecture(cfg)
-    assert arch["hidden_size"] == 8192 and arch["num_hidden_layers"] == 80 and "llama3.3-70b" in source
-    assert memory.architecture_for(config("recipe=qwen2_5_7b_qlora"))["vocab_size"] == 152064
-    assert memory.architecture_for(config("recipe=mistral7b_qlora"))["vocab_size"] == 32768
-    assert memory.architecture_for(config("recipe=llama3_8b_qlora")) == ARCHITECTURES["llama3.1-8b"]
+    source = locate_source(config("recipe=llama70b_qlora").model)
+    arch = source.config
+    assert arch["hidden_size"] == 8192 and arch["num_hidden_layers"] == 80 and "llama3.3-70b" in source.described_by
+    assert sizes(config("recipe=qwen2_5_7b_qlora"))["vocab_size"] == 152064
+    assert sizes(config("recipe=mistral7b_qlora"))["vocab_size"] == 32768
+    assert sizes(config("recipe=llama3_8b_qlora")) == ARCHITECTURES["llama3.1-8b"]
 
 
 def test_local_directory_and_hf_cache_configs_are_read(tmp_path, monkeypatch):
@@ -128,7 +130,7 @@ def test_local_directory_and_hf_cache_configs_are_read(tmp_path, monkeypatch):
     local = tmp_path / "model"
     local.mkdir()
     (local / "config.json").write_text(json.dumps(dict(LLAMA3_8B, num_hidden_layers=2)))
-    assert memory.architecture_for(config(f"model.name_or_path={local}"))["num_hidden_layers"] == 2
+    assert sizes(config(f"model.name_or_path={local}"))["num_hidden_layers"] == 2
 
     # The HF cache layout: models--org--name/{refs/main, snapshots/<commit>/config.json}.
     repo = tmp_path / "hub" / "models--acme--tiny"
@@ -137,23 +139,23 @@ def test_local_directory_and_hf_cache_configs_are_read(tmp_path, monkeypatch):
     (repo / "snapshots" / "abc123").mkdir(parents=True)
     (repo / "snapshots" / "abc123" / "config.json").write_text(json.dumps(dict(LLAMA3_8B, num_hidden_layers=3)))
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    assert memory.architecture_for(config("model.name_or_path=acme/tiny"))["num_hidden_layers"] == 3
+    assert sizes(config("model.name_or_path=acme/tiny"))["num_hidden_layers"] == 3
 
 
 def test_unknown_model_names_what_was_looked_for(tmp_path):
     with pytest.raises(ConfigError, match=r"acme/unknown.*local directory.*Hugging Face cache.*known hub ids"):
-        memory.architecture_for(config("model.name_or_path=acme/unknown"))
+        sizes(config("model.name_or_path=acme/unknown"))
     with pytest.raises(ConfigError, match=r"no/such/dir.*no sizes to plan with"):
-        memory.architecture_for(config("model.name_or_path=./no/such/dir"))
+        sizes(config("model.name_or_path=./no/such/dir"))
     moe = tmp_path / "moe"
     moe.mkdir()
     (moe / "config.json").write_text(json.dumps(dict(LLAMA3_8B, num_local_experts=8)))
     with pytest.raises(ConfigError, match="mixture-of-experts"):
-        memory.architecture_for(config(f"model.name_or_path={moe}"))
+        sizes(config(f"model.name_or_path={moe}"))
 
 
 def test_demo_sizes_without_weights():
-    arch = memory.architecture_for(config("recipe=demo"))
+    arch = sizes(config("recipe=demo"))
     assert arch["hidden_size"] == 256 and arch["vocab_size"] == 469
 
 

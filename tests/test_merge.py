@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from finetune import merge
+from finetune.adapter_format import QUANT_FILE
 from finetune.merge import MergeError, main, merge_adapter
 
 REPO = Path(__file__).resolve().parents[1]
@@ -137,7 +138,7 @@ def build_adapter(base: Path, path: Path, *, quant: dict | None = QUANT_FP32, se
     model.save_pretrained(path)
     build_tokenizer().save_pretrained(path)
     if quant is not None:
-        (path / merge.QUANT_FILE).write_text(json.dumps(quant))
+        (path / QUANT_FILE).write_text(json.dumps(quant))
     return path
 
 
@@ -171,8 +172,8 @@ def load_merged(path: Path):
 
 
 def leftovers(output: Path) -> list[str]:
-    """Anything a merge into `output` left behind: the output or a partial/replaced directory."""
-    return sorted(p.name for p in output.parent.iterdir() if p.name.startswith(output.name))
+    """Anything a merge into `output` left behind: the output or a (hidden) partial/replaced directory."""
+    return sorted(p.name for p in output.parent.iterdir() if p.name.removeprefix(".").startswith(output.name))
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -275,7 +276,7 @@ def test_dora_merges_match_peft(base, ids, tmp_path):
 def test_adapter_from_elsewhere_bf16_defaults_and_builtin_verify(base, tmp_path, capsys):
     """No finetune_quantization.json: assume the usual bf16 NF4 recipe, say so, and verify."""
     adapter = build_adapter(base, tmp_path / "plain-peft", quant=QUANT_BF16)
-    (adapter / merge.QUANT_FILE).unlink()
+    (adapter / QUANT_FILE).unlink()
     out = merge_adapter({"adapter": str(adapter), "output": str(tmp_path / "merged")})  # verify: automatic
     printed = capsys.readouterr().out
     assert "assuming training quantized the base as NF4" in printed

@@ -4,20 +4,18 @@ import bitsandbytes as bnb
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-
-from finetune.cli import RECIPES_DIR, to_run_config
+from finetune.adapter_format import QuantRecord
+from finetune.compose import compose
 from finetune.models import build_model
 from finetune.models.hf import load_quantized_base
+from finetune.models.source import ModelSource
 
 CPU = torch.device("cpu")
 
 
 def demo_config(cache_dir, *overrides):
-    with initialize_config_dir(config_dir=str(RECIPES_DIR), version_base="1.3"):
-        # This file tests the generic path (transformers + bitsandbytes + peft) itself.
-        cfg = compose(config_name="train", overrides=[f"cache_dir={cache_dir}", "model.impl=hf", *overrides])
-    return to_run_config(cfg)
+    # This file tests the generic path (transformers + bitsandbytes + peft) itself.
+    return compose([f"cache_dir={cache_dir}", "model.impl=hf", *overrides])
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +63,7 @@ def test_only_lora_parameters_train(loaded):
 def test_lora_b_starts_at_zero_so_step0_logits_equal_the_base(loaded, demo_base, cache_dir):
     assert all(torch.count_nonzero(p) == 0 for n, p in loaded.model.named_parameters() if "lora_B" in n)
     cfg = demo_config(cache_dir)
-    base = load_quantized_base(demo_base, cfg.model, cfg.quant, loaded.compute_dtype, CPU)
+    base = load_quantized_base(ModelSource.from_directory(demo_base), cfg.model, cfg.quant, loaded.compute_dtype, CPU)
     ids = torch.randint(0, 400, (2, 24), generator=torch.Generator().manual_seed(1))
     loaded.model.eval()
     with torch.no_grad():
@@ -104,10 +102,11 @@ def test_saved_adapter_reloads_in_peft_and_reproduces_logits(cache_dir, demo_bas
     loaded.model.eval()
     with torch.no_grad():
         expected = loaded.model(input_ids=ids).logits
-    adapter_dir = save_adapter(loaded.model, loaded.tokenizer, tmp_path / "adapter", {"bnb_4bit_quant_type": "nf4"})
+    adapter_dir = save_adapter(loaded.model, loaded.tokenizer, tmp_path / "adapter",
+                               QuantRecord.from_config(cfg.quant, loaded.compute_dtype))
     assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json"} <= {p.name for p in adapter_dir.iterdir()}
 
-    base = load_quantized_base(demo_base, cfg.model, cfg.quant, loaded.compute_dtype, CPU)
+    base = load_quantized_base(ModelSource.from_directory(demo_base), cfg.model, cfg.quant, loaded.compute_dtype, CPU)
     reloaded = peft.PeftModel.from_pretrained(base, adapter_dir).eval()
     with torch.no_grad():
         assert torch.equal(reloaded(input_ids=ids).logits, expected)

@@ -22,6 +22,7 @@ import pytest  # noqa: E402
 from finetune.config import (ConfigError, Dtype, LoraConfig, ModelConfig, ModelImpl, QuantConfig,  # noqa: E402
                              RunConfig)
 from finetune.models import choose_impl, hf, native  # noqa: E402
+from finetune.models.source import ModelSource  # noqa: E402
 
 CPU = torch.device("cpu")
 COMMON = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -87,13 +88,13 @@ def run_config(model_dir, impl: str = "native", torch_dtype: str = "float32", **
 
 def native_model(model_dir, cfg=None, device=CPU, compute_dtype=torch.float32):
     cfg = cfg or run_config(model_dir)
-    return native.build(cfg, model_dir, compute_dtype, device)
+    return native.build(cfg, ModelSource.from_directory(model_dir), compute_dtype, device)
 
 
 def quantized_base(model_dir, cfg=None, device=CPU, compute_dtype=torch.float32):
     """The generic path's 4-bit transformers model, without adapters."""
     cfg = cfg or run_config(model_dir, impl="hf")
-    return hf.load_quantized_base(model_dir, cfg.model, cfg.quant, compute_dtype, device)
+    return hf.load_quantized_base(ModelSource.from_directory(model_dir), cfg.model, cfg.quant, compute_dtype, device)
 
 
 def generic_model(model_dir, cfg=None, device=CPU, compute_dtype=torch.float32):
@@ -245,14 +246,14 @@ def test_only_lora_weights_train_and_linear_weights_take_under_a_byte(checkpoint
     assert len(trainable) == 2 * 7 * COMMON["num_hidden_layers"]  # all-linear: 7 projections a layer
     unquantized = sum(p.numel() * p.element_size() for p in model.parameters())  # embeddings, head, norms, LoRA
     linear_weights = sum(layer.weight.numel for layer in linear_layers(model).values())
-    assert model.get_memory_footprint() < unquantized + linear_weights
+    assert model.memory_footprint() < unquantized + linear_weights
 
 
 def test_auto_picks_native_for_the_llama_family_and_hf_otherwise(checkpoints, tmp_path):
-    from transformers import AutoConfig, GPT2Config, GPT2LMHeadModel
+    from transformers import GPT2Config, GPT2LMHeadModel
 
     def pick(directory, **settings):
-        return choose_impl(run_config(directory, **settings), directory, AutoConfig.from_pretrained(directory))
+        return choose_impl(run_config(directory, **settings), ModelSource.from_directory(directory))
 
     llama = checkpoints("llama")
     assert pick(llama, impl="auto")[0] is ModelImpl.native
@@ -274,7 +275,7 @@ def test_offloading_needs_gradient_checkpointing(checkpoints):
     cfg = run_config(checkpoints("llama"))
     cfg.model.offload_checkpoints = True
     with pytest.raises(ConfigError, match="gradient_checkpointing"):
-        native_model(checkpoints("llama"), cfg)
+        cfg.validate()
 
 
 def test_triton_kernels_train_like_the_references(checkpoints):

@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
+from finetune.adapter_format import load_qlora_adapter
 from finetune.config import ConfigError
-from finetune.lora import load_adapter
 from test_native import (checkpoints, generic_model, native_model, quantized_base, random_ids,  # noqa: F401
                          randomize_lora_B, relative_error, run_config)
 
@@ -42,7 +42,7 @@ def test_peft_adapter_loads_natively_and_reproduces_peft_logits(checkpoints, tmp
     with torch.no_grad():
         expected = generic.eval()(input_ids=ids).logits
     model = native_model(model_dir).eval()  # starts with all-linear adapters; loading replaces them
-    load_adapter(model, tmp_path / "adapter")
+    load_qlora_adapter(model, tmp_path / "adapter")
     adapted = sorted({name.rsplit(".", 2)[-2] for name, p in model.named_parameters() if "lora_A" in name})
     assert adapted == ["k_proj", "o_proj", "up_proj"]
     with torch.no_grad():
@@ -77,7 +77,7 @@ def test_adapters_the_native_path_cannot_run_are_refused(checkpoints, tmp_path):
     config = json.loads(config_path.read_text())
     config_path.write_text(json.dumps({**config, "use_dora": True}))
     with pytest.raises(ConfigError, match="use_dora"):
-        load_adapter(model, tmp_path / "adapter")
+        load_qlora_adapter(model, tmp_path / "adapter")
 
 
 def test_resuming_copies_saved_adapters_into_the_same_parameters(checkpoints, tmp_path):

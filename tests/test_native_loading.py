@@ -26,7 +26,7 @@ gc.collect()
 Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to the current RSS
 before = status("VmRSS")
 model = load_pretrained(sys.argv[1], torch.device("cpu"), storage_dtype=torch.bfloat16)
-print(status("VmHWM") - before, model.get_memory_footprint())
+print(status("VmHWM") - before, model.memory_footprint())
 """
 
 

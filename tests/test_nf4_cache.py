@@ -11,6 +11,7 @@ import torch
 from finetune.config import ConfigError
 from finetune.lora import linear_layers
 from finetune.models import nf4_cache, native
+from finetune.models.source import ModelSource
 from test_native import COMMON, FAMILIES, checkpoints, random_ids  # noqa: F401 (fixture)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
@@ -101,7 +102,8 @@ def test_adapters_are_not_part_of_the_cache(checkpoints, tmp_path):
     from test_native import run_config
 
     model_dir = checkpoints("llama")
-    model = native.build(run_config(model_dir), model_dir, torch.float32, CPU)  # LoRA attached
+    # LoRA attached
+    model = native.build(run_config(model_dir), ModelSource.from_directory(model_dir), torch.float32, CPU)
     cache_dir = native.write_nf4_cache(model, hf_config(model_dir), tmp_path / "cache", "fingerprint")
     loaded = cached_model(cache_dir)
     assert not any("lora" in name for name in loaded.state_dict())

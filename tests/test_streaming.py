@@ -8,6 +8,7 @@ import torch
 
 from finetune.lora import linear_layers
 from finetune.models import native, nf4_cache
+from finetune.models.source import ModelSource
 from finetune.models.streaming import LayerWeights
 from test_native import COMMON, FAMILIES, bf16_config, checkpoints, cuda, random_ids, run_config  # noqa: F401
 from test_native_training import make_batches, train
@@ -24,7 +25,8 @@ def logits(model, ids):
 
 
 def test_packed_layer_buffers_are_views_of_one_host_buffer_and_compute_the_same(checkpoints):
-    model = native.build(run_config(checkpoints("qwen2")), checkpoints("qwen2"), torch.float32, CPU)
+    model_dir = checkpoints("qwen2")
+    model = native.build(run_config(model_dir), ModelSource.from_directory(model_dir), torch.float32, CPU)
     ids = random_ids(2, 12)
     before = logits(model, ids)
     packed = [LayerWeights(layer, pin=False) for layer in model.model.layers]
@@ -46,19 +48,19 @@ def test_nf4_cache_setting_writes_then_reads_the_same_model(checkpoints, tmp_pat
     model_dir = checkpoints("llama")
     cfg = run_config(model_dir)
     cfg.model.nf4_cache = str(tmp_path / "cache")
-    written = native.build(cfg, model_dir, torch.float32, CPU)
+    written = native.build(cfg, ModelSource.from_directory(model_dir), torch.float32, CPU)
     assert nf4_cache.is_cache(tmp_path / "cache")
 
     def no_checkpoint_reads(model_dir):
         raise AssertionError("a run with a ready NF4 cache read the checkpoint")
 
     monkeypatch.setattr(native, "checkpoint_tensors", no_checkpoint_reads)
-    read = native.build(cfg, model_dir, torch.float32, CPU)
+    read = native.build(cfg, ModelSource.from_directory(model_dir), torch.float32, CPU)
     ids = random_ids(2, 12)
     assert torch.equal(logits(read, ids), logits(written, ids))
     cfg.quant.bnb_4bit_use_double_quant = False  # the cache was made with double quantization
     with pytest.raises(ConfigError, match="double_quant"):
-        native.build(cfg, model_dir, torch.float32, CPU)
+        native.build(cfg, ModelSource.from_directory(model_dir), torch.float32, CPU)
 
 
 def test_a_random_nf4_cache_is_a_model_directory(tmp_path, capsys):
@@ -89,7 +91,8 @@ def test_gpu_offloaded_runs_train_exactly_like_resident_ones(checkpoints, cuda, 
         cfg = bf16_config(model_dir, gradient_checkpointing=checkpoint_layers != 0,
                           checkpoint_layers=checkpoint_layers or None)
         torch.manual_seed(0)
-        model = native.build(cfg, model_dir, torch.bfloat16, cuda, stream_weights=moved and stream,
+        model = native.build(cfg, ModelSource.from_directory(model_dir), torch.bfloat16, cuda,
+                             stream_weights=moved and stream,
                              offload_checkpoints=moved and park)
         if moved and stream:
             weights = [lin.weight.packed for lin in linear_layers(model).values()]
@@ -105,9 +108,17 @@ def test_gpu_offloaded_runs_train_exactly_like_resident_ones(checkpoints, cuda, 
     assert torch.equal(moved_logits, resident_logits)
 
 
+def decide(cfg, model_dir, device, notices):
+    """(stream weights, park checkpoints) as the recipe settles them for the native path."""
+    from finetune.config import ModelImpl
+    from finetune.memory import decide_offload
+
+    offload = decide_offload(cfg, ModelSource.from_directory(model_dir), ModelImpl.native, "native", device, notices)
+    return offload.stream_weights, offload.park_checkpoints
+
+
 def test_offload_decision_follows_the_setting_and_the_plan(checkpoints):
     from finetune.config import ConfigError, OffloadMode
-    from finetune.models import offload_decision
 
     model_dir = checkpoints("llama")
     cfg = run_config(model_dir)
@@ -115,33 +126,32 @@ def test_offload_decision_follows_the_setting_and_the_plan(checkpoints):
     cuda = torch.device("cuda")  # only named: with hardware.gpu_memory_gb set nothing asks a GPU
     cfg.hardware.gpu_memory_gb = 1000.0
     notices = []
-    assert offload_decision(cfg, model_dir, cuda, notices) == (False, False)
+    assert decide(cfg, model_dir, cuda, notices) == (False, False)
     assert notices and notices[0].startswith("hardware.offload=auto: none")
     cfg.hardware.gpu_memory_gb = 0.0005  # half a MiB: even the tiny model must stream and park
     notices = []
-    assert offload_decision(cfg, model_dir, cuda, notices) == (True, True)
+    assert decide(cfg, model_dir, cuda, notices) == (True, True)
     assert "does not fit" in notices[0] or notices[0].startswith("hardware.offload=auto: all")
     cfg.hardware.offload = OffloadMode.weights
-    assert offload_decision(cfg, model_dir, cuda, []) == (True, False)
-    assert offload_decision(cfg, model_dir, CPU, []) == (False, False)  # host memory already
+    assert decide(cfg, model_dir, cuda, []) == (True, False)
+    assert decide(cfg, model_dir, CPU, []) == (False, False)  # host memory already
     with pytest.raises(ConfigError, match="needs a CUDA device"):
-        native.build(cfg, model_dir, torch.float32, CPU, stream_weights=True)
+        native.build(cfg, ModelSource.from_directory(model_dir), torch.float32, CPU, stream_weights=True)
 
 
 def test_several_processes_never_stream(checkpoints, monkeypatch):
     from finetune.config import ConfigError, OffloadMode
-    from finetune.models import offload_decision
 
     model_dir = checkpoints("llama")
     cfg = run_config(model_dir)
     cfg.hardware.offload = OffloadMode.weights
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ConfigError, match="one process only"):
-        offload_decision(cfg, model_dir, torch.device("cuda"), [])
+        decide(cfg, model_dir, torch.device("cuda"), [])
     # Left to auto, a budget that would stream one process's 70B must not stop a DDP/FSDP run.
     cfg.hardware.offload, cfg.hardware.gpu_memory_gb = OffloadMode.auto, 0.0005
     notices = []
-    assert offload_decision(cfg, model_dir, torch.device("cuda"), notices) == (False, False)
+    assert decide(cfg, model_dir, torch.device("cuda"), notices) == (False, False)
     assert notices[0].startswith("hardware.offload=auto: none under 2 processes")
 
 
@@ -193,9 +203,9 @@ def test_every_matmul_reads_weights_from_a_slot(tmp_path, monkeypatch, checkpoin
     cfg.model.gradient_checkpointing = checkpoint_layers != 0
     cfg.model.checkpoint_layers = checkpoint_layers or None
     torch.manual_seed(0)
-    resident = native.build(cfg, model_dir, torch.float32, CPU)
+    resident = native.build(cfg, ModelSource.from_directory(model_dir), torch.float32, CPU)
     torch.manual_seed(0)
-    model = native.build(cfg, model_dir, torch.float32, CPU)
+    model = native.build(cfg, ModelSource.from_directory(model_dir), torch.float32, CPU)
     streamer = WeightStreamer(model.model.layers, CPU, pin=False)
     model.model.streamer = streamer
     reads = []

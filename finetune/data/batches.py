@@ -17,7 +17,6 @@ is IGNORE_INDEX, as it is (by the shift) in an unpacked row.
 from __future__ import annotations
 
 import bisect
-import inspect
 
 import numpy as np
 import torch
@@ -98,13 +97,15 @@ def eval_batches(samples, micro_batch_size: int, pad_id: int):
         yield collate(samples[start:start + micro_batch_size], pad_id)
 
 
-def model_inputs(batch: dict[str, torch.Tensor], model: torch.nn.Module, device: torch.device) -> dict:
-    """The batch as keyword arguments for `model` (a transformers/peft causal LM or the native one), on `device`."""
-    # cu_seqlens is for models that hand boundaries straight to a varlen attention kernel;
-    # transformers' models derive them from position_ids and take no such argument.
-    takes_boundaries = "cu_seqlens" in inspect.signature(model.forward).parameters
+def model_inputs(batch: dict[str, torch.Tensor], device: torch.device, packed_boundaries: bool) -> dict:
+    """The batch as keyword arguments for a causal LM's forward, on `device`.
+
+    `packed_boundaries`: the model takes `cu_seqlens` and hands the boundaries straight to a varlen
+    attention kernel (`TrainableModel.takes_packed_boundaries`); transformers' models derive them
+    from position_ids and take no such argument.
+    """
     inputs = {key: value.to(device, non_blocking=True) for key, value in batch.items()
-              if key != "cu_seqlens" or takes_boundaries}
+              if key != "cu_seqlens" or packed_boundaries}
     # Without this, transformers' models keep a KV cache even while training (unless activation
     # checkpointing is on), and with a cache they no longer read position ids as packed samples.
     inputs["use_cache"] = False

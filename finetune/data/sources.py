@@ -16,6 +16,7 @@ import numpy as np
 
 from finetune.config import FORMAT_COLUMNS, DataColumns, DataConfig, DataFormat, DataSource
 from finetune.data.samples import DataError
+from finetune.demo import write_demo_data
 
 LOCAL_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
 # Columns a format reads only when present.
@@ -80,8 +81,6 @@ class Source:
 def resolve_sources(data: DataConfig, cache_dir: Path) -> tuple[list[Source], Source | None]:
     """The training sources and the separate eval source (None: hold out a fraction of each)."""
     if data.path == "demo":
-        from finetune.demo import write_demo_data
-
         train, held_out = write_demo_data(cache_dir / "demo-data")
         columns = _columns_read(DataFormat.messages, DataColumns())
         return [Source(str(train), DataFormat.messages, columns)], Source(str(held_out), DataFormat.messages, columns)

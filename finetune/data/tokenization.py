@@ -11,7 +11,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import os
 import tempfile
 import time
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from finetune.config import DataFormat, LossOn
 from finetune.data.formats import Rendered, render_row
 from finetune.data.samples import IGNORE_INDEX, numeric_column
 from finetune.data.sources import Source
+from finetune.io import IfExists, atomic_dir
 
 # Bump when the stored columns or the way labels are computed change, so old caches are not reused.
 PIPELINE_VERSION = 1
@@ -96,9 +96,11 @@ def _tokenize_into(directory: Path, source: Source, tokenizer, settings: TokenSe
     })
     workers = min(num_proc, len(raw) // ROWS_PER_PROCESS)
     directory.parent.mkdir(parents=True, exist_ok=True)
-    # Written beside the final directory and renamed into place, so an interrupted run (or a
-    # concurrent one) never leaves a half-written cache that a later run would trust.
-    with tempfile.TemporaryDirectory(dir=directory.parent, prefix=f"{directory.name}.partial-") as staging:
+    # Published whole, so an interrupted run never leaves a half-written cache that a later run
+    # would trust; a concurrent run tokenizing the same source publishes the same data, and the
+    # first one wins. map's own cache files stay outside it, in `scratch`.
+    with tempfile.TemporaryDirectory(dir=directory.parent, prefix=f".{directory.name}.map-") as scratch, \
+            atomic_dir(directory, IfExists.keep) as staging:
         tokenized = raw.map(
             functools.partial(tokenize_rows, tokenizer=tokenizer, settings=settings, source_name=source.name),
             batched=True,
@@ -106,16 +108,11 @@ def _tokenize_into(directory: Path, source: Source, tokenizer, settings: TokenSe
             remove_columns=raw.column_names,
             features=features,
             num_proc=workers if workers > 1 else None,
-            cache_file_name=str(Path(staging) / "map" / "tokens.arrow"),
+            cache_file_name=str(Path(scratch) / "tokens.arrow"),
             new_fingerprint=directory.name,
             desc=f"tokenizing {source.name}",
         )
-        tokenized.save_to_disk(str(Path(staging) / "dataset"))
-        try:
-            os.rename(Path(staging) / "dataset", directory)
-        except OSError:
-            if not (directory / "state.json").exists():
-                raise
+        tokenized.save_to_disk(str(staging))
 
 
 def tokenize_rows(batch: dict, indices: list[int], tokenizer, settings: TokenSettings, source_name: str) -> dict:

@@ -23,6 +23,7 @@ import os
 from collections import defaultdict
 from dataclasses import dataclass
 from enum import Enum
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -33,14 +34,14 @@ from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
+from finetune.adapter_format import copy_qlora_weights, lora_key, save_qlora_adapter
 from finetune.config import ConfigError, LoraConfig, RunConfig
-from finetune.lora import QLoRALinear, attach_lora, copy_adapter_weights, linear_layers, project, save_adapter
+from finetune.data.samples import IGNORE_INDEX
+from finetune.lora import QLoRALinear, adapted_layers, attach_lora, linear_layers, project
 from finetune.models import nf4_cache
-from finetune.models.source import checkpoint_files
+from finetune.models.source import ModelSource, checkpoint_files
 from finetune.models.streaming import WeightStreamer
 from finetune.quant import QuantizedWeight, dequantize_bnb, dequantize_triton
-
-IGNORE_INDEX = -100
 
 # How each supported model_type departs from Llama; anything else goes to the generic path.
 FAMILIES = {
@@ -350,8 +351,6 @@ class Decoder(nn.Module):
 
     def set_mlp_chunking(self, tokens: int | None) -> None:
         """Training runs each layer's MLP over at most `tokens` tokens at a time (None: all at once)."""
-        if tokens is not None and tokens < 1:
-            raise ConfigError(f"model.mlp_chunk_tokens={tokens} must be a positive number of tokens (or null).")
         for layer in self.layers:
             layer.mlp_chunk_tokens = tokens
 
@@ -401,7 +400,9 @@ class CausalLMOutput:
 
 
 class NativeCausalLM(nn.Module):
-    """The frozen 4-bit decoder plus LoRA, with the calling conventions of a peft causal LM."""
+    """The frozen 4-bit decoder plus LoRA; meets `finetune.models.protocol.TrainableModel`."""
+
+    takes_packed_boundaries = True
 
     def __init__(self, args: ModelArgs, ops: Ops, device: torch.device, name_or_path: str = ""):
         super().__init__()
@@ -446,7 +447,7 @@ class NativeCausalLM(nn.Module):
                 break
         return tokens
 
-    def prepare_for_fsdp(self) -> ModuleWrapPolicy:
+    def fsdp_wrap_policy(self) -> ModuleWrapPolicy:
         """Make the 4-bit codes shardable and say how to wrap; returns FSDP's auto_wrap_policy.
 
         FSDP shards parameters, not buffers: each weight's packed codes become a frozen float32
@@ -477,13 +478,32 @@ class NativeCausalLM(nn.Module):
 
         `state_dict`: the model's full state gathered from FSDP shards, to take the LoRA weights from.
         """
-        save_adapter(self, Path(directory), self.name_or_path, state_dict)
+        save_qlora_adapter(self, Path(directory), self.name_or_path, state_dict)
 
     def load_adapter_weights(self, weights: dict[str, torch.Tensor]) -> None:
         """Resume: saved LoRA tensors (peft's keys) copied into the existing adapters in place."""
-        copy_adapter_weights(self, weights)
+        copy_qlora_weights(self, weights)
 
-    def get_memory_footprint(self) -> int:
+    def fsdp_param_init(self, device: torch.device):
+        return partial(materialize_empty, device=device)
+
+    def adapter_state(self) -> dict[str, torch.Tensor]:
+        return {lora_key(name, which): getattr(layer, which)
+                for name, layer in adapted_layers(self).items() for which in ("lora_A", "lora_B")}
+
+    def load_adapter_state(self, state: dict[str, torch.Tensor]) -> None:
+        self.load_adapter_weights(state)
+
+    def save_adapter(self, directory: Path, gathered_state: dict[str, torch.Tensor] | None = None) -> None:
+        self.save_pretrained(directory, gathered_state)
+
+    def param_count(self) -> int:
+        # The 4-bit codes are buffers here (parameters once FSDP-ready, counted by their shape alone).
+        codes = {id(layer.weight.packed) for layer in linear_layers(self).values()}
+        dense = sum(p.numel() for p in self.parameters() if id(p) not in codes)
+        return dense + sum(layer.weight.shape.numel() for layer in linear_layers(self).values())
+
+    def memory_footprint(self) -> int:
         tensors = {t.data_ptr(): t for t in (*self.parameters(), *self.buffers())}
         return sum(t.numel() * t.element_size() for t in tensors.values())
 
@@ -510,7 +530,8 @@ def checkpoint_tensors(model_dir: Path):
 def load_pretrained(model_dir, device: torch.device, compute_dtype: torch.dtype = torch.float32,
                     storage_dtype: torch.dtype | None = None, quant_type: str = "nf4", double_quant: bool = True,
                     use_kernels: bool = True, ops: Ops | None = None, weights_device: torch.device | None = None,
-                    cache_dir: Path | None = None, load_device: torch.device | None = None) -> NativeCausalLM:
+                    cache_dir: Path | None = None, load_device: torch.device | None = None,
+                    config=None) -> NativeCausalLM:
     """Build the decoder empty, then stream the checkpoint into it, quantizing linear weights on arrival.
 
     Linear weights are cast to `storage_dtype` (the checkpoint's dtype cast, quant.torch_dtype)
@@ -523,7 +544,8 @@ def load_pretrained(model_dir, device: torch.device, compute_dtype: torch.dtype 
 
     A pre-quantized NF4 cache (finetune.models.nf4_cache) skips the checkpoint: `model_dir` may be
     one itself, and `cache_dir` is read when it exists (once checked to come from this checkpoint
-    with these settings) and written after quantizing when it does not.
+    with these settings) and written after quantizing when it does not. `config` is the
+    checkpoint's HF config when the caller has read it already.
     """
     from transformers import AutoConfig
 
@@ -531,15 +553,16 @@ def load_pretrained(model_dir, device: torch.device, compute_dtype: torch.dtype 
     load_device = load_device or device
     weights_device = weights_device or load_device
     storage_dtype = storage_dtype or compute_dtype
-    cache_dir, fingerprint, config = _checked_cache(model_dir, cache_dir, quant_type=quant_type,
-                                                    double_quant=double_quant, storage_dtype=storage_dtype,
-                                                    compute_dtype=compute_dtype)
-    if config is not None:
-        model = _empty_model(config, device, compute_dtype, use_kernels, ops, model_dir)
+    cache_dir, fingerprint, cache_config = _checked_cache(model_dir, cache_dir, quant_type=quant_type,
+                                                          double_quant=double_quant, storage_dtype=storage_dtype,
+                                                          compute_dtype=compute_dtype)
+    if cache_config is not None:
+        model = _empty_model(cache_config, device, compute_dtype, use_kernels, ops, model_dir)
         load_from_cache(model, cache_dir, load_device, compute_dtype, weights_device)
         return model
 
-    config = AutoConfig.from_pretrained(model_dir)
+    if config is None:
+        config = AutoConfig.from_pretrained(model_dir)
     model = _empty_model(config, device, compute_dtype, use_kernels, ops, model_dir)
     args = model.args
     linears = linear_layers(model)
@@ -675,7 +698,7 @@ def check_complete(model: NativeCausalLM, source: str, hint: str) -> None:
 
 def empty_pretrained(model_dir, device: torch.device, compute_dtype: torch.dtype = torch.float32,
                      storage_dtype: torch.dtype | None = None, quant_type: str = "nf4", double_quant: bool = True,
-                     use_kernels: bool = True, cache_dir: Path | None = None) -> NativeCausalLM:
+                     use_kernels: bool = True, cache_dir: Path | None = None, config=None) -> NativeCausalLM:
     """The model load_pretrained would build from the same arguments, on the meta device: every
     tensor's name, shape and dtype, no values, nothing read but the config (and a cache's settings).
 
@@ -685,8 +708,10 @@ def empty_pretrained(model_dir, device: torch.device, compute_dtype: torch.dtype
     model_dir = Path(model_dir)
     storage_dtype = storage_dtype or compute_dtype
     # A cache made with other settings is refused here as the first process refuses it.
-    _, _, config = _checked_cache(model_dir, cache_dir, quant_type=quant_type, double_quant=double_quant,
-                                  storage_dtype=storage_dtype, compute_dtype=compute_dtype)
+    _, _, cache_config = _checked_cache(model_dir, cache_dir, quant_type=quant_type, double_quant=double_quant,
+                                        storage_dtype=storage_dtype, compute_dtype=compute_dtype)
+    if cache_config is not None:
+        config = cache_config
     if config is None:
         from transformers import AutoConfig
 
@@ -745,30 +770,25 @@ class Placement(Enum):
     empty = "empty"  # on the meta device: FSDP's other processes, filled from the first
 
 
-def build(cfg: RunConfig, model_dir: Path, compute_dtype: torch.dtype, device: torch.device,
+def build(cfg: RunConfig, source: ModelSource, compute_dtype: torch.dtype, device: torch.device,
           stream_weights: bool = False, offload_checkpoints: bool = False,
           placement: Placement = Placement.device) -> NativeCausalLM:
-    """The recipe's model: 4-bit base loaded from `model_dir`, LoRA attached per cfg.lora.
+    """The recipe's model: 4-bit base loaded from `source`, LoRA attached per cfg.lora.
 
     `stream_weights` keeps the layers' 4-bit weights in pinned host memory (streaming.py);
     `offload_checkpoints` parks checkpointed layers' inputs there (both CUDA only).
     """
-    if cfg.model.checkpoint_layers is not None and not cfg.model.gradient_checkpointing:
-        raise ConfigError(f"model.checkpoint_layers={cfg.model.checkpoint_layers} picks layers to checkpoint; "
-                          "it needs model.gradient_checkpointing=true.")
-    if cfg.model.offload_checkpoints and not cfg.model.gradient_checkpointing:
-        raise ConfigError("model.offload_checkpoints=true offloads the inputs of checkpointed layers; "
-                          "it needs model.gradient_checkpointing=true.")
+    model_dir = source.directory
     settings = dict(storage_dtype=getattr(torch, cfg.quant.torch_dtype.value),
                     quant_type=cfg.quant.bnb_4bit_quant_type.value,
                     double_quant=cfg.quant.bnb_4bit_use_double_quant,
                     use_kernels=cfg.model.use_kernels,
                     cache_dir=Path(cfg.model.nf4_cache).expanduser() if cfg.model.nf4_cache else None)
     if placement is Placement.empty:
-        model = empty_pretrained(model_dir, device, compute_dtype, **settings)
+        model = empty_pretrained(model_dir, device, compute_dtype, **settings, config=source.hf_config)
     else:
         host = torch.device("cpu")
-        model = load_pretrained(model_dir, device, compute_dtype, **settings,
+        model = load_pretrained(model_dir, device, compute_dtype, **settings, config=source.hf_config,
                                 load_device=host if placement is Placement.host else device,
                                 weights_device=host if stream_weights else None)
     args = model.args

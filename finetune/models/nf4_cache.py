@@ -30,17 +30,14 @@ which costs a rebuild, not a wrong model). Shard sizes are recorded so that a tr
 refused before anything loads; the bytes inside are not hashed (that would cost a full read).
 
 Writers build the cache in a hidden staging directory beside it and rename it into place only when
-complete, so a crashed write never leaves a cache under the final name (a killed process can leave
-its `.<name>.partial-*` staging directory behind, which is safe to delete).
+complete (finetune.io.atomic_dir), so a crashed write never leaves a cache under the final name (a
+killed process can leave its `.<name>.partial-*` staging directory behind, which is safe to delete).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import secrets
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
@@ -48,7 +45,7 @@ from typing import TYPE_CHECKING, Iterator
 import torch
 
 from finetune.config import ConfigError
-from finetune.checkpoint import fsync_path
+from finetune.io import atomic_dir
 from finetune.models.source import checkpoint_files
 from finetune.quant import BLOCKSIZE, QuantizedWeight
 
@@ -145,12 +142,11 @@ class CacheWriter:
 
     def __init__(self, cache_dir: str | Path):
         self.cache_dir = Path(cache_dir)
-        if self.cache_dir.exists():
-            raise ConfigError(f"{self.cache_dir} already exists; delete it to write a new NF4 cache there.")
-        self.cache_dir.parent.mkdir(parents=True, exist_ok=True)
-        # mkdir rather than mkdtemp: the cache gets the umask's permissions, not mkdtemp's owner-only ones.
-        self.staging = self.cache_dir.with_name(f".{self.cache_dir.name}.partial-{os.getpid()}-{secrets.token_hex(4)}")
-        self.staging.mkdir()
+        try:
+            self._output = atomic_dir(self.cache_dir)
+        except FileExistsError:
+            raise ConfigError(f"{self.cache_dir} already exists; delete it to write a new NF4 cache there.") from None
+        self.staging = self._output.staging
         self._tensors: dict[str, torch.Tensor] = {}
         self._quantized: dict[str, dict] = {}  # name -> QuantizedWeight's non-tensor attributes
         self._shards: list[dict] = []
@@ -190,7 +186,6 @@ class CacheWriter:
         file = f"shard-{len(self._shards) + 1:05d}.safetensors"
         path = self.staging / file
         save_file(self._tensors, str(path), metadata={"format": "pt", "quantized": json.dumps(self._quantized)})
-        fsync_path(path)
         size = path.stat().st_size
         self._shards.append({"file": file, "bytes": size})
         self._tensors, self._quantized = {}, {}
@@ -203,22 +198,17 @@ class CacheWriter:
             config.to_json_file(str(self.staging / CONFIG_FILE))
             (self.staging / META_FILE).write_text(json.dumps(
                 {"format_version": FORMAT_VERSION, **meta.to_json(), "shards": self._shards}, indent=2))
-            # Everything on disk before the rename publishes it: after a power loss the cache is whole or absent.
-            for path in (self.staging / CONFIG_FILE, self.staging / META_FILE, self.staging):
-                fsync_path(path)
-            try:
-                self.staging.rename(self.cache_dir)
-            except OSError as error:
-                raise ConfigError(f"could not move the finished NF4 cache to {self.cache_dir} ({error}); "
-                                  "did another process write it meanwhile? Delete it and retry.") from None
-            fsync_path(self.cache_dir.parent)
         except BaseException:
             self.abort()
             raise
-        return self.cache_dir
+        try:
+            return self._output.publish()
+        except OSError as error:
+            raise ConfigError(f"could not move the finished NF4 cache to {self.cache_dir} ({error}); "
+                              "did another process write it meanwhile? Delete it and retry.") from None
 
     def abort(self) -> None:
-        shutil.rmtree(self.staging, ignore_errors=True)
+        self._output.discard()
 
 
 def _read_meta(cache_dir: Path) -> tuple[CacheMeta, list[dict]]:

@@ -1,0 +1,62 @@
+"""Evaluation of a trainable model: held-out loss, greedy answers, exact match, and how figures read."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from finetune import data as data_lib
+from finetune.models import TrainableModel
+
+
+@torch.no_grad()
+def evaluate_loss(model: TrainableModel, samples, micro_batch_size: int, pad_id: int, device: torch.device) -> dict:
+    """Token-averaged loss over every trainable token of the eval set, and its perplexity."""
+    model.eval()
+    total_loss, total_targets = 0.0, 0
+    for batch in data_lib.eval_batches(samples, micro_batch_size, pad_id):
+        targets = int((batch["labels"][:, 1:] != data_lib.IGNORE_INDEX).sum())
+        batch = {k: v.to(device) for k, v in batch.items()}
+        # num_items_in_batch=1 makes the model return the summed (not averaged) token loss.
+        total_loss += model(**batch, num_items_in_batch=1).loss.item()
+        total_targets += targets
+    eval_loss = total_loss / total_targets
+    return {"eval_loss": eval_loss, "perplexity": math.exp(min(eval_loss, 50.0))}
+
+
+@torch.no_grad()
+def generate_answer(model: TrainableModel, tokenizer, messages: list[dict], max_new_tokens: int,
+                    device: torch.device) -> str:
+    """Greedy answer to a conversation, rendered with the chat template as in training."""
+    model.eval()
+    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    prompt = {k: v.to(device) for k, v in prompt.items()}
+    output = model.generate(**prompt, max_new_tokens=max_new_tokens, do_sample=False,
+                            pad_token_id=pad_id(tokenizer), eos_token_id=tokenizer.eos_token_id)
+    return tokenizer.decode(output[0, prompt["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+
+
+def exact_match(model: TrainableModel, tokenizer, samples, max_new_tokens: int, device: torch.device) -> float:
+    """Share of prompts whose greedy answer equals the reference last assistant turn exactly."""
+    hits = sum(generate_answer(model, tokenizer, s.messages[:-1], max_new_tokens, device)
+               == s.messages[-1]["content"].strip() for s in samples)
+    return hits / len(samples)
+
+
+def pad_id(tokenizer) -> int:
+    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
+        if candidate is not None:
+            return candidate
+
+
+def format_metrics(metrics: dict, before: dict | None = None) -> str:
+    """`loss 1.75, ...`, or with `before` each figure beside where it started: `loss 1.75 (from 6.21), ...`."""
+    shown = [("loss", "eval_loss", "{:.4f}"), ("perplexity", "perplexity", "{:.2f}"),
+             ("exact match", "exact_match", "{:.1%}")]
+    parts = []
+    for label, key, style in shown:
+        if key in metrics:
+            start = f" (from {style.format(before[key])})" if before and key in before else ""
+            parts.append(f"{label} {style.format(metrics[key])}{start}")
+    return ", ".join(parts)
