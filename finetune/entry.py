@@ -7,9 +7,10 @@ import sys
 
 from finetune.hub_code import keep_hub_code_out
 
-# Import names of what pyproject.toml's dependencies provide, checked before the first import.
+# Import names of the dependencies every command needs, checked before the first import (gguf,
+# wandb and tensorboard are imported only by the export and the trackers that use them).
 REQUIRED = ("torch", "bitsandbytes", "peft", "transformers", "accelerate", "datasets", "hydra", "omegaconf",
-            "safetensors", "gguf")
+            "safetensors")
 
 
 def start(command: str) -> None:

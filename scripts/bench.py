@@ -2,6 +2,7 @@
 
     python scripts/bench.py --arch llama3-8b --settings 2x2048 1x8192 --sides hf liger ours
     python scripts/bench.py --settings 2x2048 --sides hf hf-kbit ours --ours-variant "model.checkpoint_layers=16"
+    python scripts/bench.py --settings 2x2048 --sides ours e2e     # the raw loop beside train.py end to end
 
 Baseline ("hf") is what a user would otherwise run: transformers AutoModelForCausalLM with
 BitsAndBytesConfig(nf4, double quant, bf16 compute) + peft LoRA (r=16, alpha=16, dropout 0, all
@@ -71,15 +72,22 @@ def build_hf(checkpoint: Path, liger: bool, grad_ckpt: bool, kbit_prep: bool):
 
 def build_ours(checkpoint: Path, impl: str, grad_ckpt: bool, overrides: list[str], batch: int, seq: int):
     from finetune.api import compose_config
-    from finetune.memory import GiB, plan_for_run
-    from finetune.models import build_model
+    from finetune.memory import GiB, decide_offload, plan_for_run
+    from finetune.models import build_model, choose_impl
+    from finetune.models.source import resolve_source
 
     cfg = compose_config("demo", [f"model.name_or_path={checkpoint}", f"model.impl={impl}",
                                   f"model.gradient_checkpointing={str(grad_ckpt).lower()}",
                                   f"data.max_seq_len={seq}", f"train.micro_batch_size={batch}",
                                   *(f"lora.{k}={v}" for k, v in LORA.items()), *overrides])
-    plan = plan_for_run(cfg)
-    loaded = build_model(cfg, torch.device("cuda"))
+    source = resolve_source(cfg.model, cfg.cache_dir)
+    impl, why = choose_impl(cfg, source)
+    plan = plan_for_run(cfg, source, impl, why)
+    notices = []
+    offload = decide_offload(cfg, source, impl, why, torch.device("cuda"), notices)
+    loaded = build_model(cfg, torch.device("cuda"), offload=offload, source=source, impl=impl)
+    for notice in notices:
+        print(notice, file=sys.stderr)
     for notice in loaded.notices:
         print(notice, file=sys.stderr)
     model = loaded.model
@@ -208,6 +216,64 @@ def run_side(side: str, batch: int, seq: int, args, variant: str | None = None) 
     return {**json.loads(done.stdout.strip().splitlines()[-1]), "side": label}
 
 
+def run_e2e(batch: int, seq: int, args) -> dict:
+    """`python train.py` as users run it: the recipe (its optimizer, accumulation, clipping, schedule,
+    LoRA settings) on the random checkpoint, packed synthetic text, evaluation off.
+
+    A packed micro-batch is one row of up to batch x seq tokens, each sample at most seq long, so
+    attention spans what the raw loop's batch x seq rows span. tok/s counts non-padding tokens
+    of the steps after the warm-up, from metrics.jsonl (logged every step: one synchronization
+    a step); peak is the largest logged peak_memory_gib.
+    """
+    out = args.workdir / f"e2e-{args.e2e_recipe}-bs{batch}x{seq}-{time.strftime('%H%M%S')}"
+    data = synthetic_text(args.workdir / f"e2e-text-{seq}.jsonl", seq,
+                          rows=(args.warmup + args.steps + 2) * args.e2e_accumulation * batch + 64)
+    cmd = [sys.executable, str(REPO / "train.py"), f"recipe={args.e2e_recipe}", f"model.name_or_path={args.checkpoint}",
+           "data=text", f"data.path={data}", "data.packing=true", f"data.max_seq_len={seq}", "data.eval_fraction=0.01",
+           f"train.micro_batch_size={batch}", f"train.gradient_accumulation_steps={args.e2e_accumulation}",
+           f"train.max_steps={args.warmup + args.steps}", "train.log_every=1", "train.eval_every=0",
+           "train.save_every=0", "train.eval_generate=0", "train.sample_prompts=[]", f"output_dir={out}",
+           *args.e2e_override]
+    if args.cap_gib:
+        # The planner plans for the cap, and the allocator enforces it as it does for the other sides.
+        cmd.append(f"hardware.gpu_memory_gb={args.cap_gib * 2**30 / 1e9:.3f}")
+        cap = (f"import runpy, sys, torch; torch.cuda.set_per_process_memory_fraction({args.cap_gib * 2**30} / "
+               f"torch.cuda.get_device_properties(0).total_memory); sys.argv = sys.argv[1:]; "
+               f"runpy.run_path(sys.argv[0], run_name='__main__')")
+        cmd = [sys.executable, "-c", cap, *cmd[1:]]
+    start = time.perf_counter()
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    label = f"train.py {args.e2e_recipe}"
+    if done.returncode != 0:
+        tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
+        return {"side": label, "batch": batch, "seq": seq, "error": " | ".join(tail)[-400:]}
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    timed = [r for r in rows if "tokens_per_s" in r and r["step"] > args.warmup]
+    seconds = sum(r["step_time_s"] for r in timed)
+    return {"side": label, "batch": batch, "seq": seq, "accumulation": args.e2e_accumulation,
+            "tokens_per_s": sum(r["tokens_per_s"] * r["step_time_s"] for r in timed) / seconds,
+            "peak_gib": max(r["peak_memory_gib"] for r in timed), "losses": [r["loss"] for r in rows if "loss" in r],
+            "wall_s": time.perf_counter() - start, "overrides": args.e2e_override,
+            "console": [line for line in done.stdout.splitlines() if line.startswith(("note:", "model:", "global"))]}
+
+
+def synthetic_text(path: Path, seq: int, rows: int) -> Path:
+    """Rows of random words from the checkpoint's tokenizer, each longer than `seq` tokens (cut to it)."""
+    import random
+
+    from finetune.demo import build_tokenizer
+
+    if path.exists():
+        return path
+    words = [w for w in build_tokenizer().get_vocab() if w.isalpha()]
+    rng = random.Random(0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as f:
+        for _ in range(rows):
+            f.write(json.dumps({"text": " ".join(rng.choice(words) for _ in range(seq + 64))}) + "\n")
+    return path
+
+
 def versions() -> dict:
     import bitsandbytes
     import peft
@@ -221,14 +287,15 @@ def report(results: list[dict], peak_tflops: float, link_gbps: float, config, in
     lines = [f"card: {info['card']}; bf16 matmul peak measured {peak_tflops:.0f} TFLOP/s; "
              f"host link (pinned host-to-GPU copies) {link_gbps:.1f} GB/s; "
              + ", ".join(f"{k} {v}" for k, v in info.items() if k != "card"),
-             "", "| setting | side | tok/s | vs hf | vs hf-kbit | MFU | peak GiB |", "|---|---|---|---|---|---|---|"]
+             "", "| setting | side | tok/s | vs hf | vs hf-kbit | vs ours | MFU | peak GiB |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in results:
         setting = f"bs{r['batch']} x {r['seq']}"
         if "error" in r:
-            lines.append(f"| {setting} | {r['side']} | failed: {r['error']} | | | | |")
+            lines.append(f"| {setting} | {r['side']} | failed: {r['error']} | | | | | |")
             continue
         ratios = []
-        for baseline in ("hf", "hf-kbit"):
+        for baseline in ("hf", "hf-kbit", "ours"):
             base = next((b for b in results if b["side"] == baseline and b["batch"] == r["batch"]
                          and b["seq"] == r["seq"] and "error" not in b), None)
             ratios.append(f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base else "n/a")
@@ -244,7 +311,12 @@ def main(argv=None) -> None:
     parser.add_argument("--checkpoint", type=Path, help="existing HF checkpoint (default: write a random one)")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/finetune-bench"))
     parser.add_argument("--settings", nargs="+", default=["2x2048", "1x8192"], help="BATCHxSEQ")
-    parser.add_argument("--sides", nargs="+", default=["hf", "ours"], choices=["hf", "hf-kbit", "liger", "ours"])
+    parser.add_argument("--sides", nargs="+", default=["hf", "ours"],
+                        choices=["hf", "hf-kbit", "liger", "ours", "e2e"],
+                        help="e2e: python train.py with --e2e-recipe, end to end")
+    parser.add_argument("--e2e-recipe", default="llama3_8b_qlora")
+    parser.add_argument("--e2e-accumulation", type=int, default=8, help="train.gradient_accumulation_steps of e2e")
+    parser.add_argument("--e2e-override", action="append", default=[], help="extra config override for e2e")
     parser.add_argument("--ours-impl", default="native")
     parser.add_argument("--ours-override", action="append", default=[], help="extra config override for ours")
     parser.add_argument("--ours-variant", action="append", default=[],
@@ -285,7 +357,7 @@ def main(argv=None) -> None:
         batch, seq = (int(x) for x in setting.split("x"))
         runs = [(side, None) for side in args.sides] + [("ours", variant) for variant in args.ours_variant]
         for side, variant in runs:
-            result = run_side(side, batch, seq, args, variant)
+            result = run_e2e(batch, seq, args) if side == "e2e" else run_side(side, batch, seq, args, variant)
             print(json.dumps(result), flush=True)
             results.append(result)
     info = versions()
