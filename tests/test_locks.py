@@ -2,6 +2,7 @@
 
 import importlib.metadata
 import sys
+import sysconfig
 import tomllib
 from pathlib import Path
 
@@ -78,7 +79,11 @@ def test_this_environment_is_the_lock():
     if not list(Path(sys.prefix).glob(".finetune-installed-*")):
         pytest.skip(reason="not an environment built by scripts/venv-run")
     locked = chosen("cpu", f"{sys.version_info.major}.{sys.version_info.minor}")
-    installed = {canonicalize_name(d.metadata["Name"]): Version(d.version) for d in importlib.metadata.distributions()}
+    # The environment's own packages: setuptools puts its vendored copies (other versions) on
+    # sys.path once something imports it.
+    site = [sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]]
+    installed = {canonicalize_name(d.metadata["Name"]): Version(d.version)
+                 for d in importlib.metadata.distributions(path=site)}
     different = {name: (str(version), str(installed.get(name))) for name, version in locked.items()
                  if installed.get(name) != version}
     assert different == {}, f"installed packages differ from requirements/cpu.lock (locked, installed): {different}"

@@ -24,6 +24,7 @@ def test_demo_trains_natively_end_to_end(tmp_path, cache_dir, demo_base):
 
     from finetune.config import ModelConfig, QuantConfig
     from finetune.models import hf
+    from finetune.models.source import ModelSource
 
     out = tmp_path / "run"
     result = run_train("model.impl=native", f"output_dir={out}", f"cache_dir={cache_dir}", "train.max_steps=5",
@@ -34,6 +35,6 @@ def test_demo_trains_natively_end_to_end(tmp_path, cache_dir, demo_base):
     assert len(losses) == 5 and all(loss == loss for loss in losses)  # five finite steps
     config = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == str(demo_base)
-    base = hf.load_quantized_base(demo_base, ModelConfig(name_or_path=str(demo_base)), QuantConfig(),
+    base = hf.load_quantized_base(ModelSource.from_directory(demo_base), ModelConfig(name_or_path=str(demo_base)), QuantConfig(),
                                   torch.float32, torch.device("cpu"))
     peft.PeftModel.from_pretrained(base, out / "adapter")  # loads without missing or unexpected keys

@@ -86,6 +86,7 @@ def test_sigterm_checkpoints_and_exits_zero(tmp_path):
 WRITER = r"""
 import sys, torch
 from pathlib import Path
+from finetune.adapter_format import QuantRecord
 from finetune.api import compose_config
 from finetune.checkpoint import TrainerState, save_checkpoint
 from finetune.models import build_model
@@ -102,7 +103,7 @@ while True:
     for p in params:
         p.grad = torch.randn_like(p)
     optimizer.step()
-    save_checkpoint(Path(sys.argv[1]), step, loaded.model, loaded.tokenizer, {}, optimizer, scheduler,
+    save_checkpoint(Path(sys.argv[1]), step, loaded.model, loaded.tokenizer, QuantRecord(), optimizer, scheduler,
                     TrainerState(step, step, "h", None), keep_last=2)
 """
 
