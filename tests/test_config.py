@@ -8,13 +8,16 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
 from finetune.compose import RECIPES_DIR, to_run_config
-from finetune.config import ConfigError, Optimizer, RunConfig
+from finetune.config import ConfigError, Optimizer, RunConfig, register_configs
 from finetune.errors import UserError
 
 RECIPES = sorted(p.stem for p in (RECIPES_DIR / "recipe").rglob("*.yaml"))
 
 
 def compose_run(*overrides: str):
+    # Registered here rather than left to whichever import did it first: under Hydra 1.4.0rc3
+    # this file failed to find the group schemas without it.
+    register_configs()
     with initialize_config_dir(config_dir=str(RECIPES_DIR), version_base="1.3"):
         return compose(config_name="train", overrides=list(overrides))
 
