@@ -35,7 +35,7 @@ from pathlib import Path
 from finetune.config import ConfigError, Dtype, HardwareConfig, ModelImpl, OffloadMode, Optimizer, RunConfig
 from finetune.models import Offload, choose_impl
 from finetune.models.source import ModelSource, locate_source
-from finetune.models.streaming import SLOTS
+from finetune.models.native.streaming import SLOTS
 
 GiB = 2**30
 GB = 10**9

@@ -10,7 +10,8 @@ import torch
 
 from finetune.config import ConfigError
 from finetune.lora import linear_layers
-from finetune.models import nf4_cache, native
+from finetune.models import native
+from finetune.models.native import nf4_cache
 from finetune.models.source import ModelSource
 from test_native import COMMON, FAMILIES, checkpoints, random_ids  # noqa: F401 (fixture)
 

@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from finetune.lora import linear_layers
-from finetune.models import native, nf4_cache
+from finetune.models import native
+from finetune.models.native import nf4_cache
+from finetune.models.native.streaming import LayerWeights
 from finetune.models.source import ModelSource
-from finetune.models.streaming import LayerWeights
 from test_native import COMMON, FAMILIES, bf16_config, checkpoints, cuda, random_ids, run_config  # noqa: F401
 from test_native_training import make_batches, train
 
@@ -54,7 +55,7 @@ def test_nf4_cache_setting_writes_then_reads_the_same_model(checkpoints, tmp_pat
     def no_checkpoint_reads(model_dir):
         raise AssertionError("a run with a ready NF4 cache read the checkpoint")
 
-    monkeypatch.setattr(native, "checkpoint_tensors", no_checkpoint_reads)
+    monkeypatch.setattr("finetune.models.native.load.checkpoint_tensors", no_checkpoint_reads)
     read = native.build(cfg, ModelSource.from_directory(model_dir), torch.float32, CPU)
     ids = random_ids(2, 12)
     assert torch.equal(logits(read, ids), logits(written, ids))
@@ -188,7 +189,7 @@ def test_every_matmul_reads_weights_from_a_slot(tmp_path, monkeypatch, checkpoin
     so the numbers alone would not show a layer read from the wrong place: every dequantization
     checks where its codes live.
     """
-    from finetune.models.streaming import WeightStreamer
+    from finetune.models.native.streaming import WeightStreamer
 
     import transformers
 
