@@ -20,7 +20,6 @@ from accelerate.utils import gather_object
 from tqdm import tqdm
 
 from finetune import data as data_lib
-from finetune import memory
 from finetune.adapter_format import QuantRecord
 from finetune.checkpoint import (TrainerState, gather_trainable_state, optimizer_state_on_cpu, restore_rng_states,
                                  rng_states, save_adapter, save_checkpoint, saved_optimizer_state)
@@ -30,6 +29,7 @@ from finetune.evaluate import evaluate_loss, exact_match, format_metrics, genera
 from finetune.models import LoadedModel, Placement, build_model, choose_impl, load_adapter_weights
 from finetune.models.source import resolve_source
 from finetune.optim import build_optimizer, build_scheduler
+from finetune.plan import memory, perf
 from finetune.signals import StopRequests
 from finetune.tracking import Trackers, open_trackers
 from finetune.training.objective import Objective, SupervisedFineTuning
@@ -189,7 +189,7 @@ class Training:
         training.find_answerable()
         if processes.device.type == "cuda":  # the card's own matmul rate, measured once (a fraction of a second)
             training.mfu = (memory.useful_flops_per_token(loaded.source.config, cfg.data.max_seq_len),
-                            memory.matmul_peak_flops(processes.device))
+                            perf.matmul_peak_flops(processes.device))
         return training
 
     def find_answerable(self) -> None:

@@ -5,11 +5,11 @@ import json
 import pytest
 import torch
 from runner import run_train
-from finetune import memory
 from finetune.compose import compose
 from finetune.config import ConfigError, ModelImpl, OffloadMode, Optimizer
 from finetune.models.architectures import ARCHITECTURES
 from finetune.models.source import locate_source
+from finetune.plan import memory
 
 LLAMA3_8B, LLAMA3_70B = ARCHITECTURES["llama3-8b"], ARCHITECTURES["llama3-70b"]
 

@@ -112,7 +112,7 @@ def test_gpu_offloaded_runs_train_exactly_like_resident_ones(checkpoints, cuda, 
 def decide(cfg, model_dir, device, notices):
     """(stream weights, park checkpoints) as the recipe settles them for the native path."""
     from finetune.config import ModelImpl
-    from finetune.memory import decide_offload
+    from finetune.plan.memory import decide_offload
 
     offload = decide_offload(cfg, ModelSource.from_directory(model_dir), ModelImpl.native, "native", device, notices)
     return offload.stream_weights, offload.park_checkpoints
