@@ -288,7 +288,7 @@ def test_resume_needs_the_same_engine(tmp_path, trained_fsdp, run_fsdp, error):
     from types import SimpleNamespace
 
     from finetune.api import compose_config
-    from finetune.checkpoint import TrainerState
+    from finetune.training.checkpoint import TrainerState
     from finetune.training.processes import check_processes
 
     plugin = SimpleNamespace(fsdp_version=1, use_orig_params=True)
