@@ -18,12 +18,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from runner import REPO
 
 from finetune.adapter_format import QUANT_FILE
 from finetune.export import merge
 from finetune.export.merge import MergeError, main, merge_adapter
 
-REPO = Path(__file__).resolve().parents[1]
 CHAT_TEMPLATE = (
     "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"

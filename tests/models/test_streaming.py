@@ -1,10 +1,10 @@
 """Weight streaming and the NF4 cache as runs use them: same numbers as a resident model loaded from the checkpoint."""
 
 import sys
-from pathlib import Path
 
 import pytest
 import torch
+from runner import REPO
 
 from finetune.lora import linear_layers
 from finetune.models import native
@@ -14,7 +14,7 @@ from finetune.models.source import ModelSource
 from test_native import COMMON, FAMILIES, bf16_config, checkpoints, cuda, random_ids, run_config  # noqa: F401
 from test_native_training import make_batches, train
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+sys.path.insert(0, str(REPO / "scripts"))
 from make_random_checkpoint import write_random_nf4_cache  # noqa: E402
 
 CPU = torch.device("cpu")
