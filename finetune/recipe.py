@@ -20,22 +20,23 @@ from accelerate.utils import gather_object
 from tqdm import tqdm
 
 from finetune import data as data_lib
-from finetune import memory
 from finetune.adapter_format import QuantRecord
-from finetune.checkpoint import (TrainerState, gather_trainable_state, optimizer_state_on_cpu, restore_rng_states,
-                                 rng_states, save_adapter, save_checkpoint, saved_optimizer_state)
 from finetune.config import ModelImpl, RunConfig
 from finetune.errors import TrainingStopped
 from finetune.evaluate import evaluate_loss, exact_match, format_metrics, generate_answer, pad_id
 from finetune.models import LoadedModel, Placement, build_model, choose_impl, load_adapter_weights
 from finetune.models.source import resolve_source
-from finetune.optim import build_optimizer, build_scheduler
-from finetune.signals import StopRequests
+from finetune.plan import memory, perf
 from finetune.tracking import Trackers, open_trackers
+from finetune.training.checkpoint import (TrainerState, gather_trainable_state, optimizer_state_on_cpu,
+                                          restore_rng_states, rng_states, save_adapter, save_checkpoint,
+                                          saved_optimizer_state)
 from finetune.training.objective import Objective, SupervisedFineTuning
+from finetune.training.optim import build_optimizer, build_scheduler
 from finetune.training.processes import (Processes, check_model_path, memory_line, peak_memory_gib,
                                          reset_peak_memory, start_processes, synchronize, wrap_for_processes)
 from finetune.training.run_dir import RunDir, logged_evals, plan_run_dir, start_run_dir
+from finetune.training.signals import StopRequests
 from finetune.training.step import StepResult, train_step
 
 
@@ -189,7 +190,7 @@ class Training:
         training.find_answerable()
         if processes.device.type == "cuda":  # the card's own matmul rate, measured once (a fraction of a second)
             training.mfu = (memory.useful_flops_per_token(loaded.source.config, cfg.data.max_seq_len),
-                            memory.matmul_peak_flops(processes.device))
+                            perf.matmul_peak_flops(processes.device))
         return training
 
     def find_answerable(self) -> None:

@@ -38,7 +38,7 @@ if __name__ == "__main__":
 
 import torch  # noqa: E402
 
-from finetune.memory import useful_flops_per_token  # noqa: E402
+from finetune.plan.memory import useful_flops_per_token  # noqa: E402
 LORA = dict(r=16, lora_alpha=16, lora_dropout=0.0)
 
 
@@ -72,9 +72,9 @@ def build_hf(checkpoint: Path, liger: bool, grad_ckpt: bool, kbit_prep: bool):
 
 def build_ours(checkpoint: Path, impl: str, grad_ckpt: bool, overrides: list[str], batch: int, seq: int):
     from finetune.api import compose_config
-    from finetune.memory import GiB, decide_offload, plan_for_run
     from finetune.models import build_model, choose_impl
     from finetune.models.source import resolve_source
+    from finetune.plan.memory import GiB, decide_offload, plan_for_run
 
     cfg = compose_config("demo", [f"model.name_or_path={checkpoint}", f"model.impl={impl}",
                                   f"model.gradient_checkpointing={str(grad_ckpt).lower()}",
@@ -339,7 +339,7 @@ def main(argv=None) -> None:
         return
 
     from finetune.models.architectures import hf_config
-    from finetune.memory import host_link_bytes_per_s, matmul_peak_flops
+    from finetune.plan.perf import host_link_bytes_per_s, matmul_peak_flops
 
     if args.checkpoint is None:
         args.checkpoint = args.workdir / f"{args.arch}-random"

@@ -8,7 +8,7 @@ shards with an index, so host memory never holds more than one shard. The demo's
 saved beside the weights: benchmarks feed random token ids, but loaders expect tokenizer files.
 
 With --nf4-cache the same weights are quantized on the device as they are drawn and written as a
-pre-quantized cache (finetune.models.nf4_cache), one decoder layer per shard: host memory holds
+pre-quantized cache (finetune.models.native.nf4_cache), one decoder layer per shard: host memory holds
 one 4-bit layer (plus the unquantized embeddings), so a 70B model never exists in bf16 at all.
 Both modes draw the same tensors for the same seed, so the cache equals the one that quantizing
 the bf16 checkpoint would give (with the same device, quant settings and torch_dtype).
@@ -108,8 +108,7 @@ def write_random_nf4_cache(architecture: str | PretrainedConfig, out_dir: Path, 
     (quant.torch_dtype) and quantized on `device`, as native.load_pretrained would load them.
     """
     from finetune.lora import linear_layers
-    from finetune.models import nf4_cache
-    from finetune.models.native import ModelArgs, NativeCausalLM, torch_ops, unsupported_reason
+    from finetune.models.native import ModelArgs, NativeCausalLM, nf4_cache, torch_ops, unsupported_reason
     from finetune.quant import QuantizedWeight
 
     config = hf_config(architecture) if isinstance(architecture, str) else architecture
@@ -164,7 +163,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--nf4-cache", action="store_true",
-                        help="write a pre-quantized NF4 cache (finetune.models.nf4_cache) instead of a bf16 checkpoint")
+                        help="write a pre-quantized NF4 cache (finetune.models.native.nf4_cache) instead of a bf16 "
+                             "checkpoint")
     cache = parser.add_argument_group("NF4 cache settings (with --nf4-cache; a run must use the same)")
     cache.add_argument("--quant-type", choices=["nf4", "fp4"], default="nf4", help="quant.bnb_4bit_quant_type")
     cache.add_argument("--double-quant", action=argparse.BooleanOptionalAction, default=True,

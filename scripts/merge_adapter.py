@@ -1,6 +1,6 @@
 """Merge a LoRA adapter into its base model: python scripts/merge_adapter.py adapter=PATH output=PATH
 
-Options and details: `python scripts/merge_adapter.py --help` and finetune/merge.py.
+Options and details: `python scripts/merge_adapter.py --help` and finetune/export/merge.py.
 """
 
 import sys
@@ -11,6 +11,6 @@ if __name__ == "__main__":
     from finetune.entry import start
 
     start("python scripts/merge_adapter.py")
-    from finetune.merge import main
+    from finetune.export.merge import main
 
     sys.exit(main())

@@ -2,6 +2,14 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
+
+# Triton reads TRITON_INTERPRET when it is imported and when a kernel is decorated, so this must run
+# before any test module imports triton (bitsandbytes does) or a finetune_kernels module: without a
+# GPU the interpreter runs the kernels on the CPU (tests/kernels, and the native model's kernel set).
+# Test modules of every folder are collected after this file, whatever their order.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -115,7 +115,7 @@ def test_disk_full_while_saving_leaves_no_partial_checkpoint(tmp_path):
     # Simulate ENOSPC inside the checkpoint writer of a real run.
     script = (
         "import errno, sys, torch\n"
-        "import finetune.checkpoint as c\n"
+        "import finetune.training.checkpoint as c\n"
         "real = torch.save\n"
         "def full(*a, **k):\n"
         "    raise OSError(errno.ENOSPC, 'No space left on device')\n"

@@ -53,7 +53,7 @@ print(json.dumps({{
     "kernels_paths": list(spec.submodule_search_locations or []) if spec else None,
 }}))
 """
-IMPORT_PROJECT = "import finetune, finetune.recipe, finetune.cli, finetune.merge, finetune_kernels.rmsnorm"
+IMPORT_PROJECT = "import finetune, finetune.recipe, finetune.cli, finetune.export.merge, finetune_kernels.rmsnorm"
 
 
 @pytest.mark.parametrize("kernels_installed", [True, False], ids=["pypi-kernels-installed", "no-pypi-kernels"])

@@ -59,7 +59,7 @@ def choose_impl(cfg: RunConfig, source: ModelSource) -> tuple[ModelImpl, str]:
 class Offload:
     """What moves to host memory during training (CUDA only), as the memory planner settled it."""
 
-    stream_weights: bool = False  # the layers' 4-bit weights stay in pinned host memory (streaming.py)
+    stream_weights: bool = False  # the layers' 4-bit weights stay in pinned host memory (native/streaming.py)
     park_checkpoints: bool = False  # checkpointed layers' inputs wait in pinned host memory until backward
 
 

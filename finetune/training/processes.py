@@ -14,7 +14,7 @@ from accelerate.utils import DistributedDataParallelKwargs, DistributedType
 
 from finetune.config import ConfigError, ModelImpl, RunConfig
 from finetune.models import TrainableModel
-from finetune.optim import check_optimizer_device
+from finetune.training.optim import check_optimizer_device
 
 
 @dataclass

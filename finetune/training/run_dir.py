@@ -11,9 +11,9 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from finetune.checkpoint import TrainerState, config_hash, load_latest_checkpoint
 from finetune.config import ConfigError, Resume, RunConfig
 from finetune.io import atomic_write_text
+from finetune.training.checkpoint import TrainerState, config_hash, load_latest_checkpoint
 
 RUN_FILES = ("adapter", "checkpoints", "config.yaml", "metrics.jsonl", "tensorboard", "wandb")
 

@@ -1,12 +1,5 @@
-import os
-
 import pytest
 import torch
-
-# Triton reads TRITON_INTERPRET when a kernel is decorated, so this must run before any
-# finetune_kernels module is imported; without a GPU the interpreter runs the kernels on CPU.
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture

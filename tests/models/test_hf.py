@@ -89,7 +89,7 @@ def test_loss_falls_when_overfitting_a_few_samples(cache_dir, demo_base):
 def test_saved_adapter_reloads_in_peft_and_reproduces_logits(cache_dir, demo_base, tmp_path):
     import peft
 
-    from finetune.checkpoint import save_adapter
+    from finetune.training.checkpoint import save_adapter
 
     torch.manual_seed(0)
     cfg = demo_config(cache_dir)

@@ -26,16 +26,15 @@ memory a few layers ahead of the compute. `plan_for_run` picks the cheapest choi
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from finetune.config import ConfigError, Dtype, HardwareConfig, ModelImpl, OffloadMode, Optimizer, RunConfig
 from finetune.models import Offload, choose_impl
+from finetune.models.native.streaming import SLOTS
 from finetune.models.source import ModelSource, locate_source
-from finetune.models.streaming import SLOTS
+from finetune.plan.perf import ASSUMED_MFU, ASSUMED_PEAK_TFLOPS, DEFAULT_HOST_LINK_GBPS
 
 GiB = 2**30
 GB = 10**9
@@ -43,9 +42,6 @@ GB = 10**9
 # A "24 GB" consumer card (RTX 3090/4090): the budget assumed where no CUDA device answers and
 # hardware.gpu_memory_gb is unset, e.g. when planning on a laptop.
 DEFAULT_GPU_GIB = 24.0
-# Pinned host-to-device copies over PCIe 4.0 x16 (a desktop's link); BENCH.md measured 55 GB/s
-# over the H100's PCIe 5.0 x16.
-DEFAULT_HOST_LINK_GBPS = 25.0
 # Outside PyTorch's allocator: the CUDA context (about 0.5 GiB with torch 2.x on Hopper) plus
 # cuBLAS, cuDNN and Triton workspaces and loaded kernels.
 RUNTIME_BYTES = 1 * GiB
@@ -74,10 +70,6 @@ HF_ATTENTION_SCORE_BYTES = 12.5
 # (`min_8bit_size`), and one fp32 absmax per 256-element block per state for the others.
 BNB_MIN_8BIT_SIZE = 4096
 BNB_OPTIM_BLOCK = 256
-# The informative streaming estimate's compute side: 40% MFU (BENCH.md's definition) of 165 TFLOP/s,
-# the dense bf16 rate of an RTX 4090-class card, where streaming is what makes a 70B model fit.
-ASSUMED_MFU = 0.40
-ASSUMED_PEAK_TFLOPS = 165.0
 
 DTYPE_BYTES = {Dtype.bfloat16: 2, Dtype.float16: 2, Dtype.float32: 4}
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -236,7 +228,7 @@ def loss_chunk_tokens(tokens: int, hidden_size: int, vocab_size: int) -> int:
 
     A chunk's logits are sized like the hidden states themselves, rounded up to a power of two, so
     the loss costs at most about one more copy of them; kernels/fused_linear_ce.py's
-    `_default_chunk_size`, which tests/test_memory.py checks this against.
+    `_default_chunk_size`, which tests/plan/test_memory.py checks this against.
     """
     return max(1, min(tokens, 1 << (-(-tokens * hidden_size // vocab_size) - 1).bit_length()))
 
@@ -256,40 +248,6 @@ def useful_flops_per_token(arch: dict, seq_len: int) -> float:
     linear = linear_param_count(arch) + arch["hidden_size"] * arch["vocab_size"]
     attention_forward = 2 * seq_len * qd * arch["num_hidden_layers"]
     return 4 * linear + 3 * attention_forward
-
-
-def matmul_peak_flops(device, n: int = 8192, iters: int = 10) -> float:
-    """The card's measured bf16 matmul rate (FLOP/s): MFU's denominator, as BENCH.md defines it."""
-    import time
-
-    import torch
-
-    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    a @ b  # warm-up: cuBLAS picks its kernel on the first call
-    torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    for _ in range(iters):
-        a @ b
-    torch.cuda.synchronize(device)
-    return 2 * n**3 * iters / (time.perf_counter() - start)
-
-
-def host_link_bytes_per_s(device, nbytes: int = GiB, iters: int = 5) -> float:
-    """The measured pinned host-to-GPU copy rate (bytes/s): what weight streaming moves layers over."""
-    import time
-
-    import torch
-
-    host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
-    target = torch.empty(nbytes, dtype=torch.uint8, device=device)
-    target.copy_(host, non_blocking=True)  # warm-up
-    torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    for _ in range(iters):
-        target.copy_(host, non_blocking=True)
-    torch.cuda.synchronize(device)
-    return nbytes * iters / (time.perf_counter() - start)
 
 
 # ---------------------------------------------------------------- the architecture

@@ -635,7 +635,7 @@ def merge_adapter(cfg: MergeConfig | Mapping[str, Any]) -> Path:
     quant = training_quantization(cfg, adapter) if cfg.merge_into is MergeInto.dequantized else None
     gguf_type = cfg.gguf_type.value if cfg.gguf_type else GGUF_TYPE_OF_DTYPE[cfg.dtype.value]
     if cfg.format is OutputFormat.gguf:
-        from finetune.gguf_export import check_exportable
+        from finetune.export.gguf import check_exportable
 
         check_exportable(base.config)
     elif cfg.gguf_type is not None:
@@ -664,7 +664,7 @@ def merge_adapter(cfg: MergeConfig | Mapping[str, Any]) -> Path:
         if run_verify:
             verify(plan, hf_dir)
         if cfg.format is OutputFormat.gguf:
-            from finetune.gguf_export import export_gguf
+            from finetune.export.gguf import export_gguf
 
             export_gguf(hf_dir, staging, gguf_type, name=output.name)
             shutil.rmtree(hf_dir)

@@ -4,25 +4,15 @@ Every supported family is built tiny and random, saved in HF format, and loaded 
 checkpoints are. The helpers here are shared by the other test_native_* modules.
 """
 
-import os
 import re
-import sys
 
+import bitsandbytes.functional as bnb_functional
+import pytest
 import torch
 
-# As tests/kernels/conftest.py does: without a GPU the Triton kernels run under the interpreter,
-# which must be on before anything imports triton (bitsandbytes does).
-KERNELS_RUN = torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1" or "triton" not in sys.modules
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import bitsandbytes.functional as bnb_functional  # noqa: E402
-import pytest  # noqa: E402
-
-from finetune.config import (ConfigError, Dtype, LoraConfig, ModelConfig, ModelImpl, QuantConfig,  # noqa: E402
-                             RunConfig)
-from finetune.models import choose_impl, hf, native  # noqa: E402
-from finetune.models.source import ModelSource  # noqa: E402
+from finetune.config import ConfigError, Dtype, LoraConfig, ModelConfig, ModelImpl, QuantConfig, RunConfig
+from finetune.models import choose_impl, hf, native
+from finetune.models.source import ModelSource
 
 CPU = torch.device("cpu")
 COMMON = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -279,9 +269,8 @@ def test_offloading_needs_gradient_checkpointing(checkpoints):
 
 
 def test_triton_kernels_train_like_the_references(checkpoints):
-    """The kernel set's wiring (argument layouts, loss convention), on the CPU under Triton's interpreter."""
-    if not KERNELS_RUN:
-        pytest.skip(reason="triton was imported before TRITON_INTERPRET=1 was set, so its kernels cannot run on the CPU")
+    """The kernel set's wiring (argument layouts, loss convention), on the CPU under Triton's interpreter
+    (tests/conftest.py turns it on before anything imports triton)."""
     from finetune.lora import attach_lora
     from finetune.models.native import triton_ops
 

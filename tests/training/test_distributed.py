@@ -196,9 +196,9 @@ def test_fsdp_config_on_the_cpu_is_refused(tmp_path):
                                                     ("native", [], "first"), ("native", [], "every")])
 def test_fsdp_shards_nf4_and_lora_and_trains_like_one_process(one_process, tmp_path, monkeypatch, impl, storage,
                                                              loading):
-    # Run from a copy outside tests/: with the script's folder on sys.path, tests/kernels would
-    # pass for PyPI's `kernels` package, which bitsandbytes probes for.
-    worker = shutil.copy(REPO / "tests" / "fsdp_cpu_worker.py", tmp_path)
+    # Run from a copy outside tests/: the script's folder goes on sys.path, where no test folder may
+    # be (tests/kernels would pass for PyPI's `kernels` package, which bitsandbytes probes for).
+    worker = shutil.copy(REPO / "tests" / "training" / "fsdp_cpu_worker.py", tmp_path)
     out = tmp_path / "out"
     out.mkdir()
     # First, so that the demo base is built once, not by both workers at the same time.
@@ -231,7 +231,7 @@ def test_fsdp_resumes_bitsandbytes_8bit_optimizer_states(one_process, tmp_path, 
     # The 70B recipe's paged_adamw_8bit keeps 8-bit states, which bitsandbytes nests inside its
     # state dict. torch's gathered FSDP optimizer state compared those nests across processes and
     # failed where a parameter straddles two shards; each process's own state has no such step.
-    worker = shutil.copy(REPO / "tests" / "fsdp_cpu_worker.py", tmp_path)
+    worker = shutil.copy(REPO / "tests" / "training" / "fsdp_cpu_worker.py", tmp_path)
     out = tmp_path / "out"
     out.mkdir()
     one_process("native")  # builds the demo base once, before both workers look for it
@@ -288,7 +288,7 @@ def test_resume_needs_the_same_engine(tmp_path, trained_fsdp, run_fsdp, error):
     from types import SimpleNamespace
 
     from finetune.api import compose_config
-    from finetune.checkpoint import TrainerState
+    from finetune.training.checkpoint import TrainerState
     from finetune.training.processes import check_processes
 
     plugin = SimpleNamespace(fsdp_version=1, use_orig_params=True)

@@ -14,8 +14,8 @@ from safetensors.torch import load_file
 
 import finetune
 import finetune.recipe
-from finetune.checkpoint import complete_checkpoints, load_latest_checkpoint
 from finetune.errors import TrainingStopped, UserError
+from finetune.training.checkpoint import complete_checkpoints, load_latest_checkpoint
 
 from runner import REPO, run_train
 
@@ -88,9 +88,9 @@ import sys, torch
 from pathlib import Path
 from finetune.adapter_format import QuantRecord
 from finetune.api import compose_config
-from finetune.checkpoint import TrainerState, save_checkpoint
 from finetune.models import build_model
-from finetune.optim import build_optimizer, build_scheduler
+from finetune.training.checkpoint import TrainerState, save_checkpoint
+from finetune.training.optim import build_optimizer, build_scheduler
 cfg = compose_config("demo", [])
 loaded = build_model(cfg, torch.device("cpu"))
 params = [p for p in loaded.model.parameters() if p.requires_grad]

@@ -1,4 +1,4 @@
-"""Merging LoRA adapters (finetune.merge) on tiny random Llama models built here.
+"""Merging LoRA adapters (finetune.export.merge) on tiny random Llama models built here.
 
 The references are transformers + peft themselves: a QLoRA model (4-bit base + adapter) for
 merge_into=dequantized, a full-precision base + adapter for merge_into=original. Everything runs
@@ -18,12 +18,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from runner import REPO
 
-from finetune import merge
 from finetune.adapter_format import QUANT_FILE
-from finetune.merge import MergeError, main, merge_adapter
+from finetune.export import merge
+from finetune.export.merge import MergeError, main, merge_adapter
 
-REPO = Path(__file__).resolve().parents[1]
 CHAT_TEMPLATE = (
     "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
@@ -371,7 +371,7 @@ def test_peak_memory_stays_near_two_shards(tmp_path):
     script = textwrap.dedent(
         f"""
         import gc, json
-        from finetune.merge import merge_adapter
+        from finetune.export.merge import merge_adapter
 
         def status(key):
             return int(next(l for l in open("/proc/self/status") if l.startswith(key)).split()[1]) * 1024

@@ -1,19 +1,20 @@
 """Weight streaming and the NF4 cache as runs use them: same numbers as a resident model loaded from the checkpoint."""
 
 import sys
-from pathlib import Path
 
 import pytest
 import torch
+from runner import REPO
 
 from finetune.lora import linear_layers
-from finetune.models import native, nf4_cache
+from finetune.models import native
+from finetune.models.native import nf4_cache
+from finetune.models.native.streaming import LayerWeights
 from finetune.models.source import ModelSource
-from finetune.models.streaming import LayerWeights
 from test_native import COMMON, FAMILIES, bf16_config, checkpoints, cuda, random_ids, run_config  # noqa: F401
 from test_native_training import make_batches, train
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+sys.path.insert(0, str(REPO / "scripts"))
 from make_random_checkpoint import write_random_nf4_cache  # noqa: E402
 
 CPU = torch.device("cpu")
@@ -54,7 +55,7 @@ def test_nf4_cache_setting_writes_then_reads_the_same_model(checkpoints, tmp_pat
     def no_checkpoint_reads(model_dir):
         raise AssertionError("a run with a ready NF4 cache read the checkpoint")
 
-    monkeypatch.setattr(native, "checkpoint_tensors", no_checkpoint_reads)
+    monkeypatch.setattr("finetune.models.native.load.checkpoint_tensors", no_checkpoint_reads)
     read = native.build(cfg, ModelSource.from_directory(model_dir), torch.float32, CPU)
     ids = random_ids(2, 12)
     assert torch.equal(logits(read, ids), logits(written, ids))
@@ -111,7 +112,7 @@ def test_gpu_offloaded_runs_train_exactly_like_resident_ones(checkpoints, cuda, 
 def decide(cfg, model_dir, device, notices):
     """(stream weights, park checkpoints) as the recipe settles them for the native path."""
     from finetune.config import ModelImpl
-    from finetune.memory import decide_offload
+    from finetune.plan.memory import decide_offload
 
     offload = decide_offload(cfg, ModelSource.from_directory(model_dir), ModelImpl.native, "native", device, notices)
     return offload.stream_weights, offload.park_checkpoints
@@ -188,7 +189,7 @@ def test_every_matmul_reads_weights_from_a_slot(tmp_path, monkeypatch, checkpoin
     so the numbers alone would not show a layer read from the wrong place: every dequantization
     checks where its codes live.
     """
-    from finetune.models.streaming import WeightStreamer
+    from finetune.models.native.streaming import WeightStreamer
 
     import transformers
 

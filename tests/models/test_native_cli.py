@@ -4,11 +4,9 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-
-REPO = Path(__file__).resolve().parent.parent
+from runner import REPO
 
 
 def run_train(*overrides: str) -> subprocess.CompletedProcess:

@@ -7,14 +7,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from runner import REPO
 
 from finetune.config import ConfigError
 from finetune.lora import linear_layers
-from finetune.models import nf4_cache, native
+from finetune.models import native
+from finetune.models.native import nf4_cache
 from finetune.models.source import ModelSource
 from test_native import COMMON, FAMILIES, checkpoints, random_ids  # noqa: F401 (fixture)
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+sys.path.insert(0, str(REPO / "scripts"))
 from make_random_checkpoint import write_random_checkpoint, write_random_nf4_cache  # noqa: E402
 
 CPU = torch.device("cpu")

@@ -1,4 +1,4 @@
-"""GGUF export (finetune.gguf_export): read back with gguf's own reader and checked against the
+"""GGUF export (finetune.export.gguf): read back with gguf's own reader and checked against the
 merged HF weights; the q/k reordering and Llama 3 rope factors checked against the math they
 must preserve."""
 
@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 from test_merge import CHAT_TEMPLATE, adapter, base, build_base, build_tokenizer, one_thread, run_merge  # noqa: F401
 
-from finetune.gguf_export import (
+from finetune.export.gguf import (
     _encode,
     _llama3_rope_factors,
     _rope_pairs_adjacent,
@@ -24,7 +24,7 @@ from finetune.gguf_export import (
     gguf_name,
     modelfile,
 )
-from finetune.merge import MergeError
+from finetune.export.merge import MergeError
 
 Q = gguf.GGMLQuantizationType
 

@@ -35,15 +35,16 @@ from torch.distributed.fsdp import _init_utils as fsdp_init_utils
 
 from finetune import data as data_lib
 from finetune.api import compose_config
-from finetune.checkpoint import (TrainerState, gather_trainable_state, load_latest_checkpoint, optimizer_state_on_cpu,
-                                 restore_rng_states, rng_states, save_adapter, save_checkpoint, saved_optimizer_state)
 from finetune.cli import quiet_libraries
 from finetune.models import Placement, build_model, load_adapter_weights
 from finetune.models.native import materialize_empty
-from finetune.optim import build_optimizer, build_scheduler
 from finetune.adapter_format import QuantRecord
 from finetune.evaluate import pad_id
 from finetune.recipe import seed_everything
+from finetune.training.checkpoint import (TrainerState, gather_trainable_state, load_latest_checkpoint,
+                                          optimizer_state_on_cpu, restore_rng_states, rng_states, save_adapter,
+                                          save_checkpoint, saved_optimizer_state)
+from finetune.training.optim import build_optimizer, build_scheduler
 
 DEVICE = torch.device("cpu")
 FIRST_PROCESS_LOADS = os.environ.get("WORKER_LOADING", "first") == "first"  # "every": each process loads

@@ -1,0 +1,1 @@
+"""After training: merge an adapter into its base (merge.py), as HF safetensors or GGUF (gguf.py)."""
