@@ -11,6 +11,10 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# From a checkout that was never pip-installed (as on the GPU machine), importing finetune is what
+# makes the kernels/ folder importable as finetune_kernels, which tests/kernels imports directly.
+import finetune  # noqa: E402, F401
+
 
 @pytest.fixture(scope="session", autouse=True)
 def cache_dir(tmp_path_factory) -> Path:
