@@ -169,7 +169,7 @@ class Training:
             processes.say(f"nothing to do: {run_dir.path} already finished {state.step} of "
                           f"train.max_steps={cfg.train.max_steps} steps.")
             return None
-        wrapped, optimizer = wrap_for_processes(cfg, processes, model, optimizer)
+        wrapped, optimizer = wrap_for_processes(processes, model, optimizer)
         if processes.fsdp and processes.device.type == "cuda":  # every process takes part in the gather
             processes.say(f"sharded by FSDP: {memory_line(model, processes.device)}, peak while loading and "
                           f"sharding {peak_memory_gib(processes):.2f} GiB")

@@ -135,7 +135,7 @@ def pick_device(name: str) -> torch.device:
     return device
 
 
-def wrap_for_processes(cfg: RunConfig, processes: Processes, model: TrainableModel, optimizer):
+def wrap_for_processes(processes: Processes, model: TrainableModel, optimizer):
     """Under several processes, accelerate wraps the model in DDP (each process holds the whole
     4-bit base) or FSDP (each holds a shard), as `accelerate launch` was configured; either averages
     the LoRA gradients across processes in backward. One process trains the model as built."""

@@ -22,7 +22,7 @@ from runner import REPO
 
 from finetune.adapter_format import QUANT_FILE
 from finetune.export import merge
-from finetune.export.merge import MergeError, main, merge_adapter
+from finetune.export.merge import main, merge_adapter
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"

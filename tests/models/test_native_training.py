@@ -3,8 +3,6 @@
 import pytest
 import torch
 
-from finetune.models import native
-
 from test_native import (bf16_config, checkpoints, copy_lora_from_peft, cuda, generic_model,  # noqa: F401
                          native_model, random_ids, run_config)
 
