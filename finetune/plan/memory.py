@@ -570,7 +570,9 @@ def plan_for_run(cfg: RunConfig, source: ModelSource, impl: ModelImpl, impl_reas
         arch=arch, impl=impl, compute_bytes=compute_bytes,
         dense_bytes=compute_bytes if impl is ModelImpl.native else DTYPE_BYTES[cfg.quant.torch_dtype],
         double_quant=cfg.quant.bnb_4bit_use_double_quant, r=cfg.lora.r,
-        targets=lora_targets(cfg.lora.target_modules), lora_dropout=cfg.lora.lora_dropout,
+        targets=lora_targets(cfg.lora.target_modules),
+        # The native path's kernels redraw dropout masks from a seed (kernels/lora_dropout.py): none is stored.
+        lora_dropout=0.0 if impl is ModelImpl.native and cfg.model.use_kernels else cfg.lora.lora_dropout,
         optimizer=cfg.optim.name,
         checkpointed_layers=cfg.model.checkpointed_layers(L) if impl is ModelImpl.native
         else (L if cfg.model.gradient_checkpointing else 0),

@@ -147,6 +147,7 @@ class Ops:
     swiglu: Callable  # [gate | up] (..., 2F) -> silu(gate) * up (..., F)
     linear_cross_entropy: Callable  # (x, weight, shifted labels, num_items_in_batch=) -> loss
     dequantize: Callable  # (QuantizedWeight, out=None) -> (out, in) in its storage dtype
+    lora_dropout: object = None  # finetune_kernels.lora_dropout, or None: masks drawn and stored by torch
 
 
 def torch_ops() -> Ops:
@@ -157,13 +158,14 @@ def torch_ops() -> Ops:
 
 
 def triton_ops() -> Ops:
+    from finetune_kernels import lora_dropout
     from finetune_kernels.fused_linear_ce import fused_linear_cross_entropy
     from finetune_kernels.rmsnorm import rmsnorm
     from finetune_kernels.rope import apply_rope
     from finetune_kernels.swiglu import swiglu
 
     return Ops(rmsnorm, lambda q, k, cos, sin: apply_rope(q, k, cos=cos, sin=sin), swiglu,
-               fused_linear_cross_entropy, dequantize_triton)
+               fused_linear_cross_entropy, dequantize_triton, lora_dropout)
 
 
 @dataclass
@@ -272,10 +274,10 @@ class Attention(nn.Module):
         super().__init__()
         C, D = args.hidden_size, args.head_dim
         self.head_dim, self.window, self.ops = D, window, ops
-        self.q_proj = QLoRALinear(C, args.num_attention_heads * D, args.qkv_bias, ops.dequantize)
-        self.k_proj = QLoRALinear(C, args.num_key_value_heads * D, args.qkv_bias, ops.dequantize)
-        self.v_proj = QLoRALinear(C, args.num_key_value_heads * D, args.qkv_bias, ops.dequantize)
-        self.o_proj = QLoRALinear(args.num_attention_heads * D, C, args.o_bias, ops.dequantize)
+        self.q_proj = QLoRALinear(C, args.num_attention_heads * D, args.qkv_bias, ops.dequantize, ops.lora_dropout)
+        self.k_proj = QLoRALinear(C, args.num_key_value_heads * D, args.qkv_bias, ops.dequantize, ops.lora_dropout)
+        self.v_proj = QLoRALinear(C, args.num_key_value_heads * D, args.qkv_bias, ops.dequantize, ops.lora_dropout)
+        self.o_proj = QLoRALinear(args.num_attention_heads * D, C, args.o_bias, ops.dequantize, ops.lora_dropout)
         self.q_norm = RMSNorm(D, args.rms_norm_eps, ops) if args.qk_norm else None
         self.k_norm = RMSNorm(D, args.rms_norm_eps, ops) if args.qk_norm else None
 
@@ -298,9 +300,9 @@ class MLP(nn.Module):
     def __init__(self, args: ModelArgs, ops: Ops):
         super().__init__()
         C, F_, bias = args.hidden_size, args.intermediate_size, args.mlp_bias
-        self.gate_proj = QLoRALinear(C, F_, bias, ops.dequantize)
-        self.up_proj = QLoRALinear(C, F_, bias, ops.dequantize)
-        self.down_proj = QLoRALinear(F_, C, bias, ops.dequantize)
+        self.gate_proj = QLoRALinear(C, F_, bias, ops.dequantize, ops.lora_dropout)
+        self.up_proj = QLoRALinear(C, F_, bias, ops.dequantize, ops.lora_dropout)
+        self.down_proj = QLoRALinear(F_, C, bias, ops.dequantize, ops.lora_dropout)
         self.ops = ops
 
     def forward(self, x):
