@@ -137,9 +137,11 @@ class ModelConfig:
     # H100 (0.79x on the 8B): the hot paths are already fused kernels and cuBLAS GEMMs.
     compile: bool = False
     # Native path, with gradient_checkpointing: how many decoder layers (the first ones) recompute in
-    # backward; null means all. The others keep their activations: each layer left out saves about
-    # a sixth of its matmul work and costs its activations' memory (train.dry_run shows how much).
-    checkpoint_layers: Optional[int] = None
+    # backward. The others keep their activations: each layer left out saves about a sixth of its
+    # matmul work and costs its activations' memory (train.dry_run shows how much). auto: on a GPU,
+    # the fewest that let the run fit hardware.gpu_memory_gb (or the free memory), as the memory plan
+    # works it out; all layers elsewhere. all (or null): every layer. A number: that many.
+    checkpoint_layers: Optional[str] = "auto"
     # Native path, training: run each layer's MLP over at most this many tokens at a time, each
     # chunk recomputed in its backward, so the MLP's intermediates (3 x intermediate_size values
     # per token) exist for one chunk only. For very long sequences (tens of thousands of tokens);
@@ -156,34 +158,52 @@ class ModelConfig:
     revision: Optional[str] = None
 
     def validate(self) -> None:
-        if self.checkpoint_layers is not None and not self.gradient_checkpointing:
-            raise ConfigError(f"model.checkpoint_layers={self.checkpoint_layers} picks layers to checkpoint; "
+        requested = self.requested_checkpoint_layers()
+        if isinstance(requested, int) and not self.gradient_checkpointing:
+            raise ConfigError(f"model.checkpoint_layers={requested} picks layers to checkpoint; "
                               "it needs model.gradient_checkpointing=true.")
-        if self.checkpoint_layers is not None and self.checkpoint_layers < 0:
-            raise ConfigError(f"model.checkpoint_layers must be >= 0 (or null for all), got {self.checkpoint_layers}.")
         if self.offload_checkpoints and not self.gradient_checkpointing:
             raise ConfigError("model.offload_checkpoints=true offloads the inputs of checkpointed layers; "
                               "it needs model.gradient_checkpointing=true.")
         if self.mlp_chunk_tokens is not None and self.mlp_chunk_tokens < 1:
             raise ConfigError(f"model.mlp_chunk_tokens must be a positive number of tokens (or null), "
                               f"got {self.mlp_chunk_tokens}.")
-        if self.impl is ModelImpl.hf and self.checkpoint_layers is not None:
-            raise ConfigError(f"model.checkpoint_layers={self.checkpoint_layers} applies to the native model path, "
+        if self.impl is ModelImpl.hf and isinstance(requested, int):
+            raise ConfigError(f"model.checkpoint_layers={requested} applies to the native model path, "
                               "and model.impl=hf takes the generic one; remove it.")
 
-    def checkpointed_layers(self, num_layers: int) -> int:
+    def requested_checkpoint_layers(self) -> int | str:
+        """model.checkpoint_layers read: a number of layers, "auto" or "all"."""
+        value = self.checkpoint_layers
+        if value is None or value == "all":
+            return "all"
+        if value == "auto":
+            return "auto"
+        try:
+            layers = int(value)
+        except ValueError:
+            layers = None
+        if layers is None or layers < 0:
+            raise ConfigError(f"model.checkpoint_layers={value!r}: pass auto, all, or a number of layers >= 0.")
+        return layers
+
+    def checkpointed_layers(self, num_layers: int, auto: int | None = None) -> int:
         """How many of `num_layers` layers recompute in backward (gradient_checkpointing, checkpoint_layers).
 
-        The native model path takes it as it is; the generic path checkpoints all layers or none.
+        `auto` is the memory plan's answer for checkpoint_layers=auto (None: all layers). The
+        native model path takes the result as it is; the generic path checkpoints all layers or none.
         """
         if not self.gradient_checkpointing:
             return 0
-        if self.checkpoint_layers is None:
+        requested = self.requested_checkpoint_layers()
+        if requested == "all":
             return num_layers
-        if not 0 <= self.checkpoint_layers <= num_layers:
-            raise ConfigError(f"model.checkpoint_layers={self.checkpoint_layers}, but the model has {num_layers} "
-                              f"layers; pick 0 to {num_layers} (or null for all).")
-        return self.checkpoint_layers
+        if requested == "auto":
+            return num_layers if auto is None else auto
+        if not 0 <= requested <= num_layers:
+            raise ConfigError(f"model.checkpoint_layers={requested}, but the model has {num_layers} "
+                              f"layers; pick 0 to {num_layers} (or auto, or all).")
+        return requested
 
 
 @dataclass

@@ -74,7 +74,7 @@ def build_ours(checkpoint: Path, impl: str, grad_ckpt: bool, overrides: list[str
     from finetune.api import compose_config
     from finetune.models import build_model, choose_impl
     from finetune.models.source import resolve_source
-    from finetune.plan.memory import GiB, decide_offload, plan_for_run
+    from finetune.plan.memory import GiB, decide_memory_layout, plan_for_run
 
     cfg = compose_config("demo", [f"model.name_or_path={checkpoint}", f"model.impl={impl}",
                                   f"model.gradient_checkpointing={str(grad_ckpt).lower()}",
@@ -84,15 +84,15 @@ def build_ours(checkpoint: Path, impl: str, grad_ckpt: bool, overrides: list[str
     impl, why = choose_impl(cfg, source)
     plan = plan_for_run(cfg, source, impl, why)
     notices = []
-    offload = decide_offload(cfg, source, impl, why, torch.device("cuda"), notices)
-    loaded = build_model(cfg, torch.device("cuda"), offload=offload, source=source, impl=impl)
+    layout = decide_memory_layout(cfg, source, impl, why, torch.device("cuda"), notices)
+    loaded = build_model(cfg, torch.device("cuda"), layout=layout, source=source, impl=impl)
     for notice in notices:
         print(notice, file=sys.stderr)
     for notice in loaded.notices:
         print(notice, file=sys.stderr)
     model = loaded.model
     model.plan = {"plan_gib": plan.gpu_total / GiB, "plan_tensors_gib": plan.tensors_bytes / GiB,
-                  "plan_offload": plan.offload.value}
+                  "plan_offload": plan.offload.value, "plan_checkpointed_layers": plan.checkpointed_layers}
     model.train()
 
     def step(ids):
