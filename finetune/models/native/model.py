@@ -230,7 +230,10 @@ def plan_attention(input_ids, attention_mask, position_ids, cu_seqlens, use_varl
     if cu_seqlens is not None:
         if B != 1:
             raise ValueError(f"a packed batch (cu_seqlens) is one row, got {B}")
-        cu_seqlens = cu_seqlens.to(device, torch.int32)
+        # Read while the boundaries are still in host memory (as batches arrive): on the GPU the
+        # read would wait for every kernel queued before it.
+        max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+        cu_seqlens = cu_seqlens.to(device, torch.int32, non_blocking=True)
         segments = torch.searchsorted(cu_seqlens[1:], tokens, right=True)[None]
         if position_ids is None:
             position_ids = tokens - cu_seqlens[segments]
@@ -240,10 +243,10 @@ def plan_attention(input_ids, attention_mask, position_ids, cu_seqlens, use_varl
         if B == 1:
             starts = (position_ids[0] == 0).nonzero().flatten()
             cu_seqlens = F.pad(starts, (0, 1), value=T).to(torch.int32)
+            max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
 
     if segments is not None:
         if use_varlen and B == 1:
-            max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
             return position_ids, AttentionLayout(cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
         same_sample = segments[:, :, None] == segments[:, None, :]  # (B, T, T)
         return position_ids, AttentionLayout(allowed=(same_sample & _causal(T, device))[:, None])
