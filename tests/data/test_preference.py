@@ -87,9 +87,20 @@ def test_conversation_pairs_split_at_the_last_assistant_turn(tmp_path, tokenizer
 
 
 def test_conversation_pairs_under_a_template_without_special_tokens(tmp_path, tokenizer):
-    rows = [{"chosen": [user(QUESTION), assistant("black cat")], "rejected": [user(QUESTION), assistant("black dog")]}]
-    pair = load(tmp_path, rows, tokenizer, chat_template=ROLE_LINES)[0][0]
-    assert texts(pair, tokenizer) == (f"user: {QUESTION}\nassistant: ", "black cat\n", "black dog\n")
+    rows = [{"chosen": [user(QUESTION), assistant("black cat")], "rejected": [user(QUESTION), assistant("word")]},
+            {"chosen": [user(QUESTION), assistant("answer")], "rejected": [user(QUESTION), assistant("black")]}]
+    first, second = load(tmp_path, rows, tokenizer, chat_template=ROLE_LINES)[0]
+    assert texts(first, tokenizer) == (f"user: {QUESTION}\nassistant: ", "black cat\n", "word\n")
+    assert texts(second, tokenizer) == (f"user: {QUESTION}\nassistant: ", "answer\n", "black\n")
+    # The prompt's last token, a space, merges into " answer" when the whole sequence is tokenized,
+    # so that answer is tokenized on its own: the prompt keeps the tokens generation starts from.
+    # " black" has no merged token: it tokenizes as in the whole sequence either way.
+    assert tokenizer.convert_ids_to_tokens(first.prompt_ids[-1:]) == ["Ġ"] and first.prompt_ids == second.prompt_ids
+    whole = tokenizer(f"user: {QUESTION}\nassistant: answer\n")["input_ids"]
+    assert whole[:len(second.prompt_ids)] != second.prompt_ids
+    assert second.chosen_ids == tokenizer("answer\n")["input_ids"]
+    whole = tokenizer(f"user: {QUESTION}\nassistant: black cat\n")["input_ids"]
+    assert first.chosen_ids == whole[len(first.prompt_ids):]
 
 
 def test_kto_rows_hold_one_completion_and_its_label(tmp_path, tokenizer):
@@ -340,6 +351,21 @@ def test_second_load_reads_the_cache_without_tokenizing(tmp_path, tokenizer):
     config.max_seq_len = 12  # the cut depends on it: a new key
     _, _, lines = load_preference_splits(config, tokenizer, seed=0, cache_dir=str(tmp_path / "cache"))
     assert "tokenized" in lines[0]
+
+
+def test_worker_processes_give_the_same_pairs(tmp_path, tokenizer, monkeypatch):
+    from finetune.data import tokenization
+
+    monkeypatch.setattr(tokenization, "ROWS_PER_PROCESS", 4)
+    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": f"q {n}", "chosen": "a", "rejected": f"b {n}"}
+                                              for n in range(12)])
+    results = []
+    for num_proc in (1, 2):
+        config = DataConfig(path=str(path), eval_path=str(path), format=DataFormat.preference, num_proc=num_proc,
+                            max_seq_len=64 + num_proc)
+        train, _, _ = load_preference_splits(config, tokenizer, seed=0, cache_dir=str(tmp_path / "cache"))
+        results.append([texts(p, tokenizer) for p in train])
+    assert results[0] == results[1] and len(results[0]) == 12
 
 
 # ---- the demo pairs ----
