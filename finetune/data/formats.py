@@ -222,7 +222,9 @@ def render_preference_row(row: dict, data_format: DataFormat, tokenizer, templat
     """A {prompt, chosen, rejected} row, a conversation pair, or a KTO {prompt, completion, label} row.
 
     A prompt string becomes a user message, a response string the assistant's answer; message-list
-    responses render turn by turn after the prompt. Each response is the text the whole
+    responses render turn by turn after the prompt. Chosen and rejected message lists that open with
+    a turn before the answer are whole conversations, split into prompt and answers without reading
+    a 'prompt' column (datasets such as UltraFeedback keep the prompt in both, and in a column too). Each response is the text the whole
     conversation renders to after the prompt's rendering with the generation prompt, which must be
     a prefix of it (as for SFT's trained spans).
     """
@@ -235,7 +237,7 @@ def render_preference_row(row: dict, data_format: DataFormat, tokenizer, templat
             raise DataError(f"{where}: column 'label' must be true (a desirable completion) or false (an undesirable "
                             f"one), got {type(label).__name__} {label!r}.")
         responses = [_response_messages(row["completion"], "completion", where)]
-    elif row.get("prompt") is None:
+    elif row.get("prompt") is None or all(_opens_a_conversation(row[column]) for column in ("chosen", "rejected")):
         label = None
         prompt, *responses = _split_conversation_pair(row["chosen"], row["rejected"], tokenizer, template, where)
     else:
@@ -245,6 +247,11 @@ def render_preference_row(row: dict, data_format: DataFormat, tokenizer, templat
     prompt_text = apply_template(prompt, tokenizer, template, where, add_generation_prompt=True)
     texts = [_response_text(prompt, response, prompt_text, tokenizer, template, where) for response in responses]
     return RenderedPair(prompt_text, texts[0], texts[1] if len(texts) > 1 else "", label, prompt)
+
+
+def _opens_a_conversation(response: object) -> bool:
+    first = response[0] if isinstance(response, list) and response else None
+    return isinstance(first, dict) and first.get("role", SHAREGPT_ROLES.get(first.get("from"))) != "assistant"
 
 
 def _prompt_messages(prompt: object, where: str) -> list[dict]:
@@ -281,6 +288,11 @@ def _split_conversation_pair(chosen: object, rejected: object, tokenizer, templa
     identically: prefixes are compared as the chat template renders them, message by message, so a
     common start of the two answers' text never counts as prompt.
     """
+    for column, value in (("chosen", chosen), ("rejected", rejected)):
+        if not isinstance(value, list):
+            raise DataError(f"{where}: without a 'prompt' column, '{column}' must be a whole conversation (a list of "
+                            f"{{role, content}} messages), got {type(value).__name__}. Pass the prompt in a column "
+                            "(data.columns.prompt=...) to pair string answers.")
     conversations = [checked_messages(chosen, where, "chosen"), checked_messages(rejected, where, "rejected")]
     last_turns = []
     for column, messages in zip(("chosen", "rejected"), conversations):

@@ -151,8 +151,6 @@ def _padded(sequences: list[tuple[list[int], list[int]]], pad_id: int) -> dict[s
 
 def preference_batches(split: PreferenceSplit, data: DataConfig, micro_batch_size: int, pad_id: int, seed: int):
     """Endless micro-batches of micro_batch_size pairs (KTO: rows), freshly shuffled (seeded) each epoch."""
-    if data.packing:
-        raise DataError("data.packing=true is not supported for preference data yet; pass data.packing=false.")
     rng = np.random.default_rng(seed)
     while True:
         order = rng.permutation(len(split))

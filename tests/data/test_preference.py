@@ -86,6 +86,14 @@ def test_conversation_pairs_split_at_the_last_assistant_turn(tmp_path, tokenizer
     assert pair.messages == history
 
 
+def test_whole_conversations_beside_a_prompt_column_are_split_like_conversation_pairs(tmp_path, tokenizer):
+    # UltraFeedback's layout: the prompt in its own column and again at the start of both conversations.
+    rows = [{"prompt": QUESTION, "chosen": [user(QUESTION), assistant("black")],
+             "rejected": [user(QUESTION), assistant("brown")]}]
+    pair = load(tmp_path, rows, tokenizer)[0][0]
+    assert texts(pair, tokenizer) == (PROMPT, "black<|im_end|>", "brown<|im_end|>")
+
+
 def test_conversation_pairs_under_a_template_without_special_tokens(tmp_path, tokenizer):
     rows = [{"chosen": [user(QUESTION), assistant("black cat")], "rejected": [user(QUESTION), assistant("word")]},
             {"chosen": [user(QUESTION), assistant("answer")], "rejected": [user(QUESTION), assistant("black")]}]
@@ -214,6 +222,9 @@ GOOD = {"prompt": QUESTION, "chosen": "black", "rejected": "brown"}
      r"row 1: without a 'prompt' column, 'chosen' must be a whole conversation"),
     ([{"chosen": [assistant("b")], "rejected": [assistant("c")]}],
      r"row 1: without a 'prompt' column, 'chosen' must be a whole conversation"),
+    ([{"chosen": "black", "rejected": "brown"}],
+     r"row 1: without a 'prompt' column, 'chosen' must be a whole conversation \(a list of \{role, content\} "
+     r"messages\), got str"),
 ])
 def test_malformed_pairs_say_where_and_what(tmp_path, tokenizer, rows, message):
     with pytest.raises(DataError, match=message):
