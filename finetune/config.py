@@ -255,7 +255,7 @@ FORMAT_COLUMNS = {
     DataFormat.kto: ("prompt", "completion", "label"),
 }
 # Formats whose rows are tokenized into preference pairs (finetune/data/preference.py), not samples.
-PREFERENCE_FORMATS = (DataFormat.preference, DataFormat.kto)
+PREFERENCE_DATA_FORMATS = (DataFormat.preference, DataFormat.kto)
 
 
 @dataclass
@@ -362,7 +362,7 @@ class DataConfig:
     def _validate_preference(self) -> None:
         formats = {"data.format": self.format,
                    **{f"data.sources[{i}].format": s.format for i, s in enumerate(self.sources) if s.format}}
-        kinds = {key: value for key, value in formats.items() if value in PREFERENCE_FORMATS}
+        kinds = {key: value for key, value in formats.items() if value in PREFERENCE_DATA_FORMATS}
         if not kinds:
             return
         if len(set(formats.values())) > 1:

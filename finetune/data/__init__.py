@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from finetune.config import PREFERENCE_FORMATS, DataConfig, Truncation
+from finetune.config import PREFERENCE_DATA_FORMATS, DataConfig, Truncation
 from finetune.data.batches import collate, collate_packed, count_tokens, eval_batches, model_inputs, train_batches
 from finetune.data.formats import chat_template_for, uses_chat
 from finetune.data.preference import (collate_kto, collate_pairs, eval_preference_batches, load_preference_splits,
@@ -44,7 +44,7 @@ def use_data_chat_template(tokenizer, data: DataConfig) -> None:
 def load_splits(data: DataConfig, tokenizer, seed: int,
                 cache_dir: str) -> tuple[TokenizedSplit, TokenizedSplit, list[str]]:
     """Train and eval samples, plus report lines: one per source, then one per split."""
-    if data.format in PREFERENCE_FORMATS:
+    if data.format in PREFERENCE_DATA_FORMATS:
         raise DataError(f"data.format={data.format.value} holds preference data, which trains with a preference "
                         "objective (objective=dpo, ipo, orpo or simpo; kto for data.format=kto), not as SFT samples.")
     cache_root = Path(cache_dir).expanduser()

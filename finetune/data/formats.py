@@ -1,4 +1,5 @@
-"""One row of each data format -> the text to tokenize and the character spans to train on.
+"""One row of each data format -> the text to tokenize and the character spans to train on (for
+preference data: the prompt's text and each response's).
 
 Chat spans are found by rendering the conversation incrementally, never by searching for
 strings: an assistant turn starts where the rendering of the conversation before it, plus the
@@ -224,9 +225,9 @@ def render_preference_row(row: dict, data_format: DataFormat, tokenizer, templat
     A prompt string becomes a user message, a response string the assistant's answer; message-list
     responses render turn by turn after the prompt. Chosen and rejected message lists that open with
     a turn before the answer are whole conversations, split into prompt and answers without reading
-    a 'prompt' column (datasets such as UltraFeedback keep the prompt in both, and in a column too). Each response is the text the whole
-    conversation renders to after the prompt's rendering with the generation prompt, which must be
-    a prefix of it (as for SFT's trained spans).
+    a 'prompt' column (datasets such as UltraFeedback keep the prompt in both, and in a column too).
+    Each response is the text the whole conversation renders to after the prompt's rendering with
+    the generation prompt, which must be a prefix of it (as for SFT's trained spans).
     """
     if data_format is DataFormat.kto:
         if row["prompt"] is None:

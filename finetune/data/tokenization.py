@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from finetune.config import PREFERENCE_FORMATS, DataConfig, DataFormat, LossOn
+from finetune.config import PREFERENCE_DATA_FORMATS, DataConfig, DataFormat, LossOn
 from finetune.data.formats import CHAT_FORMATS, Rendered, render_preference_row, render_row
 from finetune.data.samples import IGNORE_INDEX, numeric_column
 from finetune.data.sources import Source, held_out_split, resolve_sources
@@ -130,7 +130,7 @@ def _tokenize_into(directory: Path, source: Source, tokenizer, settings: TokenSe
     from datasets import Features, List, Value
 
     raw = source.load(cache_dir)
-    if settings.data_format in PREFERENCE_FORMATS:
+    if settings.data_format in PREFERENCE_DATA_FORMATS:
         tokenize = tokenize_pair_rows
         features = Features({
             "prompt_ids": List(Value("int32")), "chosen_ids": List(Value("int32")),
