@@ -324,8 +324,8 @@ class DataConfig:
     # carry no preference and are dropped with a warning.
     truncation: Truncation = Truncation.truncate
     # Concatenate samples into one row per micro-batch (up to micro_batch_size * max_seq_len
-    # tokens), with attention kept inside each sample: no padding is computed. Not yet for
-    # preference data.
+    # tokens), with attention kept inside each sample: no padding is computed. Preference pairs:
+    # each micro-batch's chosen and rejected sequences share one row. Not yet for KTO data.
     packing: bool = False
     # Worker processes for tokenizing; unset: one per CPU core, at most 8.
     num_proc: Optional[int] = None
@@ -370,9 +370,9 @@ class DataConfig:
             raise ConfigError(f"preference data cannot be mixed with other formats ({listed}): every source of a "
                               "preference run is read as data.format=preference (or kto for KTO); set data.format "
                               "once and leave the sources' format unset.")
-        if self.packing:
-            raise ConfigError(f"data.packing=true is not supported for data.format={self.format.value} yet: "
-                              "pass data.packing=false (chosen and rejected still run in one padded forward).")
+        if self.packing and self.format is DataFormat.kto:
+            raise ConfigError("data.packing=true is not supported for data.format=kto yet (its KL rows are padded): "
+                              "pass data.packing=false.")
 
 
 @dataclass

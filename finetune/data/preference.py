@@ -11,6 +11,11 @@ SFT's. A micro-batch of B pairs runs chosen and rejected in one forward:
                              (not shifted: the model shifts, as for SFT)
     pair_index      (B,)     each pair's index in its split (the reference log-prob cache's key)
 
+With data.packing=true the same 2B sequences share one row instead, with no padding, in SFT's
+packed layout (batches.collate_packed: input_ids, labels, position_ids restarting at each
+sequence, cu_seqlens), ordered chosen 0..B-1 then rejected 0..B-1, plus pair_index; attention
+never crosses sequences. A micro-batch holds micro_batch_size pairs either way.
+
 A KTO micro-batch of B rows holds input_ids, attention_mask, labels (B, T) of prompt + completion,
 kto_label (B,) bool, pair_index (B,), and, when B > 1, the mismatched rows of the KTO paper's KL
 estimate: kl_input_ids, kl_attention_mask, kl_labels (B, T') where row i is prompt i followed by
@@ -26,15 +31,16 @@ import numpy as np
 import torch
 
 from finetune.config import DataConfig, DataFormat, Truncation
+from finetune.data.batches import collate_packed
 from finetune.data.formats import chat_template_for
 from finetune.data.report import PairReport
-from finetune.data.samples import IGNORE_INDEX, DataError, PreferencePair, PreferenceSplit
+from finetune.data.samples import IGNORE_INDEX, DataError, PreferencePair, PreferenceSplit, Sample
 from finetune.data.sources import mixture
 from finetune.data.tokenization import Selection, tokenize_splits
 
 __all__ = [
-    "PreferencePair", "PreferenceSplit", "collate_kto", "collate_pairs", "eval_preference_batches",
-    "load_preference_splits", "preference_batches",
+    "PreferencePair", "PreferenceSplit", "collate_kto", "collate_pairs", "collate_pairs_packed",
+    "eval_preference_batches", "load_preference_splits", "preference_batches",
 ]
 
 
@@ -116,10 +122,22 @@ def _drop_reasons(dropped: dict[str, int], data: DataConfig) -> str:
 
 def collate_pairs(pairs: list[PreferencePair], pad_id: int) -> dict[str, torch.Tensor]:
     """B pairs -> one padded batch of 2B rows, chosen first, then rejected (see the module docstring)."""
-    batch = _padded([(pair.prompt_ids, pair.chosen_ids) for pair in pairs]
-                    + [(pair.prompt_ids, pair.rejected_ids) for pair in pairs], pad_id)
+    batch = _padded(_chosen_then_rejected(pairs), pad_id)
     batch["pair_index"] = torch.tensor([pair.index for pair in pairs], dtype=torch.long)
     return batch
+
+
+def collate_pairs_packed(pairs: list[PreferencePair]) -> dict[str, torch.Tensor]:
+    """B pairs -> one packed row of 2B sequences, chosen first, then rejected (see the module docstring)."""
+    batch = collate_packed([Sample(prompt + response, [IGNORE_INDEX] * len(prompt) + response, [])
+                            for prompt, response in _chosen_then_rejected(pairs)])
+    batch["pair_index"] = torch.tensor([pair.index for pair in pairs], dtype=torch.long)
+    return batch
+
+
+def _chosen_then_rejected(pairs: list[PreferencePair]) -> list[tuple[list[int], list[int]]]:
+    return [(pair.prompt_ids, pair.chosen_ids) for pair in pairs] + [(pair.prompt_ids, pair.rejected_ids)
+                                                                      for pair in pairs]
 
 
 def collate_kto(rows: list[PreferencePair], pad_id: int, max_seq_len: int) -> dict[str, torch.Tensor]:
@@ -150,12 +168,14 @@ def _padded(sequences: list[tuple[list[int], list[int]]], pad_id: int) -> dict[s
 
 
 def preference_batches(split: PreferenceSplit, data: DataConfig, micro_batch_size: int, pad_id: int, seed: int):
-    """Endless micro-batches of micro_batch_size pairs (KTO: rows), freshly shuffled (seeded) each epoch."""
+    """Endless micro-batches of micro_batch_size pairs (KTO: rows), freshly shuffled (seeded) each epoch;
+    packed rows with data.packing=true."""
     rng = np.random.default_rng(seed)
     while True:
         order = rng.permutation(len(split))
         for start in range(0, len(order), micro_batch_size):
-            yield _collate(split, split.rows(order[start:start + micro_batch_size]), pad_id)
+            pairs = split.rows(order[start:start + micro_batch_size])
+            yield collate_pairs_packed(pairs) if data.packing else _collate(split, pairs, pad_id)
 
 
 def eval_preference_batches(split: PreferenceSplit, micro_batch_size: int, pad_id: int):

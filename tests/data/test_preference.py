@@ -9,8 +9,9 @@ import warnings
 import pytest
 
 from finetune.config import ConfigError, DataConfig, DataFormat, DataSource, Truncation
-from finetune.data import (IGNORE_INDEX, DataError, PreferencePair, collate_kto, collate_pairs, count_tokens,
-                           eval_preference_batches, load_preference_splits, load_splits, preference_batches, preview)
+from finetune.data import (IGNORE_INDEX, DataError, PreferencePair, collate_kto, collate_pairs, collate_pairs_packed,
+                           count_tokens, eval_preference_batches, load_preference_splits, load_splits,
+                           preference_batches, preview)
 from finetune.data.tokenization import fit_pair, tokenizer_fingerprint
 from finetune.demo import ENTITIES, RELATIONS, build_tokenizer, demo_conversations, demo_preference_pairs
 
@@ -249,9 +250,10 @@ def test_kto_needs_a_label_column(tmp_path, tokenizer):
         load(tmp_path, [{"prompt": QUESTION, "completion": "black"}], tokenizer, format=DataFormat.kto)
 
 
-def test_config_refuses_packing_and_mixed_formats():
-    with pytest.raises(ConfigError, match="data.packing=true is not supported for data.format=preference"):
-        DataConfig(path="x.jsonl", format=DataFormat.preference, packing=True).validate()
+def test_config_refuses_kto_packing_and_mixed_formats():
+    with pytest.raises(ConfigError, match="data.packing=true is not supported for data.format=kto"):
+        DataConfig(path="x.jsonl", format=DataFormat.kto, packing=True).validate()
+    DataConfig(path="x.jsonl", format=DataFormat.preference, packing=True).validate()
     mixed = DataConfig(format=DataFormat.preference,
                        sources=[DataSource(path="a.jsonl"), DataSource(path="b.jsonl", format=DataFormat.messages)])
     with pytest.raises(ConfigError, match=r"preference data cannot be mixed with other formats \(data.format="
@@ -281,6 +283,18 @@ def test_pair_batch_puts_chosen_rows_first_then_rejected_in_the_same_order():
     assert batch["attention_mask"].tolist() == [[1] * 5, [1, 1, 1, 1, 0], [1, 1, 1, 1, 0], [1, 1, 1, 0, 0]]
     assert batch["pair_index"].tolist() == [7, 3]
     assert count_tokens(batch) == 5 + 4 + 4 + 3
+
+
+def test_packed_pairs_hold_the_padded_batchs_sequences_back_to_back():
+    pairs = [pair([1, 2, 3], [10, 11], [20], index=7), pair([4], [12, 13, 14], [21, 22], index=3)]
+    packed, padded = collate_pairs_packed(pairs), collate_pairs(pairs, pad_id=0)
+    lengths = padded["attention_mask"].sum(-1).tolist()
+    assert packed["cu_seqlens"].tolist() == [0, 5, 9, 13, 16]
+    assert packed["position_ids"][0].tolist() == [*range(5), *range(4), *range(4), *range(3)]
+    unpadded = [row[:n] for row, n in zip(padded["input_ids"].tolist(), lengths)]
+    assert packed["input_ids"][0].tolist() == sum(unpadded, [])  # chosen 0, chosen 1, rejected 0, rejected 1
+    assert packed["labels"][0].tolist() == sum((row[:n] for row, n in zip(padded["labels"].tolist(), lengths)), [])
+    assert packed["pair_index"].tolist() == [7, 3] and count_tokens(packed) == count_tokens(padded)
 
 
 def test_kto_batch_has_mismatched_kl_rows_cut_to_max_seq_len():
@@ -313,6 +327,10 @@ def test_batches_from_a_split_cover_every_pair_and_eval_keeps_the_order(tmp_path
             assert f"question {index}" in tokenizer.decode(batch["input_ids"][row])
     order = [index for b in eval_preference_batches(train, 2, tokenizer.pad_token_id) for index in b["pair_index"]]
     assert order == [0, 1, 2, 3, 4]
+    config.packing = True
+    packed = next(preference_batches(train, config, micro_batch_size=2, pad_id=tokenizer.pad_token_id, seed=0))
+    assert packed["input_ids"].shape[0] == 1 and len(packed["cu_seqlens"]) == 5
+    assert packed["pair_index"].tolist() == epoch[0]["pair_index"].tolist()
 
 
 # ---- splits, mixing, the cache ----
