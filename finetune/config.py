@@ -362,8 +362,7 @@ class DataConfig:
     def _validate_preference(self) -> None:
         formats = {"data.format": self.format,
                    **{f"data.sources[{i}].format": s.format for i, s in enumerate(self.sources) if s.format}}
-        kinds = {key: value for key, value in formats.items() if value in PREFERENCE_DATA_FORMATS}
-        if not kinds:
+        if not any(value in PREFERENCE_DATA_FORMATS for value in formats.values()):
             return
         if len(set(formats.values())) > 1:
             listed = ", ".join(f"{key}={value.value}" for key, value in formats.items())

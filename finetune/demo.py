@@ -127,6 +127,7 @@ def demo_preference_pairs(seed: int = DEMO_SEED) -> tuple[list[dict], list[dict]
 
 def _pair(messages: list[dict], rng: random.Random) -> dict:
     *prompt, answer = messages
+    # Every value in the fact table belongs to one relation, so the answer tells which one was asked.
     relation = next(r for r, values in zip(RELATIONS, zip(*ENTITIES.values())) if answer["content"] in values)
     wrong = sorted({values[RELATIONS.index(relation)] for values in ENTITIES.values()} - {answer["content"]})
     return {"prompt": prompt, "chosen": [answer], "rejected": [{"role": "assistant", "content": rng.choice(wrong)}]}
