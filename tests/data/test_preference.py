@@ -7,12 +7,14 @@ import json
 import warnings
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from finetune.config import ConfigError, DataConfig, DataFormat, DataSource, Truncation
+from finetune.config import ConfigError, DataConfig, DataFormat, DataSource, LossOn, Truncation
 from finetune.data import (IGNORE_INDEX, DataError, PreferencePair, collate_kto, collate_pairs, collate_pairs_packed,
                            count_tokens, eval_preference_batches, load_preference_splits, load_splits,
                            preference_batches, preview)
-from finetune.data.tokenization import fit_pair, tokenizer_fingerprint
+from finetune.data.tokenization import TokenSettings, fit_pair, tokenize_pair_rows, tokenizer_fingerprint
 from finetune.demo import ENTITIES, RELATIONS, build_tokenizer, demo_conversations, demo_preference_pairs
 
 QUESTION = "Colour of the cat?"
@@ -426,3 +428,27 @@ def test_demo_path_reads_the_demo_in_the_configured_format(tmp_path, tokenizer, 
     # The SFT demo's files stay as they were beside the pairs.
     sft_train, _, _ = load_splits(DataConfig(path="demo", num_proc=1), tokenizer, 0, str(tmp_path))
     assert len(sft_train) == 108
+
+
+# ---- property: random conversation pairs ----
+
+TEXT = st.lists(st.sampled_from(["a", "b", " ", "\n", "é", "猫", "<|im_end|>", "<|im_start|>assistant\n", "ok."]),
+                min_size=1, max_size=8).map("".join).filter(str.strip)
+TURNS = st.lists(st.tuples(st.sampled_from(["user", "tool", "system"]), TEXT, TEXT), min_size=1, max_size=3)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(turns=TURNS, chosen=TEXT, rejected=TEXT)
+def test_random_conversation_pairs_split_into_the_rendered_prompt_and_answers(tokenizer, turns, chosen, rejected):
+    history = []
+    for role, text, answer in turns:
+        history += [{"role": role, "content": text}, assistant(answer)]
+    history = history[:-1]  # ends on a non-assistant turn: the answers follow it
+    settings_ = TokenSettings(DataFormat.preference, LossOn.assistant, 4096, tokenizer.chat_template)
+    row = {"chosen": [history + [assistant(chosen)]], "rejected": [history + [assistant(rejected)]]}
+    columns = tokenize_pair_rows(row, [0], tokenizer=tokenizer, settings=settings_, source_name="random")
+    prompt = tokenizer.apply_chat_template(history, tokenize=False, add_generation_prompt=True)
+    assert tokenizer.decode(columns["prompt_ids"][0]) == prompt
+    for answer, ids in ((chosen, columns["chosen_ids"][0]), (rejected, columns["rejected_ids"][0])):
+        # Each answer, through the end-of-turn token that closes it (an answer may hold that text too).
+        assert tokenizer.decode(columns["prompt_ids"][0] + ids) == prompt + answer + "<|im_end|>"
