@@ -314,6 +314,7 @@ class DataConfig:
     # Chat template: "chatml" or a Jinja string. Unset: the tokenizer's own, or chatml when it has
     # none. Whatever renders the data is also set on the tokenizer saved with the adapter.
     chat_template: Optional[str] = None
+    # SFT formats only: preference objectives always score each whole response.
     loss_on: LossOn = LossOn.assistant
     max_seq_len: int = 2048
     # What happens to samples longer than max_seq_len. Preference data: a pair is too long when its
