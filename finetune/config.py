@@ -72,6 +72,12 @@ class DataFormat(str, enum.Enum):
     prompt_completion = "prompt_completion"
     # Plain text for continued pre-training; every token is trained.
     text = "text"
+    # Preference pairs for DPO-style objectives: {prompt, chosen, rejected}, each a string or a
+    # message list, or conversation pairs (chosen and rejected whole conversations that differ only
+    # in their last assistant turn, no prompt). Rendered with the chat template.
+    preference = "preference"
+    # KTO rows {prompt, completion, label}: one completion, label true when it is desirable.
+    kto = "kto"
 
 
 class LossOn(str, enum.Enum):
@@ -265,7 +271,11 @@ FORMAT_COLUMNS = {
     DataFormat.instruction: ("instruction", "input", "output"),
     DataFormat.prompt_completion: ("prompt", "completion"),
     DataFormat.text: ("text",),
+    DataFormat.preference: ("prompt", "chosen", "rejected"),
+    DataFormat.kto: ("prompt", "completion", "label"),
 }
+# Formats whose rows are tokenized into preference pairs (finetune/data/preference.py), not samples.
+PREFERENCE_DATA_FORMATS = (DataFormat.preference, DataFormat.kto)
 
 
 @dataclass
@@ -280,6 +290,10 @@ class DataColumns:
     prompt: str = "prompt"
     completion: str = "completion"
     text: str = "text"
+    chosen: str = "chosen"
+    rejected: str = "rejected"
+    # KTO: true for a desirable completion, false for an undesirable one.
+    label: str = "label"
 
 
 @dataclass
@@ -304,7 +318,8 @@ class DataSource:
 class DataConfig:
     """Training data: which datasets, how they are rendered and masked, and how batches are built."""
 
-    # Single-source shorthand for `sources`: a file, a hub dataset name, or "demo".
+    # Single-source shorthand for `sources`: a file, a hub dataset name, or "demo" (the demo's chats;
+    # with data.format=preference its preference pairs, with data.format=kto its KTO rows).
     path: Optional[str] = None
     # Several datasets mixed by weight, e.g. [{path: a.jsonl, weight: 0.7}, {path: b.parquet, weight: 0.3}].
     sources: List[DataSource] = field(default_factory=list)
@@ -319,12 +334,19 @@ class DataConfig:
     # Chat template: "chatml" or a Jinja string. Unset: the tokenizer's own, or chatml when it has
     # none. Whatever renders the data is also set on the tokenizer saved with the adapter.
     chat_template: Optional[str] = None
+    # SFT formats only: preference objectives always score each whole response.
     loss_on: LossOn = LossOn.assistant
     max_seq_len: int = 2048
-    # What happens to samples longer than max_seq_len.
+    # What happens to samples longer than max_seq_len. Preference data: a pair is too long when its
+    # prompt plus its longer response exceeds max_seq_len (KTO: prompt plus completion). `truncate`
+    # then keeps the prompt's LAST tokens, cut only as far as needed but never below max_seq_len // 2
+    # of them (a shorter prompt stays whole), and cuts the responses' ENDS to the room left; `drop`
+    # leaves the pair out. Pairs whose chosen and rejected tokens are identical (after truncation)
+    # carry no preference and are dropped with a warning.
     truncation: Truncation = Truncation.truncate
     # Concatenate samples into one row per micro-batch (up to micro_batch_size * max_seq_len
-    # tokens), with attention kept inside each sample: no padding is computed.
+    # tokens), with attention kept inside each sample: no padding is computed. Preference pairs:
+    # each micro-batch's chosen and rejected sequences share one row. Not yet for KTO data.
     packing: bool = False
     # Worker processes for tokenizing; unset: one per CPU core, at most 8.
     num_proc: Optional[int] = None
@@ -356,6 +378,21 @@ class DataConfig:
         for index, source in enumerate(self.sources):
             if source.weight <= 0:
                 raise ConfigError(f"data.sources[{index}].weight must be positive, got {source.weight}.")
+        self._validate_preference()
+
+    def _validate_preference(self) -> None:
+        formats = {"data.format": self.format,
+                   **{f"data.sources[{i}].format": s.format for i, s in enumerate(self.sources) if s.format}}
+        if not any(value in PREFERENCE_DATA_FORMATS for value in formats.values()):
+            return
+        if len(set(formats.values())) > 1:
+            listed = ", ".join(f"{key}={value.value}" for key, value in formats.items())
+            raise ConfigError(f"preference data cannot be mixed with other formats ({listed}): every source of a "
+                              "preference run is read as data.format=preference (or kto for KTO); set data.format "
+                              "once and leave the sources' format unset.")
+        if self.packing and self.format is DataFormat.kto:
+            raise ConfigError("data.packing=true is not supported for data.format=kto yet (its KL rows are padded): "
+                              "pass data.packing=false.")
 
 
 @dataclass

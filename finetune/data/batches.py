@@ -116,7 +116,7 @@ def model_inputs(batch: dict[str, torch.Tensor], device: torch.device, packed_bo
 
 
 def count_tokens(batch: dict[str, torch.Tensor]) -> int:
-    """Tokens the model computes on, padding excluded."""
+    """Tokens the model computes on, padding excluded (KTO batches: their KL rows too)."""
     if "attention_mask" in batch:
-        return int(batch["attention_mask"].sum())
+        return int(batch["attention_mask"].sum()) + int(batch.get("kl_attention_mask", torch.zeros(())).sum())
     return batch["input_ids"].numel()
