@@ -70,7 +70,8 @@ def build_hf(checkpoint: Path, liger: bool, grad_ckpt: bool, kbit_prep: bool):
     return model, step
 
 
-def build_ours(checkpoint: Path, impl: str, grad_ckpt: bool, overrides: list[str], batch: int, seq: int):
+def build_ours(checkpoint: Path, impl: str, grad_ckpt: bool, overrides: list[str], batch: int, seq: int,
+               cap_gib: float | None):
     from finetune.api import compose_config
     from finetune.models import build_model, choose_impl
     from finetune.models.source import resolve_source
@@ -79,7 +80,9 @@ def build_ours(checkpoint: Path, impl: str, grad_ckpt: bool, overrides: list[str
     cfg = compose_config("demo", [f"model.name_or_path={checkpoint}", f"model.impl={impl}",
                                   f"model.gradient_checkpointing={str(grad_ckpt).lower()}",
                                   f"data.max_seq_len={seq}", f"train.micro_batch_size={batch}",
-                                  *(f"lora.{k}={v}" for k, v in LORA.items()), *overrides])
+                                  *(f"lora.{k}={v}" for k, v in LORA.items()),
+                                  # The planner (checkpoint_layers and offload left to auto) plans for the cap.
+                                  *([f"hardware.gpu_memory_gb={cap_gib}"] if cap_gib else []), *overrides])
     source = resolve_source(cfg.model, cfg.cache_dir)
     impl, why = choose_impl(cfg, source)
     plan = plan_for_run(cfg, source, impl, why)
@@ -111,7 +114,7 @@ def measure(args) -> dict:
     batch, seq = args.batch, args.seq
     if args.side == "ours":
         model, step = build_ours(args.checkpoint, args.ours_impl, not args.no_grad_ckpt, args.ours_override,
-                                 batch, seq)
+                                 batch, seq, args.cap_gib)
     else:
         model, step = build_hf(args.checkpoint, liger=args.side == "liger", grad_ckpt=not args.no_grad_ckpt,
                                kbit_prep=args.side == "hf-kbit")
@@ -236,7 +239,7 @@ def run_e2e(batch: int, seq: int, args) -> dict:
            *args.e2e_override]
     if args.cap_gib:
         # The planner plans for the cap, and the allocator enforces it as it does for the other sides.
-        cmd.append(f"hardware.gpu_memory_gb={args.cap_gib * 2**30 / 1e9:.3f}")
+        cmd.append(f"hardware.gpu_memory_gb={args.cap_gib}")  # GiB, as the cap
         cap = (f"import runpy, sys, torch; torch.cuda.set_per_process_memory_fraction({args.cap_gib * 2**30} / "
                f"torch.cuda.get_device_properties(0).total_memory); sys.argv = sys.argv[1:]; "
                f"runpy.run_path(sys.argv[0], run_name='__main__')")
