@@ -40,33 +40,37 @@ def _strip(j: tl.constexpr, gs, Q, K):
 @triton.jit
 def _masked_rows(ptr, stride, rows, row_ok, cols, col_ok, u, p):
     """(BLOCK_ROWS, BLOCK_GROUPS) of a row-major matrix with the dropped elements zeroed."""
-    values = tl.load(ptr + rows[:, None] * stride + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
-    return tl.where(u >= p, values, tl.zeros_like(values))
+    # Dropped elements are masked out of the load itself: a select between the loaded tile and zeros
+    # that then feeds tl.dot fails Triton 3.7's lowering on sm90.
+    keep = row_ok[:, None] & col_ok[None, :] & (u >= p)
+    return tl.load(ptr + rows[:, None] * stride + cols[None, :], mask=keep, other=0.0)
 
 
 @triton.jit
-def _dot(a, b, acc, IEEE: tl.constexpr):
-    # In fp32: 16-bit inputs have at most 8 significant bits, which TF32's 11 hold exactly, so the
-    # tensor cores' TF32 products are exact for them (and Triton's CPU interpreter multiplies
-    # bf16 only as fp32). fp32 inputs take the IEEE path: no TF32 rounding.
-    a, b = a.to(tl.float32), b.to(tl.float32)
-    if IEEE:
-        return tl.dot(a, b, acc, input_precision="ieee")
-    return tl.dot(a, b, acc, input_precision="tf32")
+def _dot(a, b, acc, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    if IEEE:  # fp32 inputs: no TF32 rounding
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    if UPCAST:
+        # Triton's CPU interpreter multiplies 16-bit dots wrongly; in fp32 the products stay exact
+        # (16-bit inputs have at most 8 significant bits, which TF32's 11 hold).
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="tf32")
+    # On the GPU: the 16-bit tensor-core MMA (exact products, fp32 sums), as cuBLAS computes the
+    # unfused path. (An fp32 cast of a masked 16-bit tile fails Triton 3.7's lowering on sm90.)
+    return tl.dot(a, b, acc)
 
 
 @triton.jit
 def _down_strip(acc, x_ptr, a_ptr, stride_x, stride_a, rows, row_ok, ranks, rank_ok, j: tl.constexpr, gs, Q, K, u, p,
-                IEEE: tl.constexpr):
+                IEEE: tl.constexpr, UPCAST: tl.constexpr):
     cols, col_ok = _strip(j, gs, Q, K)
     a = tl.load(a_ptr + ranks[None, :] * stride_a + cols[:, None], mask=col_ok[:, None] & rank_ok[None, :], other=0.0)
-    return _dot(_masked_rows(x_ptr, stride_x, rows, row_ok, cols, col_ok, u, p), a, acc, IEEE)
+    return _dot(_masked_rows(x_ptr, stride_x, rows, row_ok, cols, col_ok, u, p), a, acc, IEEE, UPCAST)
 
 
 @triton.jit
 def _down_kernel(x_ptr, a_ptr, out_ptr, N, K, Q, stride_x, stride_a, stride_out, seed, p, scale,
                  RANK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_G: tl.constexpr,
-                 IEEE: tl.constexpr):
+                 IEEE: tl.constexpr, UPCAST: tl.constexpr):
     """xa (N, RANK) = scale (x * d) A^T for one layer: a program per BLOCK_M rows, looping over K."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < N
@@ -77,19 +81,20 @@ def _down_kernel(x_ptr, a_ptr, out_ptr, N, K, Q, stride_x, stride_a, stride_out,
     for g0 in range(0, Q, BLOCK_G):
         gs = g0 + tl.arange(0, BLOCK_G)
         u0, u1, u2, u3 = tl.rand4x(seed, rows[:, None] * Q + gs[None, :])
-        acc = _down_strip(acc, x_ptr, a_ptr, stride_x, stride_a, rows, row_ok, ranks, rank_ok, 0, gs, Q, K, u0, p, IEEE)
-        acc = _down_strip(acc, x_ptr, a_ptr, stride_x, stride_a, rows, row_ok, ranks, rank_ok, 1, gs, Q, K, u1, p, IEEE)
-        acc = _down_strip(acc, x_ptr, a_ptr, stride_x, stride_a, rows, row_ok, ranks, rank_ok, 2, gs, Q, K, u2, p, IEEE)
-        acc = _down_strip(acc, x_ptr, a_ptr, stride_x, stride_a, rows, row_ok, ranks, rank_ok, 3, gs, Q, K, u3, p, IEEE)
+        acc = _down_strip(acc, x_ptr, a_ptr, stride_x, stride_a, rows, row_ok, ranks, rank_ok, 0, gs, Q, K, u0, p, IEEE, UPCAST)
+        acc = _down_strip(acc, x_ptr, a_ptr, stride_x, stride_a, rows, row_ok, ranks, rank_ok, 1, gs, Q, K, u1, p, IEEE, UPCAST)
+        acc = _down_strip(acc, x_ptr, a_ptr, stride_x, stride_a, rows, row_ok, ranks, rank_ok, 2, gs, Q, K, u2, p, IEEE, UPCAST)
+        acc = _down_strip(acc, x_ptr, a_ptr, stride_x, stride_a, rows, row_ok, ranks, rank_ok, 3, gs, Q, K, u3, p, IEEE, UPCAST)
     tl.store(out_ptr + rows[:, None] * stride_out + ranks[None, :], (acc * scale).to(out_ptr.dtype.element_ty),
              mask=row_ok[:, None] & rank_ok[None, :])
 
 
 @triton.jit
-def _up_strip(acc, grad_xa, a_ptr, stride_a, ranks, rank_ok, j: tl.constexpr, gs, Q, K, u, p, IEEE: tl.constexpr):
+def _up_strip(acc, grad_xa, a_ptr, stride_a, ranks, rank_ok, j: tl.constexpr, gs, Q, K, u, p, IEEE: tl.constexpr,
+              UPCAST: tl.constexpr):
     cols, col_ok = _strip(j, gs, Q, K)
     a = tl.load(a_ptr + ranks[:, None] * stride_a + cols[None, :], mask=rank_ok[:, None] & col_ok[None, :], other=0.0)
-    return acc + tl.where(u >= p, _dot(grad_xa, a, tl.zeros_like(acc), IEEE), 0.0)
+    return acc + tl.where(u >= p, _dot(grad_xa, a, tl.zeros_like(acc), IEEE, UPCAST), 0.0)
 
 
 @triton.jit
@@ -104,7 +109,7 @@ def _add_strip(grad_x_ptr, stride_gx, rows, row_ok, j: tl.constexpr, gs, Q, K, a
 @triton.jit
 def _grad_x_kernel(grad_x_ptr, grad_xa_ptr, a_ptr, N, K, Q, stride_gx, stride_gxa, stride_a, seed, p, scale,
                    LAYERS: tl.constexpr, RANK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr,
-                   BLOCK_G: tl.constexpr, IEEE: tl.constexpr):
+                   BLOCK_G: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
     """grad_x += scale sum_l (grad_xa_l A_l) * d_l, in place: a program per tile, every layer at once."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < N
@@ -121,10 +126,10 @@ def _grad_x_kernel(grad_x_ptr, grad_xa_ptr, a_ptr, N, K, Q, stride_gx, stride_gx
                           mask=row_ok[:, None] & rank_ok[None, :], other=0.0)
         layer_a = a_ptr + layer * RANK * stride_a
         u0, u1, u2, u3 = tl.rand4x(seed + layer, rows[:, None] * Q + gs[None, :])
-        acc0 = _up_strip(acc0, grad_xa, layer_a, stride_a, ranks, rank_ok, 0, gs, Q, K, u0, p, IEEE)
-        acc1 = _up_strip(acc1, grad_xa, layer_a, stride_a, ranks, rank_ok, 1, gs, Q, K, u1, p, IEEE)
-        acc2 = _up_strip(acc2, grad_xa, layer_a, stride_a, ranks, rank_ok, 2, gs, Q, K, u2, p, IEEE)
-        acc3 = _up_strip(acc3, grad_xa, layer_a, stride_a, ranks, rank_ok, 3, gs, Q, K, u3, p, IEEE)
+        acc0 = _up_strip(acc0, grad_xa, layer_a, stride_a, ranks, rank_ok, 0, gs, Q, K, u0, p, IEEE, UPCAST)
+        acc1 = _up_strip(acc1, grad_xa, layer_a, stride_a, ranks, rank_ok, 1, gs, Q, K, u1, p, IEEE, UPCAST)
+        acc2 = _up_strip(acc2, grad_xa, layer_a, stride_a, ranks, rank_ok, 2, gs, Q, K, u2, p, IEEE, UPCAST)
+        acc3 = _up_strip(acc3, grad_xa, layer_a, stride_a, ranks, rank_ok, 3, gs, Q, K, u3, p, IEEE, UPCAST)
     _add_strip(grad_x_ptr, stride_gx, rows, row_ok, 0, gs, Q, K, acc0, scale)
     _add_strip(grad_x_ptr, stride_gx, rows, row_ok, 1, gs, Q, K, acc1, scale)
     _add_strip(grad_x_ptr, stride_gx, rows, row_ok, 2, gs, Q, K, acc2, scale)
@@ -132,9 +137,10 @@ def _grad_x_kernel(grad_x_ptr, grad_xa_ptr, a_ptr, N, K, Q, stride_gx, stride_gx
 
 
 @triton.jit
-def _grad_a_strip(acc, grad_xa_t, x_ptr, stride_x, rows, row_ok, j: tl.constexpr, gs, Q, K, u, p, IEEE: tl.constexpr):
+def _grad_a_strip(acc, grad_xa_t, x_ptr, stride_x, rows, row_ok, j: tl.constexpr, gs, Q, K, u, p, IEEE: tl.constexpr,
+                  UPCAST: tl.constexpr):
     cols, col_ok = _strip(j, gs, Q, K)
-    return _dot(grad_xa_t, _masked_rows(x_ptr, stride_x, rows, row_ok, cols, col_ok, u, p), acc, IEEE)
+    return _dot(grad_xa_t, _masked_rows(x_ptr, stride_x, rows, row_ok, cols, col_ok, u, p), acc, IEEE, UPCAST)
 
 
 @triton.jit
@@ -146,7 +152,7 @@ def _store_strip(out_ptr, K, ranks, rank_ok, j: tl.constexpr, gs, Q, acc, scale)
 @triton.jit
 def _grad_a_kernel(grad_xa_ptr, x_ptr, out_ptr, N, K, Q, stride_gxa, stride_x, seed, p, scale, rows_per_split,
                    RANK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_G: tl.constexpr,
-                   IEEE: tl.constexpr):
+                   IEEE: tl.constexpr, UPCAST: tl.constexpr):
     """One layer's fp32 partial grad_A over one split of the rows: out[split] (RANK, K)."""
     gs = tl.program_id(0) * BLOCK_G + tl.arange(0, BLOCK_G)
     split = tl.program_id(1)
@@ -164,10 +170,10 @@ def _grad_a_kernel(grad_xa_ptr, x_ptr, out_ptr, N, K, Q, stride_gxa, stride_x, s
         grad_xa_t = tl.load(grad_xa_ptr + rows[None, :] * stride_gxa + ranks[:, None],
                             mask=rank_ok[:, None] & row_ok[None, :], other=0.0)  # (BLOCK_R, BLOCK_M)
         u0, u1, u2, u3 = tl.rand4x(seed, rows[:, None] * Q + gs[None, :])
-        acc0 = _grad_a_strip(acc0, grad_xa_t, x_ptr, stride_x, rows, row_ok, 0, gs, Q, K, u0, p, IEEE)
-        acc1 = _grad_a_strip(acc1, grad_xa_t, x_ptr, stride_x, rows, row_ok, 1, gs, Q, K, u1, p, IEEE)
-        acc2 = _grad_a_strip(acc2, grad_xa_t, x_ptr, stride_x, rows, row_ok, 2, gs, Q, K, u2, p, IEEE)
-        acc3 = _grad_a_strip(acc3, grad_xa_t, x_ptr, stride_x, rows, row_ok, 3, gs, Q, K, u3, p, IEEE)
+        acc0 = _grad_a_strip(acc0, grad_xa_t, x_ptr, stride_x, rows, row_ok, 0, gs, Q, K, u0, p, IEEE, UPCAST)
+        acc1 = _grad_a_strip(acc1, grad_xa_t, x_ptr, stride_x, rows, row_ok, 1, gs, Q, K, u1, p, IEEE, UPCAST)
+        acc2 = _grad_a_strip(acc2, grad_xa_t, x_ptr, stride_x, rows, row_ok, 2, gs, Q, K, u2, p, IEEE, UPCAST)
+        acc3 = _grad_a_strip(acc3, grad_xa_t, x_ptr, stride_x, rows, row_ok, 3, gs, Q, K, u3, p, IEEE, UPCAST)
     out_ptr += split * RANK * K
     _store_strip(out_ptr, K, ranks, rank_ok, 0, gs, Q, acc0, scale)
     _store_strip(out_ptr, K, ranks, rank_ok, 1, gs, Q, acc1, scale)
@@ -216,7 +222,7 @@ def dropout_down(x: torch.Tensor, lora_A: torch.Tensor, seed: int, p: float, out
     _down_kernel[(triton.cdiv(N, BLOCK_ROWS),)](
         x, lora_A, out, N, K, Q, x.stride(0), lora_A.stride(0), out.stride(0), seed, p, 1 / (1 - p),
         RANK=rank, BLOCK_R=_rank_block(rank), BLOCK_M=BLOCK_ROWS, BLOCK_G=BLOCK_GROUPS,
-        IEEE=x.dtype == torch.float32)
+        IEEE=x.dtype == torch.float32, UPCAST=x.device.type != "cuda")
 
 
 def dropout_grad_x(grad_x: torch.Tensor, grad_xa: torch.Tensor, lora_A: torch.Tensor, rank: int, seed: int,
@@ -235,7 +241,7 @@ def dropout_grad_x(grad_x: torch.Tensor, grad_xa: torch.Tensor, lora_A: torch.Te
     _grad_x_kernel[grid](
         grad_x, grad_xa, lora_A, N, K, Q, grad_x.stride(0), grad_xa.stride(0), lora_A.stride(0), seed, p,
         1 / (1 - p), LAYERS=layers, RANK=rank, BLOCK_R=_rank_block(rank), BLOCK_M=BLOCK_ROWS, BLOCK_G=BLOCK_GROUPS,
-        IEEE=grad_x.dtype == torch.float32)
+        IEEE=grad_x.dtype == torch.float32, UPCAST=grad_x.device.type != "cuda")
 
 
 def dropout_grad_a(grad_xa: torch.Tensor, x: torch.Tensor, seed: int, p: float) -> torch.Tensor:
@@ -250,7 +256,7 @@ def dropout_grad_a(grad_xa: torch.Tensor, x: torch.Tensor, seed: int, p: float) 
     _grad_a_kernel[(triton.cdiv(Q, BLOCK_GROUPS), splits)](
         grad_xa, x, partial, N, K, Q, grad_xa.stride(0), x.stride(0), seed, p, 1 / (1 - p), rows_per_split,
         RANK=rank, BLOCK_R=_rank_block(rank), BLOCK_M=BLOCK_ROWS, BLOCK_G=BLOCK_GROUPS,
-        IEEE=x.dtype == torch.float32)
+        IEEE=x.dtype == torch.float32, UPCAST=x.device.type != "cuda")
     return partial.sum(0)
 
 

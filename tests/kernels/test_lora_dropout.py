@@ -68,14 +68,14 @@ def test_forward_and_backward_match_reference(device, N, K, rank, dtype):
 
 
 @pytest.mark.parametrize("outs", [(48, 16, 16), (16, 8, 8)], ids=["fold", "no_fold"])
-def test_group_with_fused_dropout_matches_plain_autograd(outs):
+def test_group_with_fused_dropout_matches_plain_autograd(device, outs):
     """The LoRA group's kernel path: the seed it draws, the masks it implies, plain autograd's gradients."""
     p = 0.3
-    layers = make_group(outs, bias=True, dropout=p, adapted=(True, False, True))
+    layers = [layer.to(device) for layer in make_group(outs, bias=True, dropout=p, adapted=(True, False, True))]
     for layer in layers:
         layer.fused_dropout = lora_dropout
-    x = torch.randn(2, 5, layers[0].in_features, requires_grad=True)
-    grad_y = torch.randn(2, 5, sum(outs))
+    x = torch.randn(2, 5, layers[0].in_features, device=device, requires_grad=True)
+    grad_y = torch.randn(2, 5, sum(outs), device=device)
     params = [t for layer in layers for t in (layer.lora_A, layer.lora_B) if t is not None]
     torch.manual_seed(7)
     y = project(x, layers)

@@ -185,7 +185,8 @@ class AttentionLayout:
             cu, n = self.cu_seqlens, self.max_seqlen
             q, k, v = q[0], k[0], v[0]  # (total_tokens, H, D)
             options = inspect.signature(varlen_attn).parameters
-            kwargs = {}
+            # Newer torch's varlen_attn is not causal unless asked (torch 2.11's always is).
+            kwargs = {"is_causal": True} if "is_causal" in options else {}
             if "window_size" in options:
                 kwargs["window_size"] = (window - 1 if window else -1, 0)
             elif window is not None and window < n:
