@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         run_benchmark(parse_args(argv))
-    except UserError as e:
+    except (UserError, OSError) as e:  # OSError: an unwritable output, a full disk; its message says which
         print(f"finetune-eval: error: {e}", file=sys.stderr)
         return 2
     return 0

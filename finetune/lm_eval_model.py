@@ -4,8 +4,8 @@ lm_eval asks three things of a model: the log-probability of a continuation give
 whether greedy decoding would produce it), the log-probability of a whole text, and generations up
 to stop strings. TemplateLM (lm_eval's base for local models) turns texts into token ids the way
 its own transformers model does; this class scores those ids with one batched forward of whatever
-`finetune.load` returned (either model path, a merged model), and generates through the project's
-generation front. Importing this module needs the `eval` extra (`pip install 'finetune[eval]'`).
+`finetune.load` returned (either model path, a merged model), and generates through one function,
+`generate_until_stop`. Importing this module needs the `eval` extra (`pip install 'finetune[eval]'`).
 """
 
 from __future__ import annotations

@@ -225,7 +225,7 @@ def test_both_model_paths_give_the_same_loglikelihoods(checkpoints):
     requests = [(None, ids[:n], ids[n:n + k]) for n, k in ((5, 3), (40, 10), (12, 1), (50, 2), (2, 30))]
     native_scores, generic_scores = ([logprob for logprob, _ in FinetuneLM(model, tokenizer, 256, 2)._loglikelihood_tokens(
         requests)] for model in (native, generic))
-    # fp32 on both paths: the sums differ by the order of operations only.
+    # test_native's bound for the two paths' logits: fp32 both, sums taken in another order.
     assert native_scores == pytest.approx(generic_scores, rel=1e-3)
 
 
