@@ -19,7 +19,8 @@ from finetune.demo import ENTITIES, RELATIONS, SYSTEM_PROMPT, demo_conversations
 from finetune.lm_eval_model import FinetuneLM
 
 from runner import REPO
-from test_native import checkpoints, copy_lora_from_peft, generic_model, native_model, random_ids, randomize_lora_B  # noqa: F401
+from test_native import checkpoints  # noqa: F401  (the fixture, shared with tests/models)
+from test_native import copy_lora_from_peft, generic_model, native_model, random_ids, randomize_lora_B
 
 TASKS = "demo_facts,demo_facts_gen"
 
@@ -80,9 +81,10 @@ metric_list:
 
 @pytest.fixture(scope="module")
 def demo_adapter(tmp_path_factory, cache_dir):
-    """The demo recipe, cut to 60 steps: enough to pick held-out answers well above chance."""
+    """The demo recipe cut to 150 of its 300 steps: enough to pick held-out answers far above chance
+    (42% against the base's 6% here; 100 steps gave 25%, 60 steps had learned the format only)."""
     result = finetune.train("demo", [f"output_dir={tmp_path_factory.mktemp('demo') / 'run'}", f"cache_dir={cache_dir}",
-                                     "train.max_steps=60", "train.eval_every=60", "train.eval_generate=0"])
+                                     "train.max_steps=150", "train.eval_every=150", "train.eval_generate=0"])
     return result.adapter_dir
 
 
@@ -115,7 +117,7 @@ def test_demo_adapter_beats_its_base(adapter_report):
     report = json.loads(path.read_text())
     base, adapter = (report["runs"][label]["results"] for label in ("base", "adapter"))
     # Twelve choices: chance is 1/12. The base is random; the adapter learned the facts.
-    assert adapter["demo_facts"]["acc,none"] >= base["demo_facts"]["acc,none"] + 0.15
+    assert adapter["demo_facts"]["acc,none"] >= base["demo_facts"]["acc,none"] + 0.2
     assert adapter["demo_facts_gen"]["exact_match,none"] > base["demo_facts_gen"]["exact_match,none"]
     assert report["runs"]["base"]["n-samples"]["demo_facts"]["effective"] == 36
 
@@ -223,10 +225,11 @@ def test_both_model_paths_give_the_same_loglikelihoods(checkpoints):
     ids = random_ids(1, 60, seed=4)[0].tolist()
     # Different context and continuation lengths, so batches are right-padded.
     requests = [(None, ids[:n], ids[n:n + k]) for n, k in ((5, 3), (40, 10), (12, 1), (50, 2), (2, 30))]
-    native_scores, generic_scores = ([logprob for logprob, _ in FinetuneLM(model, tokenizer, 256, 2)._loglikelihood_tokens(
-        requests)] for model in (native, generic))
+    def logprobs(model) -> list[float]:
+        return [logprob for logprob, _ in FinetuneLM(model, tokenizer, 256, 2)._loglikelihood_tokens(requests)]
+
     # test_native's bound for the two paths' logits: fp32 both, sums taken in another order.
-    assert native_scores == pytest.approx(generic_scores, rel=1e-3)
+    assert logprobs(native) == pytest.approx(logprobs(generic), rel=1e-3)
 
 
 def test_a_greedy_continuation_is_reported_greedy(base_lm):
