@@ -105,7 +105,7 @@ def model_inputs(batch: dict[str, torch.Tensor], device: torch.device, packed_bo
     from position_ids and take no such argument.
     """
     inputs = {key: value.to(device, non_blocking=True) for key, value in batch.items() if key != "cu_seqlens"}
-    if packed_boundaries:
+    if packed_boundaries and "cu_seqlens" in batch:
         # Left in host memory: the model reads the longest sample's length there without waiting
         # on the GPU, then moves the boundaries itself.
         inputs["cu_seqlens"] = batch["cu_seqlens"]

@@ -7,7 +7,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from finetune.config import DataConfig
-from finetune.data import (IGNORE_INDEX, Sample, TokenizedSplit, collate_packed, count_tokens, model_inputs,
+from finetune.data import (IGNORE_INDEX, Sample, TokenizedSplit, collate, collate_packed, count_tokens, model_inputs,
                            train_batches)
 from finetune.data.batches import pack
 
@@ -53,7 +53,12 @@ def test_boundaries_go_only_to_models_that_take_them():
     batch = collate_packed(random_samples([3, 5]))
     without = model_inputs(batch, CPU, packed_boundaries=False)
     assert "cu_seqlens" not in without and without["use_cache"] is False
-    assert model_inputs(batch, CPU, packed_boundaries=True)["cu_seqlens"].tolist() == [0, 3, 8]
+    taken = model_inputs(batch, CPU, packed_boundaries=True)["cu_seqlens"]
+    # Left in host memory: the native model reads the longest sample there without a GPU sync.
+    assert taken.tolist() == [0, 3, 8] and taken.device.type == "cpu"
+    # A padded batch has no boundaries to give, whichever model takes it.
+    padded = model_inputs(collate(random_samples([3, 5]), pad_id=0), CPU, packed_boundaries=True)
+    assert "cu_seqlens" not in padded and padded["attention_mask"].shape == (2, 5)
 
 
 def test_packed_loss_equals_the_token_mean_over_samples_run_one_by_one(model):

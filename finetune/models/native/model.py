@@ -185,7 +185,8 @@ class AttentionLayout:
             cu, n = self.cu_seqlens, self.max_seqlen
             q, k, v = q[0], k[0], v[0]  # (total_tokens, H, D)
             options = inspect.signature(varlen_attn).parameters
-            # Newer torch's varlen_attn is not causal unless asked (torch 2.11's always is).
+            # Newer torch's varlen_attn is not causal unless asked; torch 2.11's takes no such flag and
+            # is made causal by the window (-1, 0) below.
             kwargs = {"is_causal": True} if "is_causal" in options else {}
             if "window_size" in options:
                 kwargs["window_size"] = (window - 1 if window else -1, 0)
