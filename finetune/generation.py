@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from finetune.lora import compute_device
 
@@ -54,7 +55,7 @@ class Sampling:
                                                top_p=self.top_p)
         return GenerationConfig(max_new_tokens=self.max_new_tokens, do_sample=not self.greedy,
                                 repetition_penalty=self.repetition_penalty, eos_token_id=eos_ids(tokenizer, model),
-                                pad_token_id=pad_id(tokenizer), stop_strings=list(self.stop) or None, **sampled)
+                                pad_token_id=pad_id(tokenizer), **sampled)
 
 
 def eos_ids(tokenizer, model) -> list[int]:
@@ -117,14 +118,30 @@ def generate_ids(model, tokenizer, prompts: list[list[int]], sampling: Sampling,
     config = sampling.generation_config(tokenizer, model)
     model.eval()
     with torch.no_grad(), seeded(sampling.seed, device):
+        stopping = [StopOnText(tokenizer, sampling.stop, width)] if sampling.stop else []
         output = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
-                                streamer=streamer, **({"tokenizer": tokenizer} if sampling.stop else {}))
+                                streamer=streamer, stopping_criteria=StoppingCriteriaList(stopping))
     eos = set(config.eos_token_id)
     results = []
     for row in output[:, width:].tolist():
         end = next((i + 1 for i, token in enumerate(row) if token in eos), len(row))
         results.append(row[:end])
     return results
+
+
+class StopOnText(StoppingCriteria):
+    """Ends a row once the text of its new tokens contains a stop string.
+
+    On decoded text, not on token strings (transformers' StopStringCriteria), so that it holds for
+    any tokenizer: a stop string with a space misses with byte-level BPE vocabularies there.
+    """
+
+    def __init__(self, tokenizer, stop: Sequence[str], prompt_width: int):
+        self.tokenizer, self.stop, self.prompt_width = tokenizer, [s for s in stop if s], prompt_width
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_width:], skip_special_tokens=True)
+        return torch.tensor([any(s in text for s in self.stop) for text in texts], device=input_ids.device)
 
 
 @contextlib.contextmanager

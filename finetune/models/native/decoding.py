@@ -10,8 +10,8 @@ row, so a left-padded prompt computes what it computes alone.
 With weight streaming, one pass over the layers serves the whole batch at each step, and the last
 layer's turn already starts copying layer 0 for the next step.
 
-Sampling uses transformers' logits processors and stopping criteria (the same classes its
-`generate` uses on the generic path), so a GenerationConfig means the same on both paths.
+Sampling uses transformers' logits processors (the classes its `generate` uses on the generic
+path), so a GenerationConfig means the same on both paths.
 """
 
 from __future__ import annotations
@@ -86,23 +86,26 @@ class LayerCache:
         return y.view(B, Hq, T, D).transpose(1, 2)
 
 
+DEFAULT_NEW_TOKENS = 16  # without max_new_tokens or max_length
 # GenerationConfig fields this loop honours; any other departing from its default is refused.
 UNSUPPORTED = {"num_beams": 1, "num_return_sequences": 1, "penalty_alpha": None, "min_new_tokens": None,
                "min_length": 0, "no_repeat_ngram_size": 0, "bad_words_ids": None, "constraints": None,
-               "force_words_ids": None, "suppress_tokens": None, "begin_suppress_tokens": None}
+               "force_words_ids": None, "suppress_tokens": None, "begin_suppress_tokens": None,
+               "stop_strings": None}  # finetune.generation stops on text itself, for every tokenizer
 
 
 @torch.no_grad()
 def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, generation_config=None,
-             streamer=None, tokenizer=None, **kwargs) -> torch.Tensor:
+             streamer=None, stopping_criteria=None, **kwargs) -> torch.Tensor:
     """transformers' `generate` for the native model: prompt and new ids (B, T + new), finished rows padded.
 
     Greedy unless `do_sample`; temperature, top_k, top_p and repetition_penalty as transformers
-    applies them; stops a row at any of `eos_token_id` or a `stop_strings` match (needs `tokenizer`).
-    `streamer.put` gets the prompt ids first, then each step's new ids, as transformers does.
+    applies them. A row ends at any of `eos_token_id` or when one of `stopping_criteria` (transformers'
+    StoppingCriteria: (ids, scores) -> (B,) bool) says so. `streamer.put` gets the prompt ids
+    first, then each step's new ids, as transformers does.
     """
     from transformers import (GenerationConfig, LogitsProcessorList, RepetitionPenaltyLogitsProcessor,
-                              StopStringCriteria, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
+                              TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
 
     config = copy.deepcopy(generation_config) if generation_config is not None else GenerationConfig()
     unused = config.update(**kwargs)
@@ -112,7 +115,8 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
         if getattr(config, name, None) not in (default, None, []):
             raise ValueError(f"the native model's generate does not support {name}={getattr(config, name)!r}")
     B, T = input_ids.shape
-    max_new = config.max_new_tokens if config.max_new_tokens is not None else config.max_length - T
+    max_new = (config.max_new_tokens if config.max_new_tokens is not None
+               else config.max_length - T if config.max_length is not None else DEFAULT_NEW_TOKENS)
     eos = torch.tensor([] if config.eos_token_id is None else config.eos_token_id, dtype=torch.long,
                        device=input_ids.device).reshape(-1)
     pad = config.pad_token_id if config.pad_token_id is not None else (int(eos[0]) if len(eos) else 0)
@@ -127,9 +131,6 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
             processors.append(TopKLogitsWarper(config.top_k))
         if config.top_p is not None and config.top_p < 1.0:
             processors.append(TopPLogitsWarper(config.top_p))
-    stop_strings = StopStringCriteria(tokenizer, config.stop_strings) if config.stop_strings else None
-    if config.stop_strings and tokenizer is None:
-        raise ValueError("stop_strings need the tokenizer: pass tokenizer=")
 
     cache = model.new_cache(B, T + max_new)
     tokens, unfinished = input_ids, torch.ones(B, dtype=torch.bool, device=input_ids.device)
@@ -145,8 +146,8 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
         if streamer is not None:
             streamer.put(next_token.cpu())
         unfinished &= ~torch.isin(next_token, eos)
-        if stop_strings is not None:
-            unfinished &= ~stop_strings(tokens, scores)
+        for criterion in stopping_criteria or ():
+            unfinished &= ~criterion(tokens, scores).to(unfinished.device)
         if step == max_new - 1 or not bool(unfinished.any()):
             break
         logits = model.next_token_logits(next_token[:, None], None, cache)

@@ -428,10 +428,11 @@ class NativeCausalLM(nn.Module):
                                              num_items_in_batch=num_items_in_batch)
         return CausalLMOutput(loss=loss)
 
-    def generate(self, input_ids, attention_mask=None, generation_config=None, streamer=None, tokenizer=None,
+    def generate(self, input_ids, attention_mask=None, generation_config=None, streamer=None, stopping_criteria=None,
                  **kwargs) -> torch.Tensor:
         """transformers' `generate` (greedy or sampled, KV-cached): see decoding.generate."""
-        return decoding.generate(self, input_ids, attention_mask, generation_config, streamer, tokenizer, **kwargs)
+        return decoding.generate(self, input_ids, attention_mask, generation_config, streamer, stopping_criteria,
+                                 **kwargs)
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         """An empty KV cache for `batch` rows of up to `max_len` tokens, beside the unquantized weights."""
