@@ -99,6 +99,31 @@ def test_generic_cached_logits_equal_the_full_forward_at_every_step(checkpoints)
             assert relative_error(cached, full) <= 1e-5
 
 
+@pytest.mark.parametrize("family", ["llama", "mistral"])
+def test_a_shared_prompt_prefix_is_computed_once_and_changes_nothing(checkpoints, family):
+    """Rows starting alike (a system prompt) share one prefill of that prefix; the slots then hold
+    padding between it and a shorter row's own tokens, which positions and Mistral's window skip."""
+    from finetune.models.native.decoding import prefill
+
+    model = with_adapter(native_model(checkpoints(family)))
+    common = prompts(6)[0]
+    batch = [common + tail for tail in prompts(2, 5, 3)]
+    ids, mask = left_padded(batch)
+    calls = []
+    original = model.next_token_logits
+    model.next_token_logits = lambda ids, *rest, **kw: calls.append(tuple(ids.shape)) or original(ids, *rest, **kw)
+    with torch.no_grad():
+        logits = prefill(model, ids, mask, model.new_cache(3, ids.shape[1] + 12))
+        full = model(input_ids=ids, attention_mask=mask).logits[:, -1]
+    assert calls == [(1, 6), (3, 5)]  # the common prefix once, then each row's own tokens, left-padded
+    assert relative_error(logits, full) <= 1e-5
+    config = GenerationConfig(max_new_tokens=10, do_sample=False, pad_token_id=0)  # 21 tokens: past the window
+    together = model.generate(ids, mask, generation_config=config)[:, ids.shape[1]:]
+    for row, prompt in enumerate(batch):
+        alone = model.generate(torch.tensor([prompt]), generation_config=config)[0, len(prompt):]
+        assert torch.equal(together[row], alone)
+
+
 # ---------------------------------------------------------------- tokens: batching, transformers, adapters
 
 def test_left_padded_batch_gives_each_prompt_the_tokens_it_gets_alone(checkpoints):
@@ -308,3 +333,21 @@ def test_gpu_streamed_weights_generate_what_resident_weights_do(checkpoints, cud
             assert model.model.streamer is not None
         outputs.append(model.generate(ids, mask, max_new_tokens=12, pad_token_id=0))
     assert torch.equal(outputs[1], outputs[0])
+
+
+def test_bench_generate_smoke_mode_runs_both_sides_to_the_same_tokens():
+    """scripts/bench_generate.py's tiny CPU mode (the GPU comparison itself is run by hand: README)."""
+    import subprocess
+    import sys
+
+    from runner import REPO
+
+    result = subprocess.run([sys.executable, str(REPO / "scripts" / "bench_generate.py"), "--smoke"], cwd=REPO,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [line for line in result.stdout.splitlines() if line.startswith(("| 1 |", "| 3 |"))]
+    assert len(rows) == 2
+    for row in rows:
+        cells = [cell.strip() for cell in row.strip("|").split("|")]
+        assert float(cells[1].replace(",", "")) > 0 and float(cells[2].replace(",", "")) > 0
+        assert cells[4] == "100%"  # greedy on the same weights: the paths agree token for token

@@ -31,29 +31,37 @@ class KVCache:
         self.keys = [torch.empty(shape, dtype=dtype, device=device) for _ in range(layers)]
         self.values = [torch.empty(shape, dtype=dtype, device=device) for _ in range(layers)]
         self.filled = torch.zeros(batch, max_len, dtype=torch.bool, device=device)  # slots holding real tokens
+        self.positions = torch.zeros(batch, max_len, dtype=torch.long, device=device)  # rotary position of each slot
         self.seen = torch.zeros(batch, dtype=torch.long, device=device)  # real tokens per row so far
         self.max_len = max_len
         self.start = self.end = 0  # slots being written by the current forward
-        self.allowed: torch.Tensor | None = None  # (B, 1, T, end): which slots each new query sees
+        self.rows = batch  # rows of the current forward: all, or 1 for a prefix every row shares
+        self.allowed: torch.Tensor | None = None  # (rows, 1, T, end): which slots each new query sees
 
-    def extend(self, attention_mask: torch.Tensor | None, new_tokens: int) -> torch.Tensor:
-        """Take the next `new_tokens` slots (mask (B, T): 0 for padding); their positions (B, T)."""
+    def extend(self, attention_mask: torch.Tensor | None, new_tokens: int, rows: int | None = None) -> torch.Tensor:
+        """Take the next `new_tokens` slots (mask (B, T): 0 for padding); their positions (rows, T).
+
+        `rows=1`: one row of tokens that every row shares (a common prompt prefix), computed once
+        and written into every row's slots.
+        """
         start, end = self.end, self.end + new_tokens
         if end > self.max_len:
             raise ValueError(f"the KV cache holds {self.max_len} tokens; this forward would need {end}")
         batch = self.filled.shape[0]
         mask = (torch.ones(batch, new_tokens, dtype=torch.bool, device=self.filled.device) if attention_mask is None
-                else attention_mask.to(self.filled.device, torch.bool))
+                else attention_mask.to(self.filled.device, torch.bool).expand(batch, -1))
         self.filled[:, start:end] = mask
-        positions = (self.seen[:, None] + mask.long().cumsum(-1) - 1).clamp(min=0)
+        positions = (self.seen[:, None] + mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
+        self.positions[:, start:end] = positions
         self.seen += mask.sum(-1)
         slots = torch.arange(end, device=mask.device)
         queries = torch.arange(start, end, device=mask.device)[:, None]  # (T, 1)
         allowed = self.filled[:, None, :end] & (slots <= queries)  # (B, T, end)
         # A padding query sees no real slot; letting it see itself keeps its (unused) output finite.
         allowed |= slots == queries
-        self.start, self.end, self.allowed = start, end, allowed[:, None]
-        return positions
+        self.rows = rows or batch
+        self.start, self.end, self.allowed = start, end, allowed[:self.rows, None]
+        return positions[:self.rows]
 
     def layer(self, index: int) -> LayerCache:
         return LayerCache(self, index)
@@ -68,20 +76,21 @@ class LayerCache:
     def attend(self, q, k, v, window: int | None) -> torch.Tensor:
         """q (B, T, Hq, D), k and v (B, T, Hkv, D) of the new tokens -> (B, T, Hq, D) over every slot so far."""
         cache = self.cache
-        start, end = cache.start, cache.end
+        start, end, rows = cache.start, cache.end, cache.rows
         keys, values = cache.keys[self.index], cache.values[self.index]
-        keys[:, :, start:end] = k.transpose(1, 2)
+        keys[:, :, start:end] = k.transpose(1, 2)  # one shared row broadcasts to all
         values[:, :, start:end] = v.transpose(1, 2)
         B, T, Hq, D = q.shape
         group = Hq // k.shape[2]
         allowed = cache.allowed
         if window is not None:
-            distance = torch.arange(start, end, device=q.device)[:, None] - torch.arange(end, device=q.device)
-            allowed = allowed & (distance < window)
+            # By position, not slot: padding may sit between a shared prefix and a row's own tokens.
+            distance = cache.positions[:rows, start:end, None] - cache.positions[:rows, None, :end]  # (rows, T, end)
+            allowed = allowed & (distance < window)[:, None]
         # The query heads sharing a kv head become rows of one (group * T)-row query against that
         # head's slots: no copy of the cache per query head.
         q = q.transpose(1, 2).reshape(B, k.shape[2], group * T, D)
-        y = F.scaled_dot_product_attention(q, keys[:, :, :end], values[:, :, :end],
+        y = F.scaled_dot_product_attention(q, keys[:rows, :, :end], values[:rows, :, :end],
                                            attn_mask=allowed.repeat(1, 1, group, 1))
         return y.view(B, Hq, T, D).transpose(1, 2)
 
@@ -136,7 +145,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     tokens, unfinished = input_ids, torch.ones(B, dtype=torch.bool, device=input_ids.device)
     if streamer is not None:
         streamer.put(input_ids.cpu())
-    logits = model.next_token_logits(input_ids, attention_mask, cache)  # (B, V)
+    logits = prefill(model, input_ids, attention_mask, cache)  # (B, V)
     for step in range(max_new):
         scores = processors(tokens, logits.float())
         next_token = (torch.multinomial(scores.softmax(-1), 1)[:, 0] if config.do_sample
@@ -154,3 +163,37 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     if streamer is not None:
         streamer.end()
     return tokens
+
+
+def prefill(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, cache: KVCache) -> torch.Tensor:
+    """Run the (left-padded) prompts into the cache; the logits (B, V) after each.
+
+    Prompts often start alike (a system prompt, few-shot examples): the longest run of real tokens
+    every row starts with is computed once, for all rows, and each row's remainder after it,
+    left-padded again. The slots then read [shared prefix | padding | own tokens]; positions
+    count real tokens only, so each row computes what it computes alone.
+    """
+    B, T = input_ids.shape
+    mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+    shared = shared_prefix_length(input_ids, mask) if B > 1 else 0
+    if shared == 0:
+        return model.next_token_logits(input_ids, attention_mask, cache)
+    lengths = mask.sum(-1)
+    first = int(T - lengths[0])  # where row 0's real tokens start
+    model.next_token_logits(input_ids[:1, first:first + shared], None, cache, shared=True)
+    # Row b's real tokens are its last lengths[b] columns; past the prefix, its last lengths[b] - shared.
+    # Columns [shared, T) hold them all, right-aligned, and the original mask shifted by `shared` marks them.
+    rest_mask = mask[:, :T - shared]
+    rest = torch.where(rest_mask.bool(), input_ids[:, shared:], input_ids[:, :1])
+    return model.next_token_logits(rest, rest_mask, cache)
+
+
+def shared_prefix_length(input_ids: torch.Tensor, mask: torch.Tensor) -> int:
+    """How many real tokens every left-padded row starts with alike, leaving each row at least one of its own."""
+    lengths = mask.sum(-1)
+    T, shortest = input_ids.shape[1], int(lengths.min())
+    starts = T - lengths  # (B,)
+    columns = starts[:, None] + torch.arange(max(shortest - 1, 0), device=input_ids.device)  # (B, shortest - 1)
+    aligned = input_ids.gather(1, columns)  # each row's first real tokens, side by side
+    differs = (aligned != aligned[:1]).any(0)
+    return int(differs.int().argmax()) if bool(differs.any()) else aligned.shape[1]

@@ -365,13 +365,15 @@ class Decoder(nn.Module):
             for linear in linear_layers(layer).values():
                 linear.keep_dequantized = index < layers
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, cu_seqlens=None, cache: KVCache | None = None):
-        """`cache`: decoding (decoding.py); the new tokens' keys and values join it, positions follow on."""
+    def forward(self, input_ids, attention_mask=None, position_ids=None, cu_seqlens=None, cache: KVCache | None = None,
+                shared: bool = False):
+        """`cache`: decoding (decoding.py); the new tokens' keys and values join it, positions follow on
+        (`shared`: one row of tokens that every row of the cache continues with)."""
         if cache is None:
             position_ids, layout = plan_attention(input_ids, attention_mask, position_ids, cu_seqlens,
                                                   self.use_varlen)
         else:
-            position_ids = cache.extend(attention_mask, input_ids.shape[1])
+            position_ids = cache.extend(attention_mask, input_ids.shape[1], rows=1 if shared else None)
         angles = position_ids[..., None].float() * self.inv_freq  # (B, T, D/2)
         angles = torch.cat([angles, angles], dim=-1)
         rope = angles.cos(), angles.sin()  # (B, T, D) fp32, HF's layout
@@ -441,9 +443,12 @@ class NativeCausalLM(nn.Module):
                        embeddings.dtype, embeddings.device)
 
     @torch.no_grad()
-    def next_token_logits(self, input_ids, attention_mask, cache: KVCache) -> torch.Tensor:
-        """Feed the next tokens (B, T) through `cache`; the logits (B, V) after the last of them."""
-        hidden = self.model(input_ids, attention_mask, cache=cache)  # (B, T, C)
+    def next_token_logits(self, input_ids, attention_mask, cache: KVCache, shared: bool = False) -> torch.Tensor:
+        """Feed the next tokens (B, T) through `cache`; the logits (B, V) after the last of them.
+
+        `shared`: input_ids is one row (1, T) that every row of the cache continues with.
+        """
+        hidden = self.model(input_ids, attention_mask, cache=cache, shared=shared)  # (B, T, C)
         return self.lm_head(hidden[:, -1])
 
     def fsdp_wrap_policy(self) -> ModuleWrapPolicy:
