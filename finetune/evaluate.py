@@ -36,8 +36,8 @@ def exact_match(model: TrainableModel, tokenizer, samples, max_new_tokens: int, 
 
     The prompts are answered `batch_size` at a time (left-padded, KV-cached).
     """
-    answers = chat_replies(model, tokenizer, [s.messages[:-1] for s in samples], Sampling(max_new_tokens=max_new_tokens),
-                           batch_size)
+    answers = chat_replies(model, tokenizer, [s.messages[:-1] for s in samples],
+                           Sampling(max_new_tokens=max_new_tokens), batch_size)
     hits = sum(answer == s.messages[-1]["content"].strip() for answer, s in zip(answers, samples))
     return hits / len(samples)
 

@@ -47,8 +47,8 @@ def random_adapter(model_dir: Path, out_dir: Path, device: torch.device, r: int 
     from finetune.models import build_model
 
     compute = Dtype.bfloat16 if device.type == "cuda" else Dtype.float32
-    cfg = RunConfig(name="bench", output_dir="unused", model=ModelConfig(name_or_path=str(model_dir), impl=ModelImpl.native),
-                    quant=QuantConfig(bnb_4bit_compute_dtype=compute), lora=LoraConfig(r=r, lora_alpha=2 * r))
+    cfg = RunConfig(name="bench", output_dir="unused",
+                    model=ModelConfig(name_or_path=str(model_dir), impl=ModelImpl.native), quant=QuantConfig(bnb_4bit_compute_dtype=compute), lora=LoraConfig(r=r, lora_alpha=2 * r))
     loaded = build_model(cfg, device)
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -156,7 +156,7 @@ def smoke_model(directory: Path) -> Path:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", type=Path, help="base model directory (HF safetensors or an NF4 cache)")
+    parser.add_argument("--model", type=Path, help="base model directory (HF safetensors: the hf side loads it too)")
     parser.add_argument("--adapter", type=Path, help="adapter directory (default: a random r=16 one)")
     parser.add_argument("--batch-sizes", default="1,16")
     parser.add_argument("--prompt-tokens", type=int, default=128)

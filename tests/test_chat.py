@@ -14,17 +14,36 @@ from finetune.demo import SYSTEM_PROMPT
 from finetune.export.merge import merge_adapter
 from runner import REPO, run_train
 
-# Eval prompts of the demo (phrasings never trained on) and the answers the trained adapter gives.
-QUESTIONS = {"Where does the frog live?": "lake", "What sound does the owl make?": "hoot"}
+QUESTIONS = ["Where does the frog live?", "What sound does the owl make?"]
 
 
 @pytest.fixture(scope="module")
 def demo_adapter(tmp_path_factory, cache_dir):
+    """The demo recipe's adapter, trained for a third of its steps: what it answers is beside the
+    point here, only that chat and load answer as the in-process API does."""
     out = tmp_path_factory.mktemp("chat") / "run"
-    result = run_train(f"output_dir={out}", f"cache_dir={cache_dir}", "train.eval_generate=0",
-                       "train.sample_prompts=[]")
+    result = run_train(f"output_dir={out}", f"cache_dir={cache_dir}", "train.max_steps=100", "train.eval_every=0",
+                       "train.eval_generate=0", "train.sample_prompts=[]", timeout=1800)
     assert result.returncode == 0, result.stderr[-3000:]
     return out / "adapter"
+
+
+def conversation(question: str) -> list[dict]:
+    return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": question}]
+
+
+def words(text: str) -> str:
+    return " ".join(text.split())  # a terminal turns line ends into \r\n
+
+
+@pytest.fixture(scope="module")
+def expected(demo_adapter):
+    """Greedy replies of the API (native path) to each question, alone and after the first."""
+    model, tokenizer = finetune.load(demo_adapter, device="cpu")
+    first = finetune.generate(model, tokenizer, conversation(QUESTIONS[0]), max_new_tokens=8)
+    second = finetune.generate(model, tokenizer, conversation(QUESTIONS[0]) + [
+        {"role": "assistant", "content": first}, {"role": "user", "content": QUESTIONS[1]}], max_new_tokens=8)
+    return words(first), words(second)
 
 
 @pytest.fixture(scope="module")
@@ -46,14 +65,14 @@ def ask(chat: pexpect.spawn, line: str) -> str:
 
 
 @pytest.mark.slow
-def test_chat_answers_turn_after_turn_and_takes_commands(demo_adapter):
-    chat = spawn_chat(f"adapter={demo_adapter}", "temperature=0", f"system={SYSTEM_PROMPT}")
+def test_chat_answers_turn_after_turn_and_takes_commands(demo_adapter, expected):
+    chat = spawn_chat(f"adapter={demo_adapter}", "temperature=0", "max_new_tokens=8", f"system={SYSTEM_PROMPT}")
     chat.expect("/exit or Ctrl-D quits.")
     chat.expect("> ")
-    for question, answer in QUESTIONS.items():
-        assert ask(chat, question) == answer
+    # The second answer depends on the first turn: the history goes with it.
+    assert [words(ask(chat, q)) for q in QUESTIONS] == list(expected)
     assert ask(chat, "/reset") == "(conversation cleared)"
-    assert ask(chat, "Where does the frog live?") == "lake"
+    assert words(ask(chat, QUESTIONS[0])) == expected[0]
     chat.sendline("/exit")
     chat.expect(pexpect.EOF)
     chat.close()
@@ -61,11 +80,12 @@ def test_chat_answers_turn_after_turn_and_takes_commands(demo_adapter):
 
 
 @pytest.mark.slow
-def test_chat_with_a_merged_model_and_sampling_flags_ends_on_ctrl_d(merged):
-    chat = spawn_chat(f"model={merged}", "temperature=0.01", "top_k=5", "top_p=0.9", "repetition_penalty=1.1",
-                      "seed=3", "max_new_tokens=8", f"system={SYSTEM_PROMPT}")
+def test_chat_with_a_merged_model_and_sampling_flags_ends_on_ctrl_d(merged, expected):
+    # A near-zero temperature with top-k/top-p still picks the most likely token here.
+    chat = spawn_chat(f"model={merged}", "temperature=0.0001", "top_k=5", "top_p=0.9", "seed=3",
+                      "max_new_tokens=8", f"system={SYSTEM_PROMPT}")
     chat.expect("> ")
-    assert ask(chat, "Where does the frog live?") == "lake"
+    assert words(ask(chat, QUESTIONS[0])) == expected[0]
     chat.sendeof()
     chat.expect(pexpect.EOF)
     chat.close()
@@ -102,11 +122,10 @@ def test_chat_errors_are_one_line(demo_adapter, tmp_path):
 def test_load_gives_the_same_replies_on_both_paths_and_merged(demo_adapter, merged):
     from finetune.models.native import NativeCausalLM
 
-    conversations = [[{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": question}]
-                     for question in QUESTIONS]
     replies = []
     for path, impl in ((demo_adapter, "native"), (demo_adapter, "hf"), (merged, "auto")):
         model, tokenizer = finetune.load(path, device="cpu", impl=impl)
         assert isinstance(model, NativeCausalLM) == (impl == "native")
-        replies.append([finetune.generate(model, tokenizer, c, max_new_tokens=6) for c in conversations])
-    assert replies[0] == replies[1] == replies[2] == list(QUESTIONS.values())
+        replies.append([finetune.generate(model, tokenizer, conversation(q), max_new_tokens=8) for q in QUESTIONS])
+    assert replies[0] == replies[1] == replies[2]
+    assert any(replies[0])

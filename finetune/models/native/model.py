@@ -34,7 +34,6 @@ from finetune.config import ConfigError, LoraConfig
 from finetune.data.samples import IGNORE_INDEX
 from finetune.lora import QLoRALinear, adapted_layers, linear_layers, project
 from finetune.models.native import decoding, nf4_cache
-from finetune.models.native.decoding import KVCache
 from finetune.models.native.streaming import WeightStreamer
 from finetune.models.source import checkpoint_files
 from finetune.quant import QuantizedWeight, dequantize_bnb, dequantize_triton
@@ -365,8 +364,8 @@ class Decoder(nn.Module):
             for linear in linear_layers(layer).values():
                 linear.keep_dequantized = index < layers
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, cu_seqlens=None, cache: KVCache | None = None,
-                shared: bool = False):
+    def forward(self, input_ids, attention_mask=None, position_ids=None, cu_seqlens=None,
+                cache: decoding.KVCache | None = None, shared: bool = False):
         """`cache`: decoding (decoding.py); the new tokens' keys and values join it, positions follow on
         (`shared`: one row of tokens that every row of the cache continues with)."""
         if cache is None:
@@ -436,14 +435,15 @@ class NativeCausalLM(nn.Module):
         return decoding.generate(self, input_ids, attention_mask, generation_config, streamer, stopping_criteria,
                                  **kwargs)
 
-    def new_cache(self, batch: int, max_len: int) -> KVCache:
+    def new_cache(self, batch: int, max_len: int) -> decoding.KVCache:
         """An empty KV cache for `batch` rows of up to `max_len` tokens, beside the unquantized weights."""
         args, embeddings = self.args, self.model.embed_tokens.weight
-        return KVCache(args.num_hidden_layers, batch, args.num_key_value_heads, args.head_dim, max_len,
+        return decoding.KVCache(args.num_hidden_layers, batch, args.num_key_value_heads, args.head_dim, max_len,
                        embeddings.dtype, embeddings.device)
 
     @torch.no_grad()
-    def next_token_logits(self, input_ids, attention_mask, cache: KVCache, shared: bool = False) -> torch.Tensor:
+    def next_token_logits(self, input_ids, attention_mask, cache: decoding.KVCache,
+                          shared: bool = False) -> torch.Tensor:
         """Feed the next tokens (B, T) through `cache`; the logits (B, V) after the last of them.
 
         `shared`: input_ids is one row (1, T) that every row of the cache continues with.
