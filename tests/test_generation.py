@@ -130,6 +130,22 @@ def test_a_shared_prompt_prefix_is_computed_once_and_changes_nothing(checkpoints
         assert torch.equal(together[row], alone)
 
 
+def test_few_token_rows_multiply_the_4bit_weights_directly_and_compute_what_training_does(checkpoints, monkeypatch):
+    import bitsandbytes as bnb
+
+    model = with_adapter(native_model(checkpoints("qwen2")))  # q/k/v biases too
+    ids = random_ids(1, 6)  # 6 token rows: a decoding step's size
+    with torch.enable_grad():
+        expected = model(input_ids=ids).logits.detach()  # the training path: [x | xa] [W | S]^T
+    calls = []
+    fused = bnb.matmul_4bit
+    monkeypatch.setattr(bnb, "matmul_4bit", lambda *args, **kwargs: calls.append(1) or fused(*args, **kwargs))
+    with torch.no_grad():
+        actual = model(input_ids=ids).logits
+    assert len(calls) == 7 * COMMON["num_hidden_layers"]
+    assert relative_error(actual, expected) <= 1e-5
+
+
 # ---------------------------------------------------------------- tokens: batching, transformers, adapters
 
 def test_left_padded_batch_gives_each_prompt_the_tokens_it_gets_alone(checkpoints):
