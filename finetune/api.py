@@ -56,9 +56,10 @@ def _load_adapter(adapter_dir: Path, device: torch.device, impl):
 
     from finetune.adapter_format import QuantRecord, read_config
     from finetune.config import LoraConfig, ModelConfig, ModelImpl, QuantConfig, RunConfig
-    from finetune.models import build_model, choose_impl, load_adapter_weights
+    from finetune.models import Offload, build_model, choose_impl, load_adapter_weights
     from finetune.models.hf import load_quantized_base
     from finetune.models.source import ModelSource
+    from finetune.plan.memory import decide_offload
 
     adapter = read_config(adapter_dir)
     base_dir = Path(adapter["base_model_name_or_path"])
@@ -83,7 +84,11 @@ def _load_adapter(adapter_dir: Path, device: torch.device, impl):
                                     target_modules=adapter["target_modules"],
                                     use_rslora=bool(adapter.get("use_rslora")), use_dora=bool(adapter.get("use_dora"))))
     if choose_impl(cfg, source)[0] is ModelImpl.native:
-        model = build_model(cfg, device, source=source, impl=ModelImpl.native).model
+        # The memory plan decides, as for training, whether the 4-bit layers must stream from host
+        # memory (a 70B on a 24 GB card); generation then streams them once per step for the batch.
+        plan = decide_offload(cfg, source, ModelImpl.native, "finetune.load", device, [])
+        model = build_model(cfg, device, offload=Offload(stream_weights=plan.stream_weights), source=source,
+                            impl=ModelImpl.native).model
         load_adapter_weights(model, adapter_dir)
         return model.eval(), tokenizer
     base = load_quantized_base(source, cfg.model, quant, getattr(torch, record.bnb_4bit_compute_dtype.value), device)

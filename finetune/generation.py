@@ -54,7 +54,7 @@ class Sampling:
         # top_k=0 spelled out: transformers takes an unset top_k as 50.
         sampled = {} if self.greedy else dict(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p)
         return GenerationConfig(max_new_tokens=self.max_new_tokens, do_sample=not self.greedy,
-                                repetition_penalty=self.repetition_penalty, eos_token_id=eos_ids(tokenizer, model),
+                                repetition_penalty=self.repetition_penalty, eos_token_id=eos_ids(tokenizer, model) or None,
                                 pad_token_id=pad_id(tokenizer), **sampled)
 
 
@@ -121,7 +121,7 @@ def generate_ids(model, tokenizer, prompts: list[list[int]], sampling: Sampling,
         stopping = [StopOnText(tokenizer, sampling.stop, width)] if sampling.stop else []
         output = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config,
                                 streamer=streamer, stopping_criteria=StoppingCriteriaList(stopping))
-    eos = set(config.eos_token_id)
+    eos = set(config.eos_token_id or ())
     results = []
     for row in output[:, width:].tolist():
         end = next((i + 1 for i, token in enumerate(row) if token in eos), len(row))
