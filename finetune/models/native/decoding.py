@@ -5,7 +5,8 @@ every layer's keys and values into the cache; after that each step feeds one tok
 rows share the cache's slot index (padding included), so a step writes one column of every
 layer's (B, Hkv, max_len, D) buffers in place. Which slots a query sees is the mask of real
 tokens so far, causally; its rotary position is the count of real tokens before it in its own
-row, so a left-padded prompt computes what it computes alone.
+row, so a left-padded prompt computes what it computes alone. A prefix all prompts share is
+prefilled once for the batch (`prefill`).
 
 With weight streaming, one pass over the layers serves the whole batch at each step, and the last
 layer's turn already starts copying layer 0 for the next step.
@@ -96,10 +97,12 @@ class LayerCache:
 
 
 DEFAULT_NEW_TOKENS = 16  # without max_new_tokens or max_length
-# GenerationConfig fields this loop honours; any other departing from its default is refused.
+# GenerationConfig fields this loop does not implement, with the value that means "off": any other
+# value is refused rather than ignored.
 UNSUPPORTED = {"num_beams": 1, "num_return_sequences": 1, "penalty_alpha": None, "min_new_tokens": None,
                "min_length": 0, "no_repeat_ngram_size": 0, "bad_words_ids": None, "constraints": None,
                "force_words_ids": None, "suppress_tokens": None, "begin_suppress_tokens": None,
+               "return_dict_in_generate": False, "output_scores": False, "output_logits": False,
                "stop_strings": None}  # finetune.generation stops on text itself, for every tokenizer
 
 
