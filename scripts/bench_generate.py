@@ -49,6 +49,7 @@ def random_adapter(model_dir: Path, out_dir: Path, device: torch.device, r: int 
     compute = Dtype.bfloat16 if device.type == "cuda" else Dtype.float32
     cfg = RunConfig(name="bench", output_dir="unused",
                     model=ModelConfig(name_or_path=str(model_dir), impl=ModelImpl.native), quant=QuantConfig(bnb_4bit_compute_dtype=compute), lora=LoraConfig(r=r, lora_alpha=2 * r))
+    torch.manual_seed(0)  # LoRA A's initialization draws from the global generator
     loaded = build_model(cfg, device)
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
