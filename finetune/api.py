@@ -27,25 +27,42 @@ def train(recipe: str = "demo", overrides: list[str] | tuple[str, ...] = ()):
     return run(compose_config(recipe, overrides))
 
 
-def load(adapter_dir: str | Path, device: str = "auto"):
-    """Load a trained adapter onto its base, quantized exactly as in training; returns (model, tokenizer).
+def load(path: str | Path, device: str = "auto", impl: str = "auto"):
+    """Load a trained adapter onto its base, or a merged model, ready to generate; returns (model, tokenizer).
 
-    The base is the adapter's `base_model_name_or_path`; the 4-bit settings come from the
-    adapter's finetune_quantization.json, so the model computes what was trained.
+    An adapter directory: the base is the adapter's `base_model_name_or_path`, quantized with the
+    settings of the adapter's finetune_quantization.json, so the model computes what was trained;
+    `impl` picks the model path as training does (auto: native wherever it applies). A model
+    directory without an adapter (a merge's output) loads unquantized through transformers.
     """
     keep_hub_code_out()
-    # Only now: peft and the model path import bitsandbytes, which must not fetch hub kernels.
+    from finetune.config import ModelImpl
+    from finetune.training.processes import pick_device
+
+    path = Path(path).expanduser()
+    if (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
+        return _load_merged(path, pick_device(device))
+    try:
+        chosen = ModelImpl(impl)
+    except ValueError:
+        raise UserError(f"impl={impl!r} is not one of {[m.value for m in ModelImpl]}") from None
+    return _load_adapter(path, pick_device(device), chosen)
+
+
+def _load_adapter(adapter_dir: Path, device: torch.device, impl):
+    # Only now: peft and the model paths import bitsandbytes, which must not fetch hub kernels.
     import peft
     from transformers import AutoTokenizer
 
     from finetune.adapter_format import QuantRecord, read_config
-    from finetune.config import ModelConfig, QuantConfig
+    from finetune.config import LoraConfig, ModelConfig, ModelImpl, QuantConfig, RunConfig
+    from finetune.models import Offload, build_model, choose_impl, load_adapter_weights
     from finetune.models.hf import load_quantized_base
     from finetune.models.source import ModelSource
-    from finetune.training.processes import pick_device
+    from finetune.plan.memory import decide_offload
 
-    adapter_dir = Path(adapter_dir).expanduser()
-    base_dir = Path(read_config(adapter_dir)["base_model_name_or_path"])
+    adapter = read_config(adapter_dir)
+    base_dir = Path(adapter["base_model_name_or_path"])
     if not (base_dir / "config.json").is_file():
         raise UserError(f"the adapter's base model {base_dir} is not a local model directory; "
                         "pass the adapter of a run whose base is still on this machine.")
@@ -53,19 +70,47 @@ def load(adapter_dir: str | Path, device: str = "auto"):
     quant = QuantConfig(
         bnb_4bit_quant_type=record.bnb_4bit_quant_type,
         bnb_4bit_use_double_quant=record.bnb_4bit_use_double_quant,
+        bnb_4bit_compute_dtype=record.bnb_4bit_compute_dtype,
         torch_dtype=record.torch_dtype,
     )
-    compute_dtype = getattr(torch, record.bnb_4bit_compute_dtype.value)
-    base = load_quantized_base(ModelSource.from_directory(base_dir), ModelConfig(name_or_path=str(base_dir)), quant,
-                               compute_dtype, pick_device(device))
-    model = peft.PeftModel.from_pretrained(base, adapter_dir).eval()
     tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
-    return model, tokenizer
+    source = ModelSource.from_directory(base_dir)
+    # The native path attaches one rank and scaling to every targeted layer; peft loads anything else.
+    uniform = not adapter.get("rank_pattern") and not adapter.get("alpha_pattern")
+    cfg = RunConfig(name="load", output_dir="unused", quant=quant,
+                    model=ModelConfig(name_or_path=str(base_dir), impl=impl if uniform else ModelImpl.hf,
+                                      gradient_checkpointing=False),
+                    lora=LoraConfig(r=adapter["r"], lora_alpha=adapter["lora_alpha"],
+                                    target_modules=adapter["target_modules"],
+                                    use_rslora=bool(adapter.get("use_rslora")), use_dora=bool(adapter.get("use_dora"))))
+    if choose_impl(cfg, source)[0] is ModelImpl.native:
+        # The memory plan decides, as for training, whether the 4-bit layers must stream from host
+        # memory (a 70B on a 24 GB card); generation then streams them once per step for the batch.
+        plan = decide_offload(cfg, source, ModelImpl.native, "finetune.load", device, [])
+        model = build_model(cfg, device, offload=Offload(stream_weights=plan.stream_weights), source=source,
+                            impl=ModelImpl.native).model
+        load_adapter_weights(model, adapter_dir)
+        return model.eval(), tokenizer
+    base = load_quantized_base(source, cfg.model, quant, getattr(torch, record.bnb_4bit_compute_dtype.value), device)
+    return peft.PeftModel.from_pretrained(base, adapter_dir).eval(), tokenizer
 
 
-def generate(model, tokenizer, prompt: str | list[dict], max_new_tokens: int = 64) -> str:
-    """Greedy reply to a user message (or a whole conversation), rendered with the chat template."""
-    from finetune.evaluate import generate_answer
+def _load_merged(model_dir: Path, device: torch.device):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from finetune.config import Dtype
+    from finetune.models import choose_compute_dtype
+
+    # A device without bf16 computes in float32, as training does there.
+    dtype, _ = choose_compute_dtype(Dtype.bfloat16, device)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, device_map={"": device})
+    return model.eval(), AutoTokenizer.from_pretrained(model_dir)
+
+
+def generate(model, tokenizer, prompt: str | list[dict], max_new_tokens: int = 64, **sampling) -> str:
+    """Reply to a user message (or a whole conversation), rendered with the chat template; greedy
+    unless `sampling` says otherwise (finetune.generation.Sampling's fields: temperature, top_p, ...)."""
+    from finetune.generation import Sampling, chat_replies
 
     messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-    return generate_answer(model, tokenizer, messages, max_new_tokens, next(model.parameters()).device)
+    return chat_replies(model, tokenizer, [messages], Sampling(max_new_tokens=max_new_tokens, **sampling))[0]

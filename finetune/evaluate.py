@@ -7,6 +7,7 @@ import math
 import torch
 
 from finetune import data as data_lib
+from finetune.generation import Sampling, chat_replies
 from finetune.models import TrainableModel
 
 
@@ -25,29 +26,20 @@ def evaluate_loss(model: TrainableModel, samples, micro_batch_size: int, pad_id:
     return {"eval_loss": eval_loss, "perplexity": math.exp(min(eval_loss, 50.0))}
 
 
-@torch.no_grad()
-def generate_answer(model: TrainableModel, tokenizer, messages: list[dict], max_new_tokens: int,
-                    device: torch.device) -> str:
+def generate_answer(model: TrainableModel, tokenizer, messages: list[dict], max_new_tokens: int) -> str:
     """Greedy answer to a conversation, rendered with the chat template as in training."""
-    model.eval()
-    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
-    prompt = {k: v.to(device) for k, v in prompt.items()}
-    output = model.generate(**prompt, max_new_tokens=max_new_tokens, do_sample=False,
-                            pad_token_id=pad_id(tokenizer), eos_token_id=tokenizer.eos_token_id)
-    return tokenizer.decode(output[0, prompt["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+    return chat_replies(model, tokenizer, [messages], Sampling(max_new_tokens=max_new_tokens))[0]
 
 
-def exact_match(model: TrainableModel, tokenizer, samples, max_new_tokens: int, device: torch.device) -> float:
-    """Share of prompts whose greedy answer equals the reference last assistant turn exactly."""
-    hits = sum(generate_answer(model, tokenizer, s.messages[:-1], max_new_tokens, device)
-               == s.messages[-1]["content"].strip() for s in samples)
+def exact_match(model: TrainableModel, tokenizer, samples, max_new_tokens: int, batch_size: int) -> float:
+    """Share of prompts whose greedy answer equals the reference last assistant turn exactly.
+
+    The prompts are answered `batch_size` at a time (left-padded, KV-cached).
+    """
+    answers = chat_replies(model, tokenizer, [s.messages[:-1] for s in samples],
+                           Sampling(max_new_tokens=max_new_tokens), batch_size)
+    hits = sum(answer == s.messages[-1]["content"].strip() for answer, s in zip(answers, samples))
     return hits / len(samples)
-
-
-def pad_id(tokenizer) -> int:
-    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
-        if candidate is not None:
-            return candidate
 
 
 def format_metrics(metrics: dict, before: dict | None = None) -> str:

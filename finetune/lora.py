@@ -254,9 +254,41 @@ def project(x: torch.Tensor, layers: Sequence[QLoRALinear]) -> torch.Tensor:
     if len(rates) > 1:
         raise ValueError(f"layers projected together must share one lora_dropout, got {sorted(rates)}")
     dropout_p = rates.pop() if rates else 0.0
+    if dropout_p == 0 and _fused_4bit_applies(x, layers):
+        return _project_few_rows(x, layers)
     lora_params = [t for layer in layers for t in (layer.lora_A, layer.lora_B)]
     keep_weight = all(layer.keep_dequantized for layer in layers)
     return QLoRAGroupFunction.apply(x, tuple(layers), dropout_p, keep_weight, *lora_params)
+
+
+# Up to this many token rows (decoding steps), inference multiplies by the 4-bit weights directly
+# (bitsandbytes' matmul_4bit: its fused kernel on CUDA reads the codes, not a dequantized copy), so
+# a step reads half a byte per weight instead of writing and reading two more.
+FUSED_4BIT_MAX_ROWS = 8
+
+
+def _fused_4bit_applies(x: torch.Tensor, layers: Sequence[QLoRALinear]) -> bool:
+    """Few rows, no autograd, and weights stored in x's dtype (the kernel dequantizes straight into
+    it: for another storage dtype it would skip the rounding to that dtype training saw). Never for
+    FSDP units, whose codes are gathered only by calling them."""
+    return (x.numel() <= FUSED_4BIT_MAX_ROWS * x.shape[-1] and not torch.is_grad_enabled()
+            and all(layer.weight.dtype == x.dtype and not isinstance(layer.weight.packed, nn.Parameter)
+                    for layer in layers))
+
+
+def _project_few_rows(x: torch.Tensor, layers: Sequence[QLoRALinear]) -> torch.Tensor:
+    import bitsandbytes as bnb
+
+    outputs = []
+    for layer in layers:
+        weight = layer.weight
+        bias = None if layer.bias is None else layer.bias.to(x.dtype)
+        y = bnb.matmul_4bit(x, weight.codes().t(), quant_state=weight.quant_state(), bias=bias)
+        if layer.lora_A is not None:
+            lora_B = _scaled(layer.lora_B, layer.scaling, x.dtype)  # s B rounded once, as in training
+            y = y + F.linear(F.linear(x, layer.lora_A.to(x.dtype)), lora_B)
+        outputs.append(y)
+    return torch.cat(outputs, -1) if len(outputs) > 1 else outputs[0]
 
 
 class QLoRALinear(nn.Module):

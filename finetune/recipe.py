@@ -23,7 +23,8 @@ from finetune import data as data_lib
 from finetune.adapter_format import QuantRecord
 from finetune.config import ModelImpl, RunConfig
 from finetune.errors import TrainingStopped
-from finetune.evaluate import evaluate_loss, exact_match, format_metrics, generate_answer, pad_id
+from finetune.evaluate import evaluate_loss, exact_match, format_metrics
+from finetune.generation import Sampling, chat_replies, pad_id
 from finetune.models import LoadedModel, Placement, build_model, choose_impl, load_adapter_weights
 from finetune.models.source import resolve_source
 from finetune.plan import memory, perf
@@ -213,12 +214,13 @@ class Training:
                                 device)
         if self.answerable:
             metrics["exact_match"] = exact_match(model, self.loaded.tokenizer, self.answerable,
-                                                 cfg.train.max_new_tokens, device)
+                                                 cfg.train.max_new_tokens, cfg.train.micro_batch_size)
         self.tracker.log(metrics, step)
         if cfg.train.sample_prompts:
-            rows = [[step, prompt, generate_answer(model, self.loaded.tokenizer, [{"role": "user", "content": prompt}],
-                                                   cfg.train.max_new_tokens, device)]
-                    for prompt in cfg.train.sample_prompts]
+            completions = chat_replies(model, self.loaded.tokenizer,
+                                       [[{"role": "user", "content": prompt}] for prompt in cfg.train.sample_prompts],
+                                       Sampling(max_new_tokens=cfg.train.max_new_tokens), cfg.train.micro_batch_size)
+            rows = [[step, prompt, completion] for prompt, completion in zip(cfg.train.sample_prompts, completions)]
             self.tracker.log_table("samples", ["step", "prompt", "completion"], rows, step)
             for _, prompt, completion in rows:
                 self.note(f"  sample: {prompt!r} -> {completion!r}")

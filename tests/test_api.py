@@ -18,8 +18,7 @@ def test_train_then_load_round_trip(tmp_path, cache_dir):
     assert result.adapter_dir == tmp_path / "run" / "adapter" and result.adapter_dir.is_dir()
     assert {"final_eval_loss", "best_eval_loss", "time_s"} <= result.metrics.keys()
     model, tokenizer = finetune.load(result.adapter_dir)
-    answer = generate_answer(model, tokenizer, [{"role": "user", "content": "Where does the frog live?"}], 4,
-                             model.device)
+    answer = generate_answer(model, tokenizer, [{"role": "user", "content": "Where does the frog live?"}], 4)
     assert isinstance(answer, str)
 
 

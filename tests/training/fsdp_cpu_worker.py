@@ -39,7 +39,7 @@ from finetune.cli import quiet_libraries
 from finetune.models import Placement, build_model, load_adapter_weights
 from finetune.models.native import materialize_empty
 from finetune.adapter_format import QuantRecord
-from finetune.evaluate import pad_id
+from finetune.generation import pad_id
 from finetune.recipe import seed_everything
 from finetune.training.checkpoint import (TrainerState, gather_trainable_state, load_latest_checkpoint,
                                           optimizer_state_on_cpu, restore_rng_states, rng_states, save_adapter,

@@ -33,7 +33,7 @@ from finetune.adapter_format import copy_qlora_weights, lora_key, save_qlora_ada
 from finetune.config import ConfigError, LoraConfig
 from finetune.data.samples import IGNORE_INDEX
 from finetune.lora import QLoRALinear, adapted_layers, linear_layers, project
-from finetune.models.native import nf4_cache
+from finetune.models.native import decoding, nf4_cache
 from finetune.models.native.streaming import WeightStreamer
 from finetune.models.source import checkpoint_files
 from finetune.quant import QuantizedWeight, dequantize_bnb, dequantize_triton
@@ -371,8 +371,15 @@ class Decoder(nn.Module):
             for linear in linear_layers(layer).values():
                 linear.keep_dequantized = index < layers
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, cu_seqlens=None):
-        position_ids, layout = plan_attention(input_ids, attention_mask, position_ids, cu_seqlens, self.use_varlen)
+    def forward(self, input_ids, attention_mask=None, position_ids=None, cu_seqlens=None,
+                cache: decoding.KVCache | None = None, shared: bool = False):
+        """`cache`: decoding (decoding.py); the new tokens' keys and values join it, positions follow on
+        (`shared`: one row of tokens that every row of the cache continues with)."""
+        if cache is None:
+            position_ids, layout = plan_attention(input_ids, attention_mask, position_ids, cu_seqlens,
+                                                  self.use_varlen)
+        else:
+            position_ids = cache.extend(attention_mask, input_ids.shape[1], rows=1 if shared else None)
         angles = position_ids[..., None].float() * self.inv_freq  # (B, T, D/2)
         angles = torch.cat([angles, angles], dim=-1)
         rope = angles.cos(), angles.sin()  # (B, T, D) fp32, HF's layout
@@ -381,7 +388,9 @@ class Decoder(nn.Module):
         streamer = self.streamer
         for index, layer in enumerate(self.layers):
             if streamer is not None:
-                streamer.acquire(index, index + 1)
+                # Decoding runs the layers again right after the last one: start bringing layer 0.
+                upcoming = 0 if cache is not None and index + 1 == len(self.layers) else index + 1
+                streamer.acquire(index, upcoming)
             if index < recompute:
                 # A checkpointed layer keeps only its input x; offloading parks it in pinned host
                 # memory (rope and layout are non-tensors, so all layers share their one copy).
@@ -389,7 +398,7 @@ class Decoder(nn.Module):
                         else contextlib.nullcontext():
                     x = checkpoint(layer, x, rope, layout, use_reentrant=False)
             else:
-                x = layer(x, rope, layout)
+                x = layer(x, rope, layout if cache is None else cache.layer(index))
             if streamer is not None:
                 x = streamer.before_backward(x, index)
         return self.norm(x)
@@ -417,7 +426,7 @@ class NativeCausalLM(nn.Module):
         """Loss (summed token CE / num_items_in_batch, or the mean) when labels are given, else logits.
 
         labels[t + 1] is the target at position t (transformers' shift); IGNORE_INDEX is skipped.
-        use_cache is accepted for transformers-style callers and ignored: there is no KV cache.
+        use_cache is accepted for transformers-style callers and ignored (decoding uses `generate`).
         """
         hidden = self.model(input_ids, attention_mask, position_ids, cu_seqlens)  # (B, T, C)
         if labels is None:
@@ -427,27 +436,27 @@ class NativeCausalLM(nn.Module):
                                              num_items_in_batch=num_items_in_batch)
         return CausalLMOutput(loss=loss)
 
+    def generate(self, input_ids, attention_mask=None, generation_config=None, streamer=None, stopping_criteria=None,
+                 **kwargs) -> torch.Tensor:
+        """transformers' `generate` (greedy or sampled, KV-cached): see decoding.generate."""
+        return decoding.generate(self, input_ids, attention_mask, generation_config, streamer, stopping_criteria,
+                                 **kwargs)
+
+    def new_cache(self, batch: int, max_len: int) -> decoding.KVCache:
+        """An empty KV cache for `batch` rows of up to `max_len` tokens, beside the unquantized weights."""
+        args, embeddings = self.args, self.model.embed_tokens.weight
+        return decoding.KVCache(args.num_hidden_layers, batch, args.num_key_value_heads, args.head_dim, max_len,
+                       embeddings.dtype, embeddings.device)
+
     @torch.no_grad()
-    def generate(self, input_ids, attention_mask=None, max_new_tokens: int = 16, do_sample: bool = False,
-                 pad_token_id: int | None = None, eos_token_id: int | list[int] | None = None) -> torch.Tensor:
-        """Greedy decoding, re-reading the whole sequence each step (no KV cache: meant for short answers)."""
-        if do_sample:
-            raise ValueError("the native model only decodes greedily (do_sample=False)")
-        eos = torch.tensor([] if eos_token_id is None else eos_token_id, dtype=torch.long,
-                           device=input_ids.device).reshape(-1)
-        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
-        tokens, done = input_ids, torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-        for _ in range(max_new_tokens):
-            hidden = self.model(tokens, mask)  # (B, T, C)
-            next_token = self.lm_head(hidden[:, -1]).argmax(-1)  # (B,)
-            if pad_token_id is not None:
-                next_token = torch.where(done, pad_token_id, next_token)
-            tokens = torch.cat([tokens, next_token[:, None]], dim=1)
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-            done |= torch.isin(next_token, eos)
-            if bool(done.all()):
-                break
-        return tokens
+    def next_token_logits(self, input_ids, attention_mask, cache: decoding.KVCache,
+                          shared: bool = False) -> torch.Tensor:
+        """Feed the next tokens (B, T) through `cache`; the logits (B, V) after the last of them.
+
+        `shared`: input_ids is one row (1, T) that every row of the cache continues with.
+        """
+        hidden = self.model(input_ids, attention_mask, cache=cache, shared=shared)  # (B, T, C)
+        return self.lm_head(hidden[:, -1])
 
     def fsdp_wrap_policy(self) -> ModuleWrapPolicy:
         """Make the 4-bit codes shardable and say how to wrap; returns FSDP's auto_wrap_policy.
