@@ -56,10 +56,11 @@ def _load_adapter(adapter_dir: Path, device: torch.device, impl):
 
     from finetune.adapter_format import QuantRecord, read_config
     from finetune.config import LoraConfig, ModelConfig, ModelImpl, QuantConfig, RunConfig
-    from finetune.models import Offload, build_model, choose_impl, load_adapter_weights
+    from finetune.models import build_model, choose_impl, load_adapter_weights
+    from finetune.models.native import MemoryLayout
     from finetune.models.hf import load_quantized_base
     from finetune.models.source import ModelSource
-    from finetune.plan.memory import decide_offload
+    from finetune.plan.memory import decide_memory_layout
 
     adapter = read_config(adapter_dir)
     base_dir = Path(adapter["base_model_name_or_path"])
@@ -86,8 +87,8 @@ def _load_adapter(adapter_dir: Path, device: torch.device, impl):
     if choose_impl(cfg, source)[0] is ModelImpl.native:
         # The memory plan decides, as for training, whether the 4-bit layers must stream from host
         # memory (a 70B on a 24 GB card); generation then streams them once per step for the batch.
-        plan = decide_offload(cfg, source, ModelImpl.native, "finetune.load", device, [])
-        model = build_model(cfg, device, offload=Offload(stream_weights=plan.stream_weights), source=source,
+        layout = decide_memory_layout(cfg, source, ModelImpl.native, "finetune.load", device, [])
+        model = build_model(cfg, device, layout=MemoryLayout(stream_weights=layout.stream_weights), source=source,
                             impl=ModelImpl.native).model
         load_adapter_weights(model, adapter_dir)
         return model.eval(), tokenizer

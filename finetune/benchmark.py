@@ -246,27 +246,14 @@ def load_runs(config: BenchmarkConfig, model_path: Path):
     from finetune.lm_eval_model import FinetuneLM
 
     if config.adapter is not None:
-        model, tokenizer = load(model_path, config.device.value)
+        # The generic path: peft's disable_adapter() gives the base run the same loaded weights.
+        model, tokenizer = load(model_path, config.device.value, impl="hf")
         runs = {"base": model.disable_adapter, "adapter": contextlib.nullcontext}
     else:
-        model, tokenizer = load_merged(model_path, config.device.value)
+        model, tokenizer = load(model_path, config.device.value)
         runs = {"model": contextlib.nullcontext}
     max_length = config.max_length or context_length(base_model_dir(config, model_path))
     return FinetuneLM(model, tokenizer, max_length, config.batch_size), runs
-
-
-def load_merged(model_dir: Path, device: str):
-    """A merged model, unquantized, in bf16 where the device computes in it (float32 elsewhere)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from finetune.config import Dtype
-    from finetune.models import choose_compute_dtype
-    from finetune.training.processes import pick_device
-
-    where = pick_device(device)
-    dtype, _ = choose_compute_dtype(Dtype.bfloat16, where)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, device_map={"": where})
-    return model.eval(), AutoTokenizer.from_pretrained(model_dir)
 
 
 def base_model_dir(config: BenchmarkConfig, model_path: Path) -> Path:

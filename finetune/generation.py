@@ -80,7 +80,10 @@ def generate_texts(model, tokenizer, prompts: Sequence[str], sampling: Sampling 
                    batch_size: int = 16) -> list[str]:
     """The new text after each raw prompt (tokenized as the tokenizer's __call__ does, no chat
     template), special tokens skipped and cut before the first stop string, in the prompts' order."""
-    encoded = [tokenizer(prompt)["input_ids"] for prompt in prompts]
+    # A prompt that already starts with the BOS text (one rendered with a chat template) gets no second one.
+    bos = tokenizer.bos_token
+    encoded = [tokenizer(prompt, add_special_tokens=not (bos and prompt.startswith(bos)))["input_ids"]
+               for prompt in prompts]
     return _generate_batched(model, tokenizer, encoded, sampling, batch_size)
 
 

@@ -17,7 +17,8 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.utils import Collator, handle_stop_sequences, normalize_gen_kwargs
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
-from finetune.evaluate import pad_id
+from finetune.generation import Sampling, generate_texts, pad_id
+from finetune.lora import compute_device
 
 # lm_eval's own default when a task sets no max_gen_toks.
 DEFAULT_MAX_GEN_TOKS = 256
@@ -142,36 +143,8 @@ class FinetuneLM(TemplateLM):
 
 def generate_until_stop(model, tokenizer, prompts: list[str], max_new_tokens: int, stop: list[str],
                         batch_size: int, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0) -> list[str]:
-    """The new text after each prompt (left-padded batches, special tokens skipped), cut before the
-    first stop string.
-
-    The one call into generation. Until finetune/generation.py (batched KV-cache decoding on both
-    model paths) is merged, transformers' `generate` of the loaded (generic-path) model.
-    """
-    bos, pad, device = tokenizer.bos_token, pad_id(tokenizer), compute_device(model)
-    encoded = [tokenizer.encode(p, add_special_tokens=not (bos and p.startswith(bos))) for p in prompts]
-    sampling = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k or None) \
-        if temperature > 0 else dict(do_sample=False)
-    texts = []
-    for first in range(0, len(encoded), batch_size):
-        rows = encoded[first:first + batch_size]
-        width = max(len(row) for row in rows)
-        input_ids = torch.tensor([[pad] * (width - len(row)) + row for row in rows], device=device)
-        attention_mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in rows],
-                                      device=device)
-        with torch.no_grad():
-            output = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
-                                    pad_token_id=pad, eos_token_id=tokenizer.eos_token_id,
-                                    stop_strings=list(stop) or None, tokenizer=tokenizer, **sampling)
-        texts.extend(cut_at_stop(tokenizer.decode(new, skip_special_tokens=True), stop) for new in output[:, width:])
-    return texts
-
-
-def cut_at_stop(text: str, stop: list[str]) -> str:
-    """The text before the earliest stop string in it."""
-    return text[:min((text.find(s) for s in stop if s and s in text), default=len(text))]
-
-
-def compute_device(model) -> torch.device:
-    """Where the model computes: its first real parameter's device (4-bit weights may stream from the host)."""
-    return next(p.device for p in model.parameters() if not p.is_meta)
+    """The new text after each prompt (left-padded batches, KV-cached, special tokens skipped), cut
+    before the first stop string: finetune.generation on either model path."""
+    sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                        stop=tuple(stop))
+    return generate_texts(model, tokenizer, prompts, sampling, batch_size)
