@@ -33,3 +33,13 @@ def demo_base(cache_dir) -> Path:
     from finetune.demo import ensure_demo_base
 
     return ensure_demo_base(cache_dir)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models: on a 2-core machine a second OpenMP thread makes every small op slower, not faster.
+    A module opts in with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -25,13 +25,7 @@ from test_native import copy_lora_from_peft, generic_model, native_model, random
 TASKS = "demo_facts,demo_facts_gen"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: on a 2-core machine extra threads only wait on each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -15,13 +15,7 @@ from test_native import (COMMON, bf16_config, checkpoints, copy_lora_from_peft, 
 NATIVE_FAMILIES = ["llama", "mistral", "qwen2", "qwen3"]  # rope scaling, sliding window, biases, q/k norms
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: on a 2-core VM two OpenMP threads make every small op slower, not faster."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def with_adapter(model, seed: int = 0):

@@ -278,11 +278,8 @@ def test_all_samples_dropped_is_an_error(tmp_path, tokenizer):
 
 # ---- the cache ----
 
-def test_second_load_reads_the_cache_without_tokenizing(tmp_path, tokenizer):
-    path = write_jsonl(tmp_path / "train.jsonl", [{"messages": CHAT}] * 3)
-    config = DataConfig(path=str(path), eval_path=str(path), num_proc=1)
-    first, _, lines = load_splits(config, tokenizer, seed=0, cache_dir=str(tmp_path / "cache"))
-    assert "tokenized" in lines[0]
+def untouchable_copy(tokenizer):
+    """The same tokenizer (the same fingerprint, so the same cache key), failing if it is ever used."""
 
     class Untouchable(type(tokenizer)):
         def __call__(self, *args, **kwargs):
@@ -295,6 +292,16 @@ def test_second_load_reads_the_cache_without_tokenizing(tmp_path, tokenizer):
                        bos_token=tokenizer.bos_token, pad_token=tokenizer.pad_token,
                        chat_template=tokenizer.chat_template)
     assert tokenizer_fingerprint(same) == tokenizer_fingerprint(tokenizer)
+    return same
+
+
+def test_second_load_reads_the_cache_without_tokenizing(tmp_path, tokenizer):
+    path = write_jsonl(tmp_path / "train.jsonl", [{"messages": CHAT}] * 3)
+    config = DataConfig(path=str(path), eval_path=str(path), num_proc=1)
+    first, _, lines = load_splits(config, tokenizer, seed=0, cache_dir=str(tmp_path / "cache"))
+    assert "tokenized" in lines[0]
+
+    same = untouchable_copy(tokenizer)
     second, _, lines = load_splits(config, same, seed=0, cache_dir=str(tmp_path / "cache"))
     assert "read from cache" in lines[0] and "read from cache" in lines[1]
     assert [s.input_ids for s in second] == [s.input_ids for s in first]

@@ -9,12 +9,13 @@ import warnings
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_data import untouchable_copy
 
 from finetune.config import ConfigError, DataConfig, DataFormat, DataSource, LossOn, Truncation
 from finetune.data import (IGNORE_INDEX, DataError, PreferencePair, collate_kto, collate_pairs, collate_pairs_packed,
                            count_tokens, eval_preference_batches, load_preference_splits, load_splits,
                            preference_batches, preview)
-from finetune.data.tokenization import TokenSettings, fit_pair, tokenize_pair_rows, tokenizer_fingerprint
+from finetune.data.tokenization import TokenSettings, fit_pair, tokenize_pair_rows
 from finetune.demo import ENTITIES, RELATIONS, build_tokenizer, demo_conversations, demo_preference_pairs
 
 QUESTION = "Colour of the cat?"
@@ -365,17 +366,7 @@ def test_second_load_reads_the_cache_without_tokenizing(tmp_path, tokenizer):
     first, _, lines = load_preference_splits(config, tokenizer, seed=0, cache_dir=str(tmp_path / "cache"))
     assert "tokenized" in lines[0]
 
-    class Untouchable(type(tokenizer)):
-        def __call__(self, *args, **kwargs):
-            raise AssertionError("tokenized again despite a cache hit")
-
-        def apply_chat_template(self, *args, **kwargs):
-            raise AssertionError("rendered again despite a cache hit")
-
-    same = Untouchable(tokenizer_object=tokenizer.backend_tokenizer, eos_token=tokenizer.eos_token,
-                       bos_token=tokenizer.bos_token, pad_token=tokenizer.pad_token,
-                       chat_template=tokenizer.chat_template)
-    assert tokenizer_fingerprint(same) == tokenizer_fingerprint(tokenizer)
+    same = untouchable_copy(tokenizer)
     second, _, lines = load_preference_splits(config, same, seed=0, cache_dir=str(tmp_path / "cache"))
     assert "read from cache" in lines[0] and "read from cache" in lines[1]
     assert [texts(p, tokenizer) for p in second] == [texts(p, tokenizer) for p in first]
