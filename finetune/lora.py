@@ -232,11 +232,13 @@ def project(x: torch.Tensor, layers: Sequence[QLoRALinear]) -> torch.Tensor:
     Split the result with `torch.split` (whose backward concatenates the gradients into the one
     buffer this group's backward reads) rather than by slicing.
     """
-    rates = {layer.lora_dropout if layer.training else 0.0 for layer in layers if layer.lora_A is not None}
+    active = [layer.lora_A is not None and layer.adapter_enabled for layer in layers]
+    rates = {layer.lora_dropout if layer.training else 0.0 for layer, on in zip(layers, active) if on}
     if len(rates) > 1:
         raise ValueError(f"layers projected together must share one lora_dropout, got {sorted(rates)}")
     dropout_p = rates.pop() if rates else 0.0
-    lora_params = [t for layer in layers for t in (layer.lora_A, layer.lora_B)]
+    lora_params = [t for layer, on in zip(layers, active)
+                   for t in ((layer.lora_A, layer.lora_B) if on else (None, None))]
     keep_weight = all(layer.keep_dequantized for layer in layers)
     return QLoRAGroupFunction.apply(x, tuple(layers), dropout_p, keep_weight, *lora_params)
 
@@ -264,6 +266,8 @@ class QLoRALinear(nn.Module):
         # runs right before this layer's backward, so one layer's weights are held briefly and
         # each weight is dequantized twice per step instead of three times.
         self.keep_dequantized = False
+        # False computes the frozen base alone, adapter kept (preference objectives' reference model).
+        self.adapter_enabled = True
 
     @property
     def scaling(self) -> float:
