@@ -112,7 +112,7 @@ class DpoLossType(str, enum.Enum):
     sigmoid = "sigmoid"
     # relu(1 - h) (SLiC, Zhao et al. 2023).
     hinge = "hinge"
-    # (h / beta - 1 / (2 beta))^2 (Azar et al. 2023).
+    # (h / beta - 1 / (2 beta))^2 (Azar et al. 2023), h from per-token mean log-probs (as the authors ran it).
     ipo = "ipo"
     # Robust DPO (Chowdhury et al. 2024): unbiased under label_smoothing flipped labels.
     robust = "robust"

@@ -71,7 +71,8 @@ def dpo_losses(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, refer
 
     sigmoid: -(1 - e) log s(h) - e log s(-h)     (Rafailov et al. 2023; e: Mitchell's conservative DPO)
     hinge:   max(0, 1 - h)                        (SLiC-HF, Zhao et al. 2023)
-    ipo:     (h / beta - 1 / (2 beta))^2          (Azar et al. 2023, eq. 17; beta is their tau)
+    ipo:     (h / beta - 1 / (2 beta))^2          (Azar et al. 2023, eq. 17; beta is their tau); the
+             caller passes per-token mean log-probs, the form the IPO authors' results use (TRL's note)
     robust:  ((1 - e)(-log s(h)) - e(-log s(-h))) / (1 - 2e)   (Chowdhury et al. 2024, eq. 8)
     """
     log_ratio = (policy_chosen - reference_chosen) - (policy_rejected - reference_rejected)
@@ -214,8 +215,9 @@ class PairPreference:
         extra = {}
         if cfg.name in (ObjectiveName.dpo, ObjectiveName.ipo):
             reference_chosen, reference_rejected = reference[:B], reference[B:]
-            losses = dpo_losses(chosen, rejected, reference_chosen, reference_rejected, cfg.beta, self.loss_type,
-                                cfg.label_smoothing)
+            scale = counts.clamp(min=1) if self.loss_type is DpoLossType.ipo else torch.ones_like(logps)
+            losses = dpo_losses(chosen / scale[:B], rejected / scale[B:], reference_chosen / scale[:B],
+                                reference_rejected / scale[B:], cfg.beta, self.loss_type, cfg.label_smoothing)
             chosen_rewards = cfg.beta * (chosen - reference_chosen).detach()
             rejected_rewards = cfg.beta * (rejected - reference_rejected).detach()
         elif cfg.name is ObjectiveName.simpo:

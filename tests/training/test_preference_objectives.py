@@ -140,7 +140,9 @@ def test_objective_on_a_tiny_model_equals_the_paper_on_its_logits(impl, setting,
     want = []
     for i in range(2):
         c, j = i, i + 2
-        if name in ("dpo", "ipo"):
+        if name == "ipo":  # on per-token mean log-probs, as the IPO authors' experiments (TRL's note)
+            want.append(paper_dpo(p[c] / n[c], p[j] / n[j], r[c] / n[c], r[j] / n[j], cfg.beta, "ipo"))
+        elif name == "dpo":
             want.append(paper_dpo(p[c], p[j], r[c], r[j], cfg.beta, cfg.loss_type.value, cfg.label_smoothing))
         elif name == "simpo":
             want.append(paper_simpo(p[c], n[c], p[j], n[j], cfg.beta, cfg.gamma))
@@ -244,3 +246,48 @@ def test_objective_config_rules():
         config("sft").validate_data({"preference"})
     config("simpo").validate_data({"preference"})
     config("sft").validate_data({"messages", "text"})
+
+
+class _TrlStub:
+    """What TRL's DPOTrainer._compute_loss reads of its trainer, around log-probs we give it."""
+
+    def __init__(self, loss_type: str, beta: float, label_smoothing: float, token_logps: torch.Tensor):
+        from collections import defaultdict
+        from types import SimpleNamespace
+
+        outputs = SimpleNamespace(log_probs=token_logps, entropy=torch.zeros_like(token_logps),
+                                  mean_logits=torch.zeros_like(token_logps),
+                                  is_top1=torch.zeros_like(token_logps, dtype=torch.bool))
+        self.model = SimpleNamespace(training=True)
+        self.accelerator = SimpleNamespace(device=CPU, gather=lambda t: t, gather_for_metrics=lambda t: t)
+        self.aux_loss_enabled, self.ld_alpha, self.precompute_ref_logps, self.use_weighting = False, None, True, False
+        self.f_divergence_type, self.loss_types, self.loss_weights = "reverse_kl", [loss_type], [1.0]
+        self.beta, self.label_smoothing = beta, label_smoothing
+        self._metrics, self._total_train_tokens, self._tp_size = defaultdict(lambda: defaultdict(list)), 0, 1
+        self.policy = lambda **kwargs: outputs
+
+
+@pytest.mark.parametrize("loss_type,eps", [("sigmoid", 0.0), ("hinge", 0.0), ("ipo", 0.0), ("robust", 0.2)])
+def test_dpo_losses_equal_trls_on_the_same_log_probs(loss_type, eps):
+    """TRL's DPOTrainer loss (trl 1.15, its _compute_loss) on per-token log-probs we hand it, against
+    PairPreference.pair_losses on the same log-probs summed per sequence."""
+    trl_dpo = pytest.importorskip("trl.trainer.dpo_trainer")
+    B, T = 3, 9
+    g = torch.Generator().manual_seed(4)
+    completion = torch.zeros(2 * B, T, dtype=torch.long)
+    for row, (start, end) in enumerate([(2, 9), (4, 7), (3, 9), (2, 5), (5, 9), (3, 8)]):
+        completion[row, start:end] = 1
+    token_logps = -torch.rand(2 * B, T - 1, generator=g) * 3 * completion[:, 1:]  # (2B, T - 1), 0 off the completion
+    reference = -torch.rand(2 * B, generator=g) * 10
+    stub = _TrlStub(loss_type, 0.2, eps, token_logps)
+    inputs = {"input_ids": torch.zeros(2 * B, T, dtype=torch.long), "attention_mask": torch.ones(2 * B, T),
+              "completion_mask": completion, "ref_chosen_logps": reference[:B], "ref_rejected_logps": reference[B:]}
+    trl_loss = trl_dpo.DPOTrainer._compute_loss(stub, stub.policy, inputs, return_outputs=False)
+    name = "ipo" if loss_type == "ipo" else "dpo"
+    ours = PairPreference(config(name, beta=0.2, loss_type=DpoLossType(loss_type), label_smoothing=eps), Reference())
+    losses, metrics = ours.pair_losses(token_logps.sum(-1), completion.sum(-1), reference)
+    torch.testing.assert_close(losses.mean(), trl_loss, rtol=1e-5, atol=1e-6)
+    for name, trl_name in [("rewards/chosen", "rewards/chosen"), ("rewards/margins", "rewards/margins"),
+                           ("rewards/accuracy", "rewards/accuracies"), ("logps/chosen", "logps/chosen")]:
+        value, count = metrics[name]
+        assert (value / count).item() == pytest.approx(stub._metrics["train"][trl_name][0], rel=1e-5, abs=1e-6)
