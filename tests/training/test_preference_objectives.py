@@ -269,7 +269,7 @@ class _TrlStub:
 
 @pytest.mark.parametrize("loss_type,eps", [("sigmoid", 0.0), ("hinge", 0.0), ("ipo", 0.0), ("robust", 0.2)])
 def test_dpo_losses_equal_trls_on_the_same_log_probs(loss_type, eps):
-    """TRL's DPOTrainer loss (trl 1.15, its _compute_loss) on per-token log-probs we hand it, against
+    """TRL's DPOTrainer loss (its _compute_loss, trl 1.15 and 1.16) on per-token log-probs we hand it, against
     PairPreference.pair_losses on the same log-probs summed per sequence."""
     trl_dpo = pytest.importorskip("trl.trainer.dpo_trainer")
     B, T = 3, 9
