@@ -97,3 +97,11 @@ def test_resolved_config_round_trips(tmp_path: Path):
     OmegaConf.save(OmegaConf.structured(run), tmp_path / "config.yaml")
     again = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RunConfig), OmegaConf.load(tmp_path / "config.yaml")))
     assert again == run
+
+
+@pytest.mark.parametrize("objective", ["sft", "dpo", "ipo", "orpo", "simpo", "kto"])
+def test_every_objective_composes_with_its_data_format(objective):
+    data_format = {"sft": "messages", "kto": "kto"}.get(objective, "preference")
+    run = to_run_config(compose_run(f"objective={objective}", f"data.format={data_format}", "data.path=x"))
+    run.validate()
+    assert run.objective.name.value == objective
