@@ -14,7 +14,7 @@ with their counts, which the step adds up over micro-batches and processes befor
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -160,10 +160,6 @@ class Reference:
         finally:
             model.train(was_training)
 
-    def in_step(self) -> Reference:
-        """The same reference, computed each step (evaluation: the table holds training pairs only)."""
-        return replace(self, table=None)
-
 
 def unwrapped(model: nn.Module) -> TrainableModel:
     """The model inside a DDP or FSDP wrapper (its forward is still the one to call: the wrappers
@@ -193,9 +189,6 @@ class PairPreference:
 
     def targets(self, micro_batches: list[dict]) -> int:
         return sum(len(mb["pair_index"]) for mb in micro_batches)
-
-    def for_evaluation(self) -> PairPreference:
-        return PairPreference(self.cfg, self.reference.in_step() if self.reference else None)
 
     def loss(self, model, batch: dict, device: torch.device, packed_boundaries: bool,
              num_items: int) -> tuple[torch.Tensor, Metrics]:
@@ -250,9 +243,6 @@ class KahnemanTversky:
 
     def targets(self, micro_batches: list[dict]) -> int:
         return sum(len(mb["pair_index"]) for mb in micro_batches)
-
-    def for_evaluation(self) -> KahnemanTversky:
-        return self
 
     def loss(self, model, batch: dict, device: torch.device, packed_boundaries: bool,
              num_items: int) -> tuple[torch.Tensor, Metrics]:
