@@ -72,6 +72,12 @@ class DataFormat(str, enum.Enum):
     prompt_completion = "prompt_completion"
     # Plain text for continued pre-training; every token is trained.
     text = "text"
+    # Preference pairs for DPO-style objectives: {prompt, chosen, rejected}, each a string or a
+    # message list, or conversation pairs (chosen and rejected whole conversations that differ only
+    # in their last assistant turn, no prompt). Rendered with the chat template.
+    preference = "preference"
+    # KTO rows {prompt, completion, label}: one completion, label true when it is desirable.
+    kto = "kto"
 
 
 class LossOn(str, enum.Enum):
@@ -120,7 +126,7 @@ class DpoLossType(str, enum.Enum):
 
 # Objectives trained on {prompt, chosen, rejected} pairs, and on KTO's {prompt, completion, label}.
 PAIR_OBJECTIVES = (ObjectiveName.dpo, ObjectiveName.ipo, ObjectiveName.orpo, ObjectiveName.simpo)
-PREFERENCE_FORMATS = {"preference": PAIR_OBJECTIVES, "kto": (ObjectiveName.kto,)}
+OBJECTIVES_BY_DATA_FORMAT = {"preference": PAIR_OBJECTIVES, "kto": (ObjectiveName.kto,)}
 
 
 class Resume(str, enum.Enum):
@@ -168,9 +174,11 @@ class ModelConfig:
     # H100 (0.79x on the 8B): the hot paths are already fused kernels and cuBLAS GEMMs.
     compile: bool = False
     # Native path, with gradient_checkpointing: how many decoder layers (the first ones) recompute in
-    # backward; null means all. The others keep their activations: each layer left out saves about
-    # a sixth of its matmul work and costs its activations' memory (train.dry_run shows how much).
-    checkpoint_layers: Optional[int] = None
+    # backward. The others keep their activations: each layer left out saves about a sixth of its
+    # matmul work and costs its activations' memory (train.dry_run shows how much). auto: on a GPU,
+    # the fewest that let the run fit hardware.gpu_memory_gb (or the free memory), as the memory plan
+    # works it out; all layers elsewhere. all (or null): every layer. A number: that many.
+    checkpoint_layers: Optional[str] = "auto"
     # Native path, training: run each layer's MLP over at most this many tokens at a time, each
     # chunk recomputed in its backward, so the MLP's intermediates (3 x intermediate_size values
     # per token) exist for one chunk only. For very long sequences (tens of thousands of tokens);
@@ -192,34 +200,52 @@ class ModelConfig:
     adapter: Optional[str] = None
 
     def validate(self) -> None:
-        if self.checkpoint_layers is not None and not self.gradient_checkpointing:
-            raise ConfigError(f"model.checkpoint_layers={self.checkpoint_layers} picks layers to checkpoint; "
+        requested = self.requested_checkpoint_layers()
+        if isinstance(requested, int) and not self.gradient_checkpointing:
+            raise ConfigError(f"model.checkpoint_layers={requested} picks layers to checkpoint; "
                               "it needs model.gradient_checkpointing=true.")
-        if self.checkpoint_layers is not None and self.checkpoint_layers < 0:
-            raise ConfigError(f"model.checkpoint_layers must be >= 0 (or null for all), got {self.checkpoint_layers}.")
         if self.offload_checkpoints and not self.gradient_checkpointing:
             raise ConfigError("model.offload_checkpoints=true offloads the inputs of checkpointed layers; "
                               "it needs model.gradient_checkpointing=true.")
         if self.mlp_chunk_tokens is not None and self.mlp_chunk_tokens < 1:
             raise ConfigError(f"model.mlp_chunk_tokens must be a positive number of tokens (or null), "
                               f"got {self.mlp_chunk_tokens}.")
-        if self.impl is ModelImpl.hf and self.checkpoint_layers is not None:
-            raise ConfigError(f"model.checkpoint_layers={self.checkpoint_layers} applies to the native model path, "
+        if self.impl is ModelImpl.hf and isinstance(requested, int):
+            raise ConfigError(f"model.checkpoint_layers={requested} applies to the native model path, "
                               "and model.impl=hf takes the generic one; remove it.")
 
-    def checkpointed_layers(self, num_layers: int) -> int:
+    def requested_checkpoint_layers(self) -> int | str:
+        """model.checkpoint_layers read: a number of layers, "auto" or "all"."""
+        value = self.checkpoint_layers
+        if value is None or value == "all":
+            return "all"
+        if value == "auto":
+            return "auto"
+        try:
+            layers = int(value)
+        except ValueError:
+            layers = None
+        if layers is None or layers < 0:
+            raise ConfigError(f"model.checkpoint_layers={value!r}: pass auto, all, or a number of layers >= 0.")
+        return layers
+
+    def checkpointed_layers(self, num_layers: int, auto: int | None = None) -> int:
         """How many of `num_layers` layers recompute in backward (gradient_checkpointing, checkpoint_layers).
 
-        The native model path takes it as it is; the generic path checkpoints all layers or none.
+        `auto` is the memory plan's answer for checkpoint_layers=auto (None: all layers). The
+        native model path takes the result as it is; the generic path checkpoints all layers or none.
         """
         if not self.gradient_checkpointing:
             return 0
-        if self.checkpoint_layers is None:
+        requested = self.requested_checkpoint_layers()
+        if requested == "all":
             return num_layers
-        if not 0 <= self.checkpoint_layers <= num_layers:
-            raise ConfigError(f"model.checkpoint_layers={self.checkpoint_layers}, but the model has {num_layers} "
-                              f"layers; pick 0 to {num_layers} (or null for all).")
-        return self.checkpoint_layers
+        if requested == "auto":
+            return num_layers if auto is None else auto
+        if not 0 <= requested <= num_layers:
+            raise ConfigError(f"model.checkpoint_layers={requested}, but the model has {num_layers} "
+                              f"layers; pick 0 to {num_layers} (or auto, or all).")
+        return requested
 
 
 @dataclass
@@ -281,7 +307,11 @@ FORMAT_COLUMNS = {
     DataFormat.instruction: ("instruction", "input", "output"),
     DataFormat.prompt_completion: ("prompt", "completion"),
     DataFormat.text: ("text",),
+    DataFormat.preference: ("prompt", "chosen", "rejected"),
+    DataFormat.kto: ("prompt", "completion", "label"),
 }
+# Formats whose rows are tokenized into preference pairs (finetune/data/preference.py), not samples.
+PREFERENCE_DATA_FORMATS = (DataFormat.preference, DataFormat.kto)
 
 
 @dataclass
@@ -296,6 +326,10 @@ class DataColumns:
     prompt: str = "prompt"
     completion: str = "completion"
     text: str = "text"
+    chosen: str = "chosen"
+    rejected: str = "rejected"
+    # KTO: true for a desirable completion, false for an undesirable one.
+    label: str = "label"
 
 
 @dataclass
@@ -320,7 +354,8 @@ class DataSource:
 class DataConfig:
     """Training data: which datasets, how they are rendered and masked, and how batches are built."""
 
-    # Single-source shorthand for `sources`: a file, a hub dataset name, or "demo".
+    # Single-source shorthand for `sources`: a file, a hub dataset name, or "demo" (the demo's chats;
+    # with data.format=preference its preference pairs, with data.format=kto its KTO rows).
     path: Optional[str] = None
     # Several datasets mixed by weight, e.g. [{path: a.jsonl, weight: 0.7}, {path: b.parquet, weight: 0.3}].
     sources: List[DataSource] = field(default_factory=list)
@@ -335,12 +370,19 @@ class DataConfig:
     # Chat template: "chatml" or a Jinja string. Unset: the tokenizer's own, or chatml when it has
     # none. Whatever renders the data is also set on the tokenizer saved with the adapter.
     chat_template: Optional[str] = None
+    # SFT formats only: preference objectives always score each whole response.
     loss_on: LossOn = LossOn.assistant
     max_seq_len: int = 2048
-    # What happens to samples longer than max_seq_len.
+    # What happens to samples longer than max_seq_len. Preference data: a pair is too long when its
+    # prompt plus its longer response exceeds max_seq_len (KTO: prompt plus completion). `truncate`
+    # then keeps the prompt's LAST tokens, cut only as far as needed but never below max_seq_len // 2
+    # of them (a shorter prompt stays whole), and cuts the responses' ENDS to the room left; `drop`
+    # leaves the pair out. Pairs whose chosen and rejected tokens are identical (after truncation)
+    # carry no preference and are dropped with a warning.
     truncation: Truncation = Truncation.truncate
     # Concatenate samples into one row per micro-batch (up to micro_batch_size * max_seq_len
-    # tokens), with attention kept inside each sample: no padding is computed.
+    # tokens), with attention kept inside each sample: no padding is computed. Preference pairs:
+    # each micro-batch's chosen and rejected sequences share one row. Not yet for KTO data.
     packing: bool = False
     # Worker processes for tokenizing; unset: one per CPU core, at most 8.
     num_proc: Optional[int] = None
@@ -372,6 +414,21 @@ class DataConfig:
         for index, source in enumerate(self.sources):
             if source.weight <= 0:
                 raise ConfigError(f"data.sources[{index}].weight must be positive, got {source.weight}.")
+        self._validate_preference()
+
+    def _validate_preference(self) -> None:
+        formats = {"data.format": self.format,
+                   **{f"data.sources[{i}].format": s.format for i, s in enumerate(self.sources) if s.format}}
+        if not any(value in PREFERENCE_DATA_FORMATS for value in formats.values()):
+            return
+        if len(set(formats.values())) > 1:
+            listed = ", ".join(f"{key}={value.value}" for key, value in formats.items())
+            raise ConfigError(f"preference data cannot be mixed with other formats ({listed}): every source of a "
+                              "preference run is read as data.format=preference (or kto for KTO); set data.format "
+                              "once and leave the sources' format unset.")
+        if self.packing and self.format is DataFormat.kto:
+            raise ConfigError("data.packing=true is not supported for data.format=kto yet (its KL rows are padded): "
+                              "pass data.packing=false.")
 
 
 @dataclass
@@ -444,9 +501,9 @@ class ObjectiveConfig:
 
     def validate_data(self, formats: set[str]) -> None:
         """`formats`: the data.format of every training source."""
-        wanted = next((f for f, names in PREFERENCE_FORMATS.items() if self.name in names), None)
+        wanted = next((f for f, names in OBJECTIVES_BY_DATA_FORMAT.items() if self.name in names), None)
         if wanted is None:
-            given = sorted(formats & set(PREFERENCE_FORMATS))
+            given = sorted(formats & set(OBJECTIVES_BY_DATA_FORMAT))
             if given:
                 raise ConfigError(f"data.format={given[0]} holds preference data, which objective=sft cannot train "
                                   f"on; pick a preference objective (objective=dpo, ...) or SFT data.")

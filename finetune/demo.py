@@ -114,12 +114,56 @@ def demo_conversations(seed: int = DEMO_SEED) -> tuple[list[dict], list[dict]]:
     return train, held_out
 
 
+def demo_preference_pairs(seed: int = DEMO_SEED) -> tuple[list[dict], list[dict]]:
+    """The demo questions as preference pairs {prompt, chosen, rejected}: chosen is the right answer,
+    rejected a plausible wrong one (the same relation of another entity, drawn with `seed`).
+
+    Train and held-out questions are exactly the SFT demo's, so a DPO run after the demo's SFT phase
+    is evaluated on phrasings it never trained on.
+    """
+    rng = random.Random(seed)
+    return tuple([_pair(row["messages"], rng) for row in rows] for rows in demo_conversations())
+
+
+def _pair(messages: list[dict], rng: random.Random) -> dict:
+    *prompt, answer = messages
+    # Every value in the fact table belongs to one relation, so the answer tells which one was asked.
+    relation = next(r for r, values in zip(RELATIONS, zip(*ENTITIES.values())) if answer["content"] in values)
+    wrong = sorted({values[RELATIONS.index(relation)] for values in ENTITIES.values()} - {answer["content"]})
+    return {"prompt": prompt, "chosen": [answer], "rejected": [{"role": "assistant", "content": rng.choice(wrong)}]}
+
+
+def demo_kto_rows(seed: int = DEMO_SEED) -> tuple[list[dict], list[dict]]:
+    """The preference pairs as KTO rows: each question once with its right answer (label true) and
+    once with the wrong one (label false), in a seeded order."""
+    splits = []
+    for pairs in demo_preference_pairs(seed):
+        rows = [{"prompt": pair["prompt"], "completion": pair[side], "label": side == "chosen"}
+                for pair in pairs for side in ("chosen", "rejected")]
+        random.Random(seed).shuffle(rows)
+        splits.append(rows)
+    return tuple(splits)
+
+
 def write_demo_data(data_dir: Path) -> tuple[Path, Path]:
     """Write train/held-out JSONL chat files (idempotent)."""
+    return _write_splits(data_dir, "", demo_conversations())
+
+
+def write_demo_preference_data(data_dir: Path) -> tuple[Path, Path]:
+    """Write train/held-out JSONL preference pairs (idempotent)."""
+    return _write_splits(data_dir, "preference-", demo_preference_pairs())
+
+
+def write_demo_kto_data(data_dir: Path) -> tuple[Path, Path]:
+    """Write train/held-out JSONL KTO rows (idempotent)."""
+    return _write_splits(data_dir, "kto-", demo_kto_rows())
+
+
+def _write_splits(data_dir: Path, prefix: str, splits: tuple[list[dict], list[dict]]) -> tuple[Path, Path]:
     data_dir.mkdir(parents=True, exist_ok=True)
-    train, held_out = demo_conversations()
-    paths = data_dir / "train.jsonl", data_dir / "eval.jsonl"
-    for path, rows in zip(paths, (train, held_out)):
+    paths = data_dir / f"{prefix}train.jsonl", data_dir / f"{prefix}eval.jsonl"
+    for path, rows in zip(paths, splits):
         text = "".join(json.dumps(row) + "\n" for row in rows)
         if not path.exists() or path.read_text() != text:
             atomic_write_text(path, text)

@@ -44,6 +44,19 @@ def atomic_write_text(path: Path, text: str) -> None:
     fsync_path(path.parent)
 
 
+def create_text(path: Path, text: str) -> None:
+    """Write a new file, complete or not at all; FileExistsError if `path` exists (it is left alone)."""
+    staging = _sibling(path, "partial")
+    try:
+        staging.write_text(text)
+        fsync_path(staging)
+        # link() refuses an existing target, even one that appeared while we wrote: never a replace.
+        os.link(staging, path)
+    finally:
+        staging.unlink(missing_ok=True)
+    fsync_path(path.parent)
+
+
 class IfExists(enum.Enum):
     """What publishing a directory does when its target is already there."""
 

@@ -29,8 +29,9 @@ every s_i dy B_i from the one GEMM dy Wc, dx copied out of it to be contiguous. 
 xa S^T, and backward takes dy W and dy S as two GEMMs: copying the wide dx out of dy Wc would
 cost more than reading dy twice.
 
-Backward saves x, xa (N, R: small), the stacked A, S (small) and the dropout masks (one byte per
-element and adapted layer), never W: it is dequantized again in backward, so a group's weights
+Backward saves x, xa (N, R: small), the stacked A, S (small) and, unless the layers have fused
+dropout kernels (finetune_kernels.lora_dropout, which redraw each mask from a seed), the dropout
+masks (one byte per element and adapted layer), never W: it is dequantized again in backward, so a group's weights
 exist in full precision only while its own matmuls run. X' is not saved either: x is often held
 anyway by whoever made it (attention keeps its output, o_proj's input), and X' would be a
 second copy. A group without adapters saves nothing at all. The one exception is a group under
@@ -118,8 +119,16 @@ class QLoRAGroupFunction(torch.autograd.Function):
         lora_A = (torch.cat(lora_As) if len(lora_As) > 1 else lora_As[0]).to(x.dtype)  # (R + pad, in)
         lora_block = _lora_block(layers, adapted, lora_params[1::2], ctx.rows, ctx.ranks, lora_A.shape[0],
                                  x.dtype)  # S
-        masks = []
-        if dropout_p > 0:
+        masks, ctx.seed = [], None
+        fused = layers[0].fused_dropout
+        if dropout_p > 0 and fused is not None and len({r.stop - r.start for r in ctx.ranks}) == 1:
+            # Layer l's mask comes from seed + l, redrawn by each kernel that needs it: none is stored.
+            # Drawn from the CPU generator, whose state activation checkpointing replays for the recompute.
+            ctx.seed = int(torch.randint(2**62, ()))
+            xa = (x_rows.new_zeros if pad else x_rows.new_empty)(x_rows.shape[0], lora_A.shape[0])
+            for layer_index, r in enumerate(ctx.ranks):
+                fused.dropout_down(x_rows, lora_A[r], ctx.seed + layer_index, dropout_p, out=xa[:, r])
+        elif dropout_p > 0:
             # One mask per layer, drawn in layer order, as separate dropout modules would.
             masks = [torch.rand_like(x_rows) >= dropout_p for _ in adapted]
             xa = (x_rows.new_zeros if pad else x_rows.new_empty)(x_rows.shape[0], lora_A.shape[0])
@@ -165,7 +174,16 @@ class QLoRAGroupFunction(torch.autograd.Function):
             grad_xa = grad_rows @ lora_block
         elif any(wants_A.values()):
             grad_xa = grad_rows @ lora_block
-        if masks:
+        if ctx.seed is not None:
+            fused = layers[0].fused_dropout
+            if needs_x:
+                rank = ctx.ranks[0].stop
+                fused.dropout_grad_x(grad_x, grad_xa, lora_A[:ctx.ranks[-1].stop], rank, ctx.seed, p)
+            for layer_index, (i, r) in enumerate(zip(adapted, ctx.ranks)):
+                if wants_A[i]:
+                    grad_params[2 * i] = fused.dropout_grad_a(grad_xa[:, r], x_rows, ctx.seed + layer_index,
+                                                              p).to(ctx.param_dtype)
+        elif masks:
             for mask, i, r in zip(masks, adapted, ctx.ranks):
                 # Masked and scaled in the compute dtype, in the forward's order.
                 if needs_x:
@@ -247,14 +265,16 @@ class QLoRALinear(nn.Module):
     """A frozen 4-bit linear layer with an optional LoRA adapter (peft's names: lora_A, lora_B).
 
     `weight` arrives after construction (the model is built empty, then filled while loading).
-    `dequantize(weight, out=None)` gives the weight in its storage dtype.
+    `dequantize(weight, out=None)` gives the weight in its storage dtype. `fused_dropout`, when
+    given, is a module with finetune_kernels.lora_dropout's functions, which apply LoRA dropout
+    inside the low-rank products instead of through stored masks.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool,
-                 dequantize: Callable[..., torch.Tensor]):
+                 dequantize: Callable[..., torch.Tensor], fused_dropout=None):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self.dequantize = dequantize
+        self.dequantize, self.fused_dropout = dequantize, fused_dropout
         self.weight: QuantizedWeight | None = None
         self.bias = nn.Parameter(torch.empty(out_features, device="meta"), requires_grad=False) if bias else None
         self.lora_A: nn.Parameter | None = None

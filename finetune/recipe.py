@@ -97,13 +97,13 @@ def load_model(cfg: RunConfig, processes: Processes) -> LoadedModel:
     check_model_path(cfg, processes.fsdp, impl)
     notices = [f"model.impl=auto: the {impl.value} model path ({why.removeprefix('model.impl=auto: ')})."] \
         if cfg.model.impl is ModelImpl.auto else []
-    offload = memory.decide_offload(cfg, source, impl, why, processes.device, notices)
+    layout = memory.decide_memory_layout(cfg, source, impl, why, processes.device, notices)
     # FSDP with fsdp_cpu_ram_efficient_loading (as the shipped configs): the first process loads the
     # base into host memory, the others build it empty; FSDP moves each unit to the GPU, broadcasts
     # the first process's values (sync_module_states) and shards it. No GPU ever holds the whole base.
     first_loads = processes.fsdp and processes.accelerator.state.fsdp_plugin.cpu_ram_efficient_loading
     placement = Placement.device if not first_loads else Placement.host if processes.is_main else Placement.empty
-    loaded = build_model(cfg, processes.device, placement, offload, source, impl)
+    loaded = build_model(cfg, processes.device, placement, layout, source, impl)
     for notice in notices + loaded.notices:
         processes.say(f"note: {notice}")
     if cfg.model.adapter:

@@ -84,3 +84,9 @@ def linear_cross_entropy_reference(
         return F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction="sum") / num_items_in_batch
     losses = F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction=reduction)
     return losses.view(shape) if reduction == "none" else losses
+
+
+def lora_dropout_reference(x: torch.Tensor, lora_A: torch.Tensor, keep: torch.Tensor, p: float) -> torch.Tensor:
+    """xa = (x * keep / (1 - p)) A^T for one layer, with its mask given: lora_dropout.py's forward;
+    autograd through it gives the kernels' grad_x term and grad_A."""
+    return (x * keep / (1 - p)) @ lora_A.T

@@ -70,29 +70,32 @@ def build_hf(checkpoint: Path, liger: bool, grad_ckpt: bool, kbit_prep: bool):
     return model, step
 
 
-def build_ours(checkpoint: Path, impl: str, grad_ckpt: bool, overrides: list[str], batch: int, seq: int):
+def build_ours(checkpoint: Path, impl: str, grad_ckpt: bool, overrides: list[str], batch: int, seq: int,
+               cap_gib: float | None):
     from finetune.api import compose_config
     from finetune.models import build_model, choose_impl
     from finetune.models.source import resolve_source
-    from finetune.plan.memory import GiB, decide_offload, plan_for_run
+    from finetune.plan.memory import GiB, decide_memory_layout, plan_for_run
 
     cfg = compose_config("demo", [f"model.name_or_path={checkpoint}", f"model.impl={impl}",
                                   f"model.gradient_checkpointing={str(grad_ckpt).lower()}",
                                   f"data.max_seq_len={seq}", f"train.micro_batch_size={batch}",
-                                  *(f"lora.{k}={v}" for k, v in LORA.items()), *overrides])
+                                  *(f"lora.{k}={v}" for k, v in LORA.items()),
+                                  # The planner (checkpoint_layers and offload left to auto) plans for the cap.
+                                  *([f"hardware.gpu_memory_gb={cap_gib}"] if cap_gib else []), *overrides])
     source = resolve_source(cfg.model, cfg.cache_dir)
     impl, why = choose_impl(cfg, source)
     plan = plan_for_run(cfg, source, impl, why)
     notices = []
-    offload = decide_offload(cfg, source, impl, why, torch.device("cuda"), notices)
-    loaded = build_model(cfg, torch.device("cuda"), offload=offload, source=source, impl=impl)
+    layout = decide_memory_layout(cfg, source, impl, why, torch.device("cuda"), notices)
+    loaded = build_model(cfg, torch.device("cuda"), layout=layout, source=source, impl=impl)
     for notice in notices:
         print(notice, file=sys.stderr)
     for notice in loaded.notices:
         print(notice, file=sys.stderr)
     model = loaded.model
     model.plan = {"plan_gib": plan.gpu_total / GiB, "plan_tensors_gib": plan.tensors_bytes / GiB,
-                  "plan_offload": plan.offload.value}
+                  "plan_offload": plan.offload.value, "plan_checkpointed_layers": plan.checkpointed_layers}
     model.train()
 
     def step(ids):
@@ -111,7 +114,7 @@ def measure(args) -> dict:
     batch, seq = args.batch, args.seq
     if args.side == "ours":
         model, step = build_ours(args.checkpoint, args.ours_impl, not args.no_grad_ckpt, args.ours_override,
-                                 batch, seq)
+                                 batch, seq, args.cap_gib)
     else:
         model, step = build_hf(args.checkpoint, liger=args.side == "liger", grad_ckpt=not args.no_grad_ckpt,
                                kbit_prep=args.side == "hf-kbit")
@@ -236,7 +239,7 @@ def run_e2e(batch: int, seq: int, args) -> dict:
            *args.e2e_override]
     if args.cap_gib:
         # The planner plans for the cap, and the allocator enforces it as it does for the other sides.
-        cmd.append(f"hardware.gpu_memory_gb={args.cap_gib * 2**30 / 1e9:.3f}")
+        cmd.append(f"hardware.gpu_memory_gb={args.cap_gib}")  # GiB, as the cap
         cap = (f"import runpy, sys, torch; torch.cuda.set_per_process_memory_fraction({args.cap_gib * 2**30} / "
                f"torch.cuda.get_device_properties(0).total_memory); sys.argv = sys.argv[1:]; "
                f"runpy.run_path(sys.argv[0], run_name='__main__')")

@@ -5,7 +5,7 @@ import os
 import pytest
 
 from finetune import io
-from finetune.io import IfExists, atomic_dir, atomic_write_text
+from finetune.io import IfExists, atomic_dir, atomic_write_text, create_text
 
 
 def write_files(directory, text="new"):
@@ -106,3 +106,19 @@ def test_atomic_write_text_replaces_a_file_whole(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         atomic_write_text(path, "three\n")
     assert path.read_text() == "two\n" and os.listdir(tmp_path) == ["metrics.jsonl"]
+
+
+def test_create_text_writes_a_new_file_and_never_replaces_one(tmp_path, monkeypatch):
+    path = tmp_path / "results.json"
+    create_text(path, "first\n")
+    with pytest.raises(FileExistsError):
+        create_text(path, "second\n")
+    assert path.read_text() == "first\n" and os.listdir(tmp_path) == ["results.json"]
+
+    def crash(*args):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "link", crash)
+    with pytest.raises(OSError, match="disk full"):
+        create_text(tmp_path / "other.json", "third\n")
+    assert os.listdir(tmp_path) == ["results.json"]  # neither the file nor its staging copy

@@ -46,7 +46,7 @@ def chosen(lock: str, python: str) -> dict[str, Version]:
 def project_requirements() -> list[Requirement]:
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     extras = project["optional-dependencies"]
-    return [Requirement(r) for r in [*project["dependencies"], *extras["test"], *extras["kernels"]]]
+    return [Requirement(r) for r in [*project["dependencies"], *extras["test"], *extras["kernels"], *extras["eval"]]]
 
 
 @pytest.mark.parametrize("lock", sorted(LOCKS))

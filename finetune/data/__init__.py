@@ -5,80 +5,54 @@
     tokenization.py  spans -> per-token labels, in parallel, cached on disk
     batches.py       padded or packed micro-batches, and the model's keyword arguments
     report.py        statistics and the preview the user sees before training
+    preference.py    preference pairs and KTO rows: splits, drops, and chosen + rejected micro-batches
 """
 
 from __future__ import annotations
 
-import os
 import warnings
 from pathlib import Path
 
 import numpy as np
 
-from finetune.config import DataConfig, DataFormat, Truncation
+from finetune.config import PREFERENCE_DATA_FORMATS, DataConfig, Truncation
 from finetune.data.batches import collate, collate_packed, count_tokens, eval_batches, model_inputs, train_batches
-from finetune.data.formats import chat_template_for
+from finetune.data.formats import chat_template_for, uses_chat
+from finetune.data.preference import (collate_kto, collate_pairs, collate_pairs_packed, eval_preference_batches,
+                                      load_preference_splits, preference_batches)
 from finetune.data.report import SplitReport, preview
-from finetune.data.samples import IGNORE_INDEX, DataError, Sample, TokenizedSplit
-from finetune.data.sources import Source, held_out_split, mixture, resolve_sources
-from finetune.data.tokenization import TokenizedSource, TokenSettings, tokenize_source, tokenizer_fingerprint
+from finetune.data.samples import (IGNORE_INDEX, DataError, PreferencePair, PreferenceSplit, Sample,
+                                   TokenizedSplit)
+from finetune.data.sources import mixture
+from finetune.data.tokenization import TokenizedSource, tokenize_splits
 
 __all__ = [
-    "IGNORE_INDEX", "DataError", "Sample", "TokenizedSplit", "collate", "collate_packed", "count_tokens",
-    "eval_batches", "load_splits", "model_inputs", "preview", "train_batches", "use_data_chat_template",
+    "IGNORE_INDEX", "DataError", "PreferencePair", "PreferenceSplit", "Sample", "TokenizedSplit", "collate",
+    "collate_kto", "collate_packed", "collate_pairs", "collate_pairs_packed", "count_tokens", "eval_batches",
+    "eval_preference_batches", "load_preference_splits", "load_splits", "model_inputs", "preference_batches",
+    "preview", "train_batches", "use_data_chat_template",
 ]
-
-CHAT_FORMATS = (DataFormat.messages, DataFormat.instruction)
 
 
 def use_data_chat_template(tokenizer, data: DataConfig) -> None:
     """Set the chat template the data is rendered with on the tokenizer, so that generation during
     evaluation and the tokenizer saved with the adapter use it too."""
-    if _uses_chat(data):
+    if uses_chat(data):
         tokenizer.chat_template = chat_template_for(tokenizer, data.chat_template)
 
 
 def load_splits(data: DataConfig, tokenizer, seed: int,
                 cache_dir: str) -> tuple[TokenizedSplit, TokenizedSplit, list[str]]:
     """Train and eval samples, plus report lines: one per source, then one per split."""
+    if data.format in PREFERENCE_DATA_FORMATS:
+        raise DataError(f"data.format={data.format.value} holds preference data, which trains with a preference "
+                        "objective (objective=dpo, ipo, orpo or simpo; kto for data.format=kto), not as SFT samples.")
     cache_root = Path(cache_dir).expanduser()
-    train_sources, eval_source = resolve_sources(data, cache_root)
-    template = chat_template_for(tokenizer, data.chat_template) if _uses_chat(data) else ""
-    tokenizer_id = tokenizer_fingerprint(tokenizer)
-    num_proc = data.num_proc or min(os.cpu_count() or 1, 8)
-
-    def tokenized(source: Source) -> TokenizedSource:
-        settings = TokenSettings(source.data_format, data.loss_on, data.max_seq_len,
-                                 template if source.data_format in CHAT_FORMATS else "")
-        return tokenize_source(source, tokenizer, settings, tokenizer_id, cache_root, num_proc)
-
-    train_parts = [tokenized(source) for source in train_sources]
-    if eval_source is None:
-        # Split rows before dropping any, so the eval set does not change with length settings.
-        splits = [held_out_split(len(part.dataset), data.eval_fraction, seed, part.source.name)
-                  for part in train_parts]
-        train_selection = [(part, train_rows) for part, (train_rows, _) in zip(train_parts, splits)]
-        eval_selection = [(part, eval_rows) for part, (_, eval_rows) in zip(train_parts, splits)]
-        lines = [_source_line("source", part) for part in train_parts]
-    else:
-        held_out = tokenized(eval_source)
-        train_selection = [(part, np.arange(len(part.dataset))) for part in train_parts]
-        eval_selection = [(held_out, np.arange(len(held_out.dataset)))]
-        lines = [*(_source_line("source", part) for part in train_parts), _source_line("eval source", held_out)]
-
+    template = chat_template_for(tokenizer, data.chat_template) if uses_chat(data) else ""
+    train_selection, eval_selection, lines = tokenize_splits(data, tokenizer, seed, cache_root, template)
     train, train_report = _assemble(train_selection, data, seed, "train", weighted=True)
     evaluation, eval_report = _assemble(eval_selection, data, seed, "eval", weighted=False)
     return train, evaluation, lines + [train_report.line("train"), eval_report.line("eval")]
-
-
-def _uses_chat(data: DataConfig) -> bool:
-    formats = [source.format or data.format for source in data.sources] or [data.format]
-    return data.path == "demo" or any(data_format in CHAT_FORMATS for data_format in formats)
-
-
-def _source_line(kind: str, part: TokenizedSource) -> str:
-    how = "read from cache" if part.from_cache else "tokenized"
-    return f"{kind} {part.source.name}: {len(part.dataset)} rows, {how} in {part.seconds:.1f} s"
 
 
 def _assemble(parts: list[tuple[TokenizedSource, np.ndarray]], data: DataConfig, seed: int, split: str,

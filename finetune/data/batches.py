@@ -104,8 +104,11 @@ def model_inputs(batch: dict[str, torch.Tensor], device: torch.device, packed_bo
     attention kernel (`TrainableModel.takes_packed_boundaries`); transformers' models derive them
     from position_ids and take no such argument.
     """
-    inputs = {key: value.to(device, non_blocking=True) for key, value in batch.items()
-              if key != "cu_seqlens" or packed_boundaries}
+    inputs = {key: value.to(device, non_blocking=True) for key, value in batch.items() if key != "cu_seqlens"}
+    if packed_boundaries:
+        # Left in host memory: the model reads the longest sample's length there without waiting
+        # on the GPU, then moves the boundaries itself.
+        inputs["cu_seqlens"] = batch["cu_seqlens"]
     # Without this, transformers' models keep a KV cache even while training (unless activation
     # checkpointing is on), and with a cache they no longer read position ids as packed samples.
     inputs["use_cache"] = False
@@ -113,7 +116,7 @@ def model_inputs(batch: dict[str, torch.Tensor], device: torch.device, packed_bo
 
 
 def count_tokens(batch: dict[str, torch.Tensor]) -> int:
-    """Tokens the model computes on, padding excluded."""
+    """Tokens the model computes on, padding excluded (KTO batches: their KL rows too)."""
     if "attention_mask" in batch:
-        return int(batch["attention_mask"].sum())
+        return int(batch["attention_mask"].sum()) + int(batch.get("kl_attention_mask", torch.zeros(())).sum())
     return batch["input_ids"].numel()

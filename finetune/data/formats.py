@@ -1,4 +1,5 @@
-"""One row of each data format -> the text to tokenize and the character spans to train on.
+"""One row of each data format -> the text to tokenize and the character spans to train on (for
+preference data: the prompt's text and each response's).
 
 Chat spans are found by rendering the conversation incrementally, never by searching for
 strings: an assistant turn starts where the rendering of the conversation before it, plus the
@@ -13,9 +14,11 @@ from dataclasses import dataclass
 
 import jinja2
 
-from finetune.config import DataFormat, LossOn
+from finetune.config import DataConfig, DataFormat, LossOn
 from finetune.data.samples import DataError
 
+# Formats rendered with the chat template.
+CHAT_FORMATS = (DataFormat.messages, DataFormat.instruction, DataFormat.preference, DataFormat.kto)
 ROLES = ("system", "user", "assistant", "tool")
 # ShareGPT's speakers; the datasets that write "user"/"assistant"/"tool" there mean our roles.
 SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system",
@@ -32,6 +35,12 @@ CHATML = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 BUILTIN_CHAT_TEMPLATES = {"chatml": CHATML}
+
+
+def uses_chat(data: DataConfig) -> bool:
+    """Whether any of the data is rendered with a chat template."""
+    formats = [source.format or data.format for source in data.sources] or [data.format]
+    return data.path == "demo" or any(data_format in CHAT_FORMATS for data_format in formats)
 
 
 def chat_template_for(tokenizer, configured: str | None) -> str:
@@ -75,9 +84,9 @@ def render_row(row: dict, data_format: DataFormat, loss_on: LossOn, tokenizer, t
     return Rendered(text, [(0, len(text))], False, True), []
 
 
-def checked_messages(messages: object, where: str) -> list[dict]:
+def checked_messages(messages: object, where: str, column: str = "messages") -> list[dict]:
     if not isinstance(messages, list) or not messages:
-        raise DataError(f"{where}: 'messages' must be a non-empty list of {{role, content}} objects, "
+        raise DataError(f"{where}: '{column}' must be a non-empty list of {{role, content}} objects, "
                         f"got {type(messages).__name__}.")
     return [_checked_message(message, index, where) for index, message in enumerate(messages)]
 
@@ -160,12 +169,8 @@ def render_chat(messages: list[dict], loss_on: LossOn, tokenizer, template: str,
         if not count and not add_generation_prompt:
             return ""
         if (count, add_generation_prompt) not in renderings:
-            try:
-                renderings[count, add_generation_prompt] = tokenizer.apply_chat_template(
-                    messages[:count], chat_template=template, tokenize=False,
-                    add_generation_prompt=add_generation_prompt)
-            except (jinja2.TemplateError, TypeError) as error:  # a template raising, or adding str to None
-                raise DataError(f"{where}: the chat template rejects this conversation: {error}") from None
+            renderings[count, add_generation_prompt] = apply_template(
+                messages[:count], tokenizer, template, where, add_generation_prompt)
         return renderings[count, add_generation_prompt]
 
     text = render(len(messages))
@@ -193,3 +198,132 @@ def _trained_turns(messages: list[dict], loss_on: LossOn) -> list[int]:
     # prompt to start it from (templates cannot render an empty conversation): it stays context.
     assistant_turns = [index for index, message in enumerate(messages) if message["role"] == "assistant" and index]
     return assistant_turns[-1:] if loss_on is LossOn.last_assistant else assistant_turns
+
+
+def apply_template(messages: list[dict], tokenizer, template: str, where: str, add_generation_prompt: bool) -> str:
+    try:
+        return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
+                                             add_generation_prompt=add_generation_prompt)
+    except (jinja2.TemplateError, TypeError) as error:  # a template raising, or adding str to None
+        raise DataError(f"{where}: the chat template rejects this conversation: {error}") from None
+
+
+@dataclass
+class RenderedPair:
+    """A preference row as text: the prompt through the generation prompt, and what follows it."""
+
+    prompt: str
+    chosen: str  # KTO: the completion
+    rejected: str  # "" for KTO rows
+    label: bool | None  # KTO: is the completion desirable; None for pairs
+    messages: list[dict]  # the prompt conversation
+
+
+def render_preference_row(row: dict, data_format: DataFormat, tokenizer, template: str, where: str) -> RenderedPair:
+    """A {prompt, chosen, rejected} row, a conversation pair, or a KTO {prompt, completion, label} row.
+
+    A prompt string becomes a user message, a response string the assistant's answer; message-list
+    responses render turn by turn after the prompt. Chosen and rejected message lists that open with
+    a turn before the answer are whole conversations, split into prompt and answers without reading
+    a 'prompt' column (datasets such as UltraFeedback keep the prompt in both, and in a column too).
+    Each response is the text the whole conversation renders to after the prompt's rendering with
+    the generation prompt, which must be a prefix of it (as for SFT's trained spans).
+    """
+    if data_format is DataFormat.kto:
+        if row["prompt"] is None:
+            raise DataError(f"{where}: column 'prompt' is empty; KTO rows need a prompt, a completion and a label.")
+        prompt = _prompt_messages(row["prompt"], where)
+        label = row["label"]
+        if not isinstance(label, bool):
+            raise DataError(f"{where}: column 'label' must be true (a desirable completion) or false (an undesirable "
+                            f"one), got {type(label).__name__} {label!r}.")
+        responses = [_response_messages(row["completion"], "completion", where)]
+    elif row.get("prompt") is None or all(_opens_a_conversation(row[column]) for column in ("chosen", "rejected")):
+        label = None
+        prompt, *responses = _split_conversation_pair(row["chosen"], row["rejected"], tokenizer, template, where)
+    else:
+        label = None
+        prompt = _prompt_messages(row["prompt"], where)
+        responses = [_response_messages(row[column], column, where) for column in ("chosen", "rejected")]
+    prompt_text = apply_template(prompt, tokenizer, template, where, add_generation_prompt=True)
+    texts = [_response_text(prompt, response, prompt_text, tokenizer, template, where) for response in responses]
+    return RenderedPair(prompt_text, texts[0], texts[1] if len(texts) > 1 else "", label, prompt)
+
+
+def _opens_a_conversation(response: object) -> bool:
+    first = response[0] if isinstance(response, list) and response else None
+    return isinstance(first, dict) and first.get("role", SHAREGPT_ROLES.get(first.get("from"))) != "assistant"
+
+
+def _prompt_messages(prompt: object, where: str) -> list[dict]:
+    if isinstance(prompt, str):
+        return [{"role": "user", "content": prompt}]
+    if isinstance(prompt, list):
+        return checked_messages(prompt, where, "prompt")
+    raise DataError(f"{where}: column 'prompt' must hold a string or a list of {{role, content}} messages, "
+                    f"got {type(prompt).__name__}.")
+
+
+def _response_messages(response: object, column: str, where: str) -> list[dict]:
+    if isinstance(response, str):
+        messages = [{"role": "assistant", "content": response}]
+    elif isinstance(response, list):
+        messages = checked_messages(response, where, column)
+        if messages[0]["role"] != "assistant":
+            raise DataError(f"{where}: '{column}' must begin with an assistant message, got role "
+                            f"{messages[0]['role']!r}; earlier turns belong in 'prompt'.")
+    else:
+        raise DataError(f"{where}: column '{column}' must hold a string or a list of {{role, content}} messages, "
+                        f"got {type(response).__name__}.")
+    if not any((message.get("content") or "").strip() for message in messages):
+        raise DataError(f"{where}: '{column}' is empty; every row needs a non-empty response there. Fill it in "
+                        "or leave the row out.")
+    return messages
+
+
+def _split_conversation_pair(chosen: object, rejected: object, tokenizer, template: str,
+                             where: str) -> tuple[list[dict], list[dict], list[dict]]:
+    """(prompt, chosen response, rejected response) of two whole conversations.
+
+    The prompt is everything before the last assistant turn, which both conversations must render
+    identically: prefixes are compared as the chat template renders them, message by message, so a
+    common start of the two answers' text never counts as prompt.
+    """
+    for column, value in (("chosen", chosen), ("rejected", rejected)):
+        if not isinstance(value, list):
+            raise DataError(f"{where}: without a 'prompt' column, '{column}' must be a whole conversation (a list of "
+                            f"{{role, content}} messages), got {type(value).__name__}. Pass the prompt in a column "
+                            "(data.columns.prompt=...) to pair string answers.")
+    conversations = [checked_messages(chosen, where, "chosen"), checked_messages(rejected, where, "rejected")]
+    last_turns = []
+    for column, messages in zip(("chosen", "rejected"), conversations):
+        assistant = [index for index, message in enumerate(messages) if message["role"] == "assistant"]
+        if not assistant or not assistant[-1]:
+            raise DataError(f"{where}: without a 'prompt' column, '{column}' must be a whole conversation: turns "
+                            "before an assistant answer, then the answer. Pass the prompt in a 'prompt' column "
+                            "(data.columns.prompt) or add the turns that lead to the answer.")
+        last_turns.append(assistant[-1])
+    shared = 0
+    shortest = min(len(messages) for messages in conversations)
+    while shared < shortest and len({apply_template(messages[:shared + 1], tokenizer, template, where, False)
+                                     for messages in conversations}) == 1:
+        shared += 1
+    if shared < max(last_turns) or last_turns[0] != last_turns[1]:
+        what = "share no prefix" if shared == 0 else f"render differently from message {shared}"
+        raise DataError(
+            f"{where}: chosen and rejected {what}, before their last assistant turns (messages {last_turns[0]} and "
+            f"{last_turns[1]}); a conversation pair must repeat the same turns and differ only in the final "
+            "answer. Give differing histories their own rows, or pass a 'prompt' column.")
+    prompt = conversations[0][:last_turns[0]]
+    return prompt, conversations[0][last_turns[0]:], conversations[1][last_turns[1]:]
+
+
+def _response_text(prompt: list[dict], response: list[dict], prompt_text: str, tokenizer, template: str,
+                   where: str) -> str:
+    whole = apply_template(prompt + response, tokenizer, template, where, add_generation_prompt=False)
+    if not whole.startswith(prompt_text):
+        raise DataError(
+            f"{where}: the chat template does not render conversations incrementally (the prompt with its "
+            "generation prompt renders to text that is not a prefix of the prompt followed by the answer), so "
+            "the answer cannot be located. Pass a template that appends turns, e.g. data.chat_template=chatml.")
+    return whole[len(prompt_text):]

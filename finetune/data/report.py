@@ -1,5 +1,5 @@
 """What the user sees of the data before training: per-split statistics and a preview of samples
-with the trained tokens marked."""
+with the trained tokens marked (of preference pairs: prompt, chosen and rejected marked)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from finetune.data.samples import IGNORE_INDEX, Sample
+from finetune.data.samples import IGNORE_INDEX, PreferencePair, Sample
 
-GREEN, RESET = "\033[32m", "\033[0m"
+GREEN, RED, RESET = "\033[32m", "\033[31m", "\033[0m"
 
 
 @dataclass
@@ -33,8 +33,30 @@ class SplitReport:
                 f"max {self.lengths.max()}")
 
 
-def preview(samples: list[Sample], tokenizer, color: bool) -> str:
-    """Samples as text, trained tokens in green (color) or wrapped in [[...]]."""
+@dataclass
+class PairReport:
+    pairs: int  # KTO: rows
+    tokens: int  # every sequence's tokens: the prompt once per response
+    truncated: int
+    dropped: dict[str, int]  # reason -> pairs
+    lengths: np.ndarray  # tokens of each kept pair's longer sequence
+    desirable: int | None  # KTO rows labelled true; None for pairs
+
+    def line(self, split: str) -> str:
+        p50, p90, p99 = np.percentile(self.lengths, [50, 90, 99]).round().astype(int)
+        what = (f"{self.pairs} pairs" if self.desirable is None else
+                f"{self.pairs} rows ({self.desirable} desirable, {self.pairs - self.desirable} undesirable)")
+        dropped = ", ".join(f"{count} dropped ({reason})" for reason, count in self.dropped.items()) or "0 dropped"
+        return (f"{split}: {what}, {self.tokens} tokens, {self.truncated} truncated, {dropped}; tokens per "
+                f"{'pair' if self.desirable is None else 'row'} (longer sequence) p50 {p50}, p90 {p90}, p99 {p99}, "
+                f"max {self.lengths.max()}")
+
+
+def preview(samples: list[Sample] | list[PreferencePair], tokenizer, color: bool) -> str:
+    """Samples as text, trained tokens in green (color) or wrapped in [[...]]; preference pairs with
+    their prompt, chosen and rejected responses marked."""
+    if samples and isinstance(samples[0], PreferencePair):
+        return _preview_pairs(samples, tokenizer, color)
     blocks = []
     for number, sample in enumerate(samples, start=1):
         trained = np.asarray(sample.labels) != IGNORE_INDEX
@@ -54,3 +76,25 @@ def _marked_text(input_ids: list[int], trained: np.ndarray, tokenizer, color: bo
             text = f"{GREEN}{text}{RESET}" if color else f"[[{text}]]"
         pieces.append(text)
     return "".join(pieces)
+
+
+def _preview_pairs(pairs: list[PreferencePair], tokenizer, color: bool) -> str:
+    """Each pair as its prompt, then each response: chosen in green, rejected in red (color), or
+    wrapped in [[chosen: ...]] and [[rejected: ...]]. KTO rows show their completion and label."""
+    blocks = []
+    for number, pair in enumerate(pairs, start=1):
+        if pair.label is None:
+            header = (f"--- pair {number}: prompt {len(pair.prompt_ids)} tokens, chosen {len(pair.chosen_ids)}, "
+                      f"rejected {len(pair.rejected_ids)} ---")
+            responses = [("chosen", pair.chosen_ids, GREEN), ("rejected", pair.rejected_ids, RED)]
+        else:
+            kind = "desirable" if pair.label else "undesirable"
+            header = (f"--- row {number}: prompt {len(pair.prompt_ids)} tokens, {kind} completion "
+                      f"{len(pair.chosen_ids)} ---")
+            responses = [(kind, pair.chosen_ids, GREEN if pair.label else RED)]
+        lines = [header, "prompt:", tokenizer.decode(pair.prompt_ids, skip_special_tokens=False)]
+        for name, ids, colour in responses:
+            text = tokenizer.decode(ids, skip_special_tokens=False)
+            lines += [f"{name}:", f"{colour}{text}{RESET}" if color else f"[[{name}: {text}]]"]
+        blocks.append("\n".join(lines))
+    return "\n".join(blocks)

@@ -1,4 +1,5 @@
-"""What the pipeline produces: tokenized samples with their labels, stored in Arrow."""
+"""What the pipeline produces, stored in Arrow: tokenized samples with their labels, and tokenized
+preference pairs."""
 
 from __future__ import annotations
 
@@ -47,6 +48,46 @@ class TokenizedSplit(Sequence):
                 for ids, labels, messages in zip(columns["input_ids"], columns["labels"], columns["messages"])]
 
     def lengths(self) -> np.ndarray:
+        return numeric_column(self.dataset, "length")
+
+
+@dataclass
+class PreferencePair:
+    """One tokenized pair; for KTO, one completion (in chosen_ids) with its label."""
+
+    prompt_ids: list[int]
+    chosen_ids: list[int]  # response tokens only (what follows the prompt), end-of-turn included
+    rejected_ids: list[int]  # [] for KTO rows
+    label: bool | None  # KTO: is the completion desirable; None for pairs
+    messages: list[dict]  # the prompt conversation, for generation-based evaluation
+    index: int  # position in its split: the key of the on-disk reference log-prob cache
+
+
+class PreferenceSplit(Sequence):
+    """A split's preference pairs (or KTO rows), read lazily from a memory-mapped Arrow dataset."""
+
+    def __init__(self, dataset, kto: bool, max_seq_len: int):
+        self.dataset = dataset  # prompt_ids, chosen_ids, rejected_ids, label, messages, length columns
+        self.kto = kto
+        self.max_seq_len = max_seq_len  # KTO's mismatched KL rows are cut to it
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        positions = range(len(self))[index]
+        return self.rows(positions) if isinstance(index, slice) else self.rows([positions])[0]
+
+    def rows(self, indices) -> list[PreferencePair]:
+        indices = [int(index) for index in indices]
+        columns = self.dataset[indices]
+        return [PreferencePair(prompt, chosen, rejected, label, json.loads(messages), index)
+                for prompt, chosen, rejected, label, messages, index in zip(
+                    columns["prompt_ids"], columns["chosen_ids"], columns["rejected_ids"], columns["label"],
+                    columns["messages"], indices)]
+
+    def lengths(self) -> np.ndarray:
+        """Tokens of each pair's longer sequence (prompt + the longer response)."""
         return numeric_column(self.dataset, "length")
 
 

@@ -16,11 +16,14 @@ import numpy as np
 
 from finetune.config import FORMAT_COLUMNS, DataColumns, DataConfig, DataFormat, DataSource
 from finetune.data.samples import DataError
-from finetune.demo import write_demo_data
+from finetune.demo import write_demo_data, write_demo_kto_data, write_demo_preference_data
 
 LOCAL_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
-# Columns a format reads only when present.
-OPTIONAL_COLUMNS = {"input"}
+# Columns a format reads only when present: alpaca's input, and the prompt of preference data
+# (conversation pairs hold it in chosen and rejected).
+OPTIONAL_COLUMNS = {DataFormat.instruction: {"input"}, DataFormat.preference: {"prompt"}}
+# data.path=demo: the demo set written in data.format, chats for every SFT format.
+DEMO_WRITERS = {DataFormat.preference: write_demo_preference_data, DataFormat.kto: write_demo_kto_data}
 
 
 @dataclass
@@ -59,8 +62,9 @@ class Source:
         return self._with_format_columns(raw)
 
     def _with_format_columns(self, raw):
+        optional = OPTIONAL_COLUMNS.get(self.data_format, set())
         missing = [column for field_name, column in self.columns.items()
-                   if column not in raw.column_names and field_name not in OPTIONAL_COLUMNS]
+                   if column not in raw.column_names and field_name not in optional]
         if missing:
             first = next(iter(self.columns))
             # ShareGPT data keeps its chats in "conversations"; the column is named rather than
@@ -81,9 +85,10 @@ class Source:
 def resolve_sources(data: DataConfig, cache_dir: Path) -> tuple[list[Source], Source | None]:
     """The training sources and the separate eval source (None: hold out a fraction of each)."""
     if data.path == "demo":
-        train, held_out = write_demo_data(cache_dir / "demo-data")
-        columns = _columns_read(DataFormat.messages, DataColumns())
-        return [Source(str(train), DataFormat.messages, columns)], Source(str(held_out), DataFormat.messages, columns)
+        data_format = data.format if data.format in DEMO_WRITERS else DataFormat.messages
+        train, held_out = DEMO_WRITERS.get(data_format, write_demo_data)(cache_dir / "demo-data")
+        columns = _columns_read(data_format, DataColumns())
+        return [Source(str(train), data_format, columns)], Source(str(held_out), data_format, columns)
     entries = data.sources or [DataSource(path=data.path)]
     sources = [Source(entry.path, entry.format or data.format,
                       _columns_read(entry.format or data.format, entry.columns or data.columns),

@@ -10,7 +10,7 @@ import torch
 from finetune.adapter_format import read_weights
 from finetune.config import ConfigError, Dtype, ModelImpl, RunConfig
 from finetune.models import hf, native
-from finetune.models.native import Placement
+from finetune.models.native import MemoryLayout, Placement
 from finetune.models.protocol import TrainableModel
 from finetune.models.source import ModelSource, resolve_source
 
@@ -55,16 +55,8 @@ def choose_impl(cfg: RunConfig, source: ModelSource) -> tuple[ModelImpl, str]:
     return ModelImpl.hf, f"model.impl=auto: {reason}"
 
 
-@dataclass(frozen=True)
-class Offload:
-    """What moves to host memory during training (CUDA only), as the memory planner settled it."""
-
-    stream_weights: bool = False  # the layers' 4-bit weights stay in pinned host memory (native/streaming.py)
-    park_checkpoints: bool = False  # checkpointed layers' inputs wait in pinned host memory until backward
-
-
 def build_model(cfg: RunConfig, device: torch.device, placement: Placement = Placement.device,
-                offload: Offload = Offload(), source: ModelSource | None = None,
+                layout: MemoryLayout = MemoryLayout(), source: ModelSource | None = None,
                 impl: ModelImpl | None = None) -> LoadedModel:
     """Load the base quantized to 4 bits, attach LoRA, and load its tokenizer.
 
@@ -81,13 +73,12 @@ def build_model(cfg: RunConfig, device: torch.device, placement: Placement = Pla
     hf.check_causal_lm(source)
     tokenizer = AutoTokenizer.from_pretrained(source.directory, trust_remote_code=cfg.model.trust_remote_code)
     if impl is ModelImpl.native:
-        model = native.build(cfg, source, compute_dtype, device, offload.stream_weights, offload.park_checkpoints,
-                             placement)
+        model = native.build(cfg, source, compute_dtype, device, layout, placement)
     else:
         if placement is not Placement.device:
             notices.append("the generic model path loads the whole 4-bit base onto every GPU before FSDP shards it "
                            "(fsdp_cpu_ram_efficient_loading applies to the native path).")
-        if cfg.model.checkpoint_layers is not None:
+        if isinstance(cfg.model.requested_checkpoint_layers(), int):
             raise ConfigError(f"model.checkpoint_layers={cfg.model.checkpoint_layers} applies to the native model "
                               "path, but this run takes the generic one; remove it.")
         base = hf.load_quantized_base(source, cfg.model, cfg.quant, compute_dtype, device)

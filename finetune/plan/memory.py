@@ -28,10 +28,10 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from finetune.config import ConfigError, Dtype, HardwareConfig, ModelImpl, OffloadMode, Optimizer, RunConfig
-from finetune.models import Offload, choose_impl
+from finetune.models import MemoryLayout, choose_impl
 from finetune.models.native.streaming import SLOTS
 from finetune.models.source import ModelSource, locate_source
 from finetune.plan.perf import ASSUMED_MFU, ASSUMED_PEAK_TFLOPS, DEFAULT_HOST_LINK_GBPS
@@ -266,28 +266,42 @@ def checked_architecture(source: ModelSource) -> dict:
     return arch
 
 
-def decide_offload(cfg: RunConfig, source: ModelSource, impl: ModelImpl, impl_reason: str,
-                   device, notices: list[str]) -> Offload:
-    """hardware.offload, with auto settled by the plan: what the native path moves to host memory.
+def decide_memory_layout(cfg: RunConfig, source: ModelSource, impl: ModelImpl, impl_reason: str,
+                         device, notices: list[str]) -> MemoryLayout:
+    """hardware.offload and model.checkpoint_layers, with auto settled by the plan: what the native
+    path moves to host memory and how many layers it recomputes.
 
-    Only CUDA moves anything: elsewhere the weights and activations are in host memory already.
+    Only CUDA plans anything: elsewhere the weights and activations are in host memory already, and
+    every layer recomputes (checkpoint_layers=auto saves host memory as it did before auto existed).
     """
     if device.type != "cuda" or impl is not ModelImpl.native:
-        return Offload()
+        return MemoryLayout()
     mode = cfg.hardware.offload
+    auto_layers = cfg.model.gradient_checkpointing and cfg.model.requested_checkpoint_layers() == "auto"
     processes = int(os.environ.get("WORLD_SIZE", "1"))
-    if mode is OffloadMode.auto and processes > 1:
+    if processes > 1 and (mode is OffloadMode.auto or auto_layers):
         # The planner plans one process holding the whole base, which DDP's and FSDP's processes
         # do not; and its answer for a big model, streaming, runs in one process only.
-        notices.append(f"hardware.offload=auto: none under {processes} processes (the memory planner plans one "
-                       "process); pass hardware.offload=activations to keep checkpoints in host memory.")
-        mode = OffloadMode.none
-    if mode is OffloadMode.auto:
+        if mode is OffloadMode.auto:
+            notices.append(f"hardware.offload=auto: none under {processes} processes (the memory planner plans one "
+                           "process); pass hardware.offload=activations to keep checkpoints in host memory.")
+            mode = OffloadMode.none
+        if auto_layers:
+            notices.append(f"model.checkpoint_layers=auto: all layers under {processes} processes (the memory "
+                           "planner plans one process); pass a number of layers to recompute fewer.")
+            auto_layers = False
+    planned_layers = None
+    if mode is OffloadMode.auto or auto_layers:
         plan = plan_for_run(cfg, source, impl, impl_reason)
-        mode = plan.offload
-        notices.append(f"hardware.offload=auto: {mode.value}, planned peak {plan.gpu_total / GiB:.1f} GiB "
-                       f"of {plan.budget_bytes / GiB:.1f} GiB ({plan.budget_source})"
-                       + ("" if plan.fits else "; the plan says it does not fit, see train.dry_run=true"))
+        planned = f"planned peak {plan.gpu_total / GiB:.1f} GiB of {plan.budget_bytes / GiB:.1f} GiB " \
+                  f"({plan.budget_source})" + ("" if plan.fits else "; the plan says it does not fit, see train.dry_run=true")
+        if mode is OffloadMode.auto:
+            mode = plan.offload
+            notices.append(f"hardware.offload=auto: {mode.value}, {planned}")
+        if auto_layers:
+            planned_layers = plan.checkpointed_layers
+            notices.append(f"model.checkpoint_layers=auto: recomputing {planned_layers} of "
+                           f"{source.config['num_hidden_layers']} layers, {planned}")
     stream = mode in STREAMS_WEIGHTS
     if stream and processes > 1:
         # DDP keeps one copy of every buffer per GPU and syncs it at start: streamed NF4 buffers
@@ -296,7 +310,7 @@ def decide_offload(cfg: RunConfig, source: ModelSource, impl: ModelImpl, impl_re
                           f"({mode.value}), which runs in one process only: under several processes each GPU "
                           "must hold the 4-bit base. Use hardware.offload=none or activations with a shorter "
                           "data.max_seq_len (train.dry_run=true shows what fits), or one process.")
-    return Offload(stream, mode in PARKS_ACTIVATIONS or cfg.model.offload_checkpoints)
+    return MemoryLayout(stream, mode in PARKS_ACTIVATIONS or cfg.model.offload_checkpoints, planned_layers)
 
 
 # ---------------------------------------------------------------- the plan
@@ -332,6 +346,7 @@ class MemoryPlan:
     micro_batch_size: int
     seq_len: int
     gradient_checkpointing: bool
+    checkpointed_layers: int  # how many layers recompute in backward (model.checkpoint_layers=auto: the plan's pick)
     checkpointing_detail: str  # which layers recompute, and MLP chunking, in words
     budget_bytes: int
     budget_source: str
@@ -545,10 +560,22 @@ def gpu_budget(hardware: HardwareConfig) -> tuple[int, str]:
                                           f"your card (default {DEFAULT_GPU_GIB:g})")
 
 
-def _checkpointing_detail(run: _Run) -> str:
+def _fewest_checkpointed_layers(run: _Run, offload: OffloadMode, tokens: int, budget: int) -> int:
+    """model.checkpoint_layers=auto: the fewest layers to recompute for the step to fit `budget`
+    (all of them when none fits). Each layer left out trades its activations for a sixth of its matmuls."""
+    L = run.arch["num_hidden_layers"]
+    for layers in range(L + 1):
+        if _gpu_total(replace(run, checkpointed_layers=layers), offload, tokens) <= budget:
+            return layers
+    return L
+
+
+def _checkpointing_detail(run: _Run, auto: bool) -> str:
     L = run.arch["num_hidden_layers"]
     words = "off" if not run.checkpointed_layers else "on" if run.checkpointed_layers == L \
         else f"on for {run.checkpointed_layers} of {L} layers"
+    if auto:
+        words += " (model.checkpoint_layers=auto: the fewest recomputed layers that fit)"
     if run.mlp_chunk_tokens:
         words += f"; MLP in {run.mlp_chunk_tokens:,}-token chunks"
     return words
@@ -570,7 +597,9 @@ def plan_for_run(cfg: RunConfig, source: ModelSource, impl: ModelImpl, impl_reas
         arch=arch, impl=impl, compute_bytes=compute_bytes,
         dense_bytes=compute_bytes if impl is ModelImpl.native else DTYPE_BYTES[cfg.quant.torch_dtype],
         double_quant=cfg.quant.bnb_4bit_use_double_quant, r=cfg.lora.r,
-        targets=lora_targets(cfg.lora.target_modules), lora_dropout=cfg.lora.lora_dropout,
+        targets=lora_targets(cfg.lora.target_modules),
+        # The native path's kernels redraw dropout masks from a seed (kernels/lora_dropout.py): none is stored.
+        lora_dropout=0.0 if impl is ModelImpl.native and cfg.model.use_kernels else cfg.lora.lora_dropout,
         optimizer=cfg.optim.name,
         checkpointed_layers=cfg.model.checkpointed_layers(L) if impl is ModelImpl.native
         else (L if cfg.model.gradient_checkpointing else 0),
@@ -583,9 +612,16 @@ def plan_for_run(cfg: RunConfig, source: ModelSource, impl: ModelImpl, impl_reas
     budget, budget_source = gpu_budget(cfg.hardware)
 
     choices = _offload_choices(cfg, impl)
-    totals = {mode: _gpu_total(run, mode, tokens) for mode in choices}
+    auto_layers = impl is ModelImpl.native and cfg.model.gradient_checkpointing \
+        and cfg.model.requested_checkpoint_layers() == "auto"
+    # With auto, each offload setting gets the fewest recomputed layers that fit it; whether it fits
+    # at all is decided with every layer recomputed.
+    runs = {mode: replace(run, checkpointed_layers=_fewest_checkpointed_layers(run, mode, tokens, budget))
+            if auto_layers else run for mode in choices}
+    totals = {mode: _gpu_total(runs[mode], mode, tokens) for mode in choices}
     fitting = [mode for mode in choices if totals[mode] <= budget]
     offload = fitting[0] if fitting else choices[-1]
+    longest_run, run = run, runs[offload]
     offload_reason = f"hardware.offload={cfg.hardware.offload.value}"
     if len(choices) > 1:
         offload_reason += (" picked the cheapest that fits" if fitting else ": none fits, the most offloaded shown")
@@ -593,7 +629,7 @@ def plan_for_run(cfg: RunConfig, source: ModelSource, impl: ModelImpl, impl_reas
 
     max_positions = arch.get("max_position_embeddings")
     # Up to the model's context (or 1M tokens where it states none): planning further is pointless.
-    longest = _longest_seq_len(run, offload, budget, max_positions or 2**20)
+    longest = _longest_seq_len(longest_run, offload, budget, max_positions or 2**20)
     notes = []
     if cfg.data.max_seq_len > (max_positions or math.inf):
         notes.append(f"data.max_seq_len={cfg.data.max_seq_len} exceeds the model's max_position_embeddings "
@@ -619,7 +655,8 @@ def plan_for_run(cfg: RunConfig, source: ModelSource, impl: ModelImpl, impl_reas
         recipe=cfg.name, model=cfg.model.name_or_path, architecture_source=source.described_by, impl=impl,
         impl_reason=impl_reason,
         micro_batch_size=cfg.train.micro_batch_size, seq_len=cfg.data.max_seq_len,
-        gradient_checkpointing=cfg.model.gradient_checkpointing, checkpointing_detail=_checkpointing_detail(run),
+        gradient_checkpointing=cfg.model.gradient_checkpointing, checkpointed_layers=run.checkpointed_layers,
+        checkpointing_detail=_checkpointing_detail(run, auto_layers),
         budget_bytes=budget, budget_source=budget_source,
         offload=offload, offload_reason=offload_reason, gpu=_gpu_items(run, offload, tokens),
         host=_host_items(run, offload, tokens), gpu_total=totals[offload], fits=totals[offload] <= budget,

@@ -6,11 +6,14 @@ import pytest
 import torch
 from runner import REPO
 
+from finetune.config import ModelImpl
 from finetune.lora import linear_layers
 from finetune.models import native
+from finetune.models.native import MemoryLayout
 from finetune.models.native import nf4_cache
 from finetune.models.native.streaming import LayerWeights
 from finetune.models.source import ModelSource
+from finetune.plan.memory import decide_memory_layout
 from test_native import COMMON, FAMILIES, bf16_config, checkpoints, cuda, random_ids, run_config  # noqa: F401
 from test_native_training import make_batches, train
 
@@ -93,8 +96,7 @@ def test_gpu_offloaded_runs_train_exactly_like_resident_ones(checkpoints, cuda, 
                           checkpoint_layers=checkpoint_layers or None)
         torch.manual_seed(0)
         model = native.build(cfg, ModelSource.from_directory(model_dir), torch.bfloat16, cuda,
-                             stream_weights=moved and stream,
-                             offload_checkpoints=moved and park)
+                             MemoryLayout(stream_weights=moved and stream, park_checkpoints=moved and park))
         if moved and stream:
             weights = [lin.weight.packed for lin in linear_layers(model).values()]
             assert sum(w.device.type == "cuda" for w in weights) <= 2 * 7  # two layers' worth at most
@@ -111,11 +113,8 @@ def test_gpu_offloaded_runs_train_exactly_like_resident_ones(checkpoints, cuda, 
 
 def decide(cfg, model_dir, device, notices):
     """(stream weights, park checkpoints) as the recipe settles them for the native path."""
-    from finetune.config import ModelImpl
-    from finetune.plan.memory import decide_offload
-
-    offload = decide_offload(cfg, ModelSource.from_directory(model_dir), ModelImpl.native, "native", device, notices)
-    return offload.stream_weights, offload.park_checkpoints
+    layout = decide_memory_layout(cfg, ModelSource.from_directory(model_dir), ModelImpl.native, "native", device, notices)
+    return layout.stream_weights, layout.park_checkpoints
 
 
 def test_offload_decision_follows_the_setting_and_the_plan(checkpoints):
@@ -137,7 +136,38 @@ def test_offload_decision_follows_the_setting_and_the_plan(checkpoints):
     assert decide(cfg, model_dir, cuda, []) == (True, False)
     assert decide(cfg, model_dir, CPU, []) == (False, False)  # host memory already
     with pytest.raises(ConfigError, match="needs a CUDA device"):
-        native.build(cfg, ModelSource.from_directory(model_dir), torch.float32, CPU, stream_weights=True)
+        native.build(cfg, ModelSource.from_directory(model_dir), torch.float32, CPU, MemoryLayout(stream_weights=True))
+
+
+def test_auto_checkpoint_layers_follow_the_plan_onto_the_model(checkpoints, monkeypatch):
+    model_dir = checkpoints("llama")
+    source = ModelSource.from_directory(model_dir)
+    cfg = run_config(model_dir)
+    cfg.model.gradient_checkpointing = True
+    layers = source.config["num_hidden_layers"]
+    cuda = torch.device("cuda")  # only named: with hardware.gpu_memory_gb set nothing asks a GPU
+
+    def planned(gpu_memory_gb, device=cuda):
+        cfg.hardware.gpu_memory_gb = gpu_memory_gb
+        notices = []
+        layout = decide_memory_layout(cfg, source, ModelImpl.native, "native", device, notices)
+        return layout.planned_checkpoint_layers, notices
+
+    chosen, notices = planned(1000.0)
+    assert chosen == 0 and notices[-1].startswith(f"model.checkpoint_layers=auto: recomputing 0 of {layers} layers")
+    assert planned(0.0005)[0] == layers  # nothing fits: every layer recomputes
+    assert planned(1000.0, CPU) == (None, [])  # off the GPU nothing is planned: all layers, as before auto
+    cfg.model.checkpoint_layers = "1"
+    chosen, notices = planned(1000.0)
+    assert chosen is None and not any("checkpoint_layers" in notice for notice in notices)  # a number is as given
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    cfg.model.checkpoint_layers = "auto"
+    layers_under_ddp, notices = planned(1000.0)
+    assert layers_under_ddp is None and "all layers under 2 processes" in notices[-1]
+
+    for layout, expected in ((MemoryLayout(planned_checkpoint_layers=1), 1), (MemoryLayout(), layers)):
+        model = native.build(cfg, source, torch.float32, CPU, layout)
+        assert model.model.checkpointed_layers == expected
 
 
 def test_several_processes_never_stream(checkpoints, monkeypatch):

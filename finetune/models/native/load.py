@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from collections import defaultdict
+from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
@@ -255,6 +256,17 @@ def _check_shape(name: str, tensor: torch.Tensor, expected: tuple, model_dir: Pa
         raise ConfigError(f"{model_dir}: {name} has shape {tuple(tensor.shape)}, but config.json implies {expected}.")
 
 
+@dataclass(frozen=True)
+class MemoryLayout:
+    """How the native path spends GPU memory during training, as the memory planner settled it:
+    what moves to host memory (CUDA only) and how many layers recompute in backward."""
+
+    stream_weights: bool = False  # the layers' 4-bit weights stay in pinned host memory (native/streaming.py)
+    park_checkpoints: bool = False  # checkpointed layers' inputs wait in pinned host memory until backward
+    # model.checkpoint_layers=auto as planned for this GPU; None: every layer (no plan, or not a GPU)
+    planned_checkpoint_layers: int | None = None
+
+
 class Placement(Enum):
     """Where `build` puts the 4-bit base."""
 
@@ -264,13 +276,13 @@ class Placement(Enum):
 
 
 def build(cfg: RunConfig, source: ModelSource, compute_dtype: torch.dtype, device: torch.device,
-          stream_weights: bool = False, offload_checkpoints: bool = False,
-          placement: Placement = Placement.device) -> NativeCausalLM:
+          layout: MemoryLayout = MemoryLayout(), placement: Placement = Placement.device) -> NativeCausalLM:
     """The recipe's model: 4-bit base loaded from `source`, LoRA attached per cfg.lora.
 
-    `stream_weights` keeps the layers' 4-bit weights in pinned host memory (streaming.py);
-    `offload_checkpoints` parks checkpointed layers' inputs there (both CUDA only).
+    `layout.stream_weights` keeps the layers' 4-bit weights in pinned host memory (streaming.py);
+    `layout.park_checkpoints` parks checkpointed layers' inputs there (both CUDA only).
     """
+    stream_weights = layout.stream_weights
     model_dir = source.directory
     settings = dict(storage_dtype=getattr(torch, cfg.quant.torch_dtype.value),
                     quant_type=cfg.quant.bnb_4bit_quant_type.value,
@@ -287,8 +299,8 @@ def build(cfg: RunConfig, source: ModelSource, compute_dtype: torch.dtype, devic
     args = model.args
     attach_lora(model, cfg.lora)
     # Pinned host memory needs CUDA; on the CPU the activations are already in host memory.
-    model.model.set_checkpointing(cfg.model.checkpointed_layers(args.num_hidden_layers),
-                                  offload_checkpoints and device.type == "cuda")
+    model.model.set_checkpointing(cfg.model.checkpointed_layers(args.num_hidden_layers, layout.planned_checkpoint_layers),
+                                  layout.park_checkpoints and device.type == "cuda")
     model.model.set_mlp_chunking(cfg.model.mlp_chunk_tokens)
     if stream_weights:
         model.model.stream_weights(device)

@@ -148,6 +148,7 @@ class Ops:
     swiglu: Callable  # [gate | up] (..., 2F) -> silu(gate) * up (..., F)
     linear_cross_entropy: Callable  # (x, weight, shifted labels, num_items_in_batch=) -> loss
     dequantize: Callable  # (QuantizedWeight, out=None) -> (out, in) in its storage dtype
+    lora_dropout: object = None  # finetune_kernels.lora_dropout, or None: masks drawn and stored by torch
 
 
 def torch_ops() -> Ops:
@@ -158,13 +159,14 @@ def torch_ops() -> Ops:
 
 
 def triton_ops() -> Ops:
+    from finetune_kernels import lora_dropout
     from finetune_kernels.fused_linear_ce import fused_linear_cross_entropy
     from finetune_kernels.rmsnorm import rmsnorm
     from finetune_kernels.rope import apply_rope
     from finetune_kernels.swiglu import swiglu
 
     return Ops(rmsnorm, lambda q, k, cos, sin: apply_rope(q, k, cos=cos, sin=sin), swiglu,
-               fused_linear_cross_entropy, dequantize_triton)
+               fused_linear_cross_entropy, dequantize_triton, lora_dropout)
 
 
 @dataclass
@@ -184,7 +186,8 @@ class AttentionLayout:
             cu, n = self.cu_seqlens, self.max_seqlen
             q, k, v = q[0], k[0], v[0]  # (total_tokens, H, D)
             options = inspect.signature(varlen_attn).parameters
-            kwargs = {}
+            # Newer torch's varlen_attn is not causal unless asked (torch 2.11's always is).
+            kwargs = {"is_causal": True} if "is_causal" in options else {}
             if "window_size" in options:
                 kwargs["window_size"] = (window - 1 if window else -1, 0)
             elif window is not None and window < n:
@@ -229,7 +232,10 @@ def plan_attention(input_ids, attention_mask, position_ids, cu_seqlens, use_varl
     if cu_seqlens is not None:
         if B != 1:
             raise ValueError(f"a packed batch (cu_seqlens) is one row, got {B}")
-        cu_seqlens = cu_seqlens.to(device, torch.int32)
+        # Read while the boundaries are still in host memory (as batches arrive): on the GPU the
+        # read would wait for every kernel queued before it.
+        max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+        cu_seqlens = cu_seqlens.to(device, torch.int32, non_blocking=True)
         segments = torch.searchsorted(cu_seqlens[1:], tokens, right=True)[None]
         if position_ids is None:
             position_ids = tokens - cu_seqlens[segments]
@@ -239,10 +245,10 @@ def plan_attention(input_ids, attention_mask, position_ids, cu_seqlens, use_varl
         if B == 1:
             starts = (position_ids[0] == 0).nonzero().flatten()
             cu_seqlens = F.pad(starts, (0, 1), value=T).to(torch.int32)
+            max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
 
     if segments is not None:
         if use_varlen and B == 1:
-            max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
             return position_ids, AttentionLayout(cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
         same_sample = segments[:, :, None] == segments[:, None, :]  # (B, T, T)
         return position_ids, AttentionLayout(allowed=(same_sample & _causal(T, device))[:, None])
@@ -273,10 +279,10 @@ class Attention(nn.Module):
         super().__init__()
         C, D = args.hidden_size, args.head_dim
         self.head_dim, self.window, self.ops = D, window, ops
-        self.q_proj = QLoRALinear(C, args.num_attention_heads * D, args.qkv_bias, ops.dequantize)
-        self.k_proj = QLoRALinear(C, args.num_key_value_heads * D, args.qkv_bias, ops.dequantize)
-        self.v_proj = QLoRALinear(C, args.num_key_value_heads * D, args.qkv_bias, ops.dequantize)
-        self.o_proj = QLoRALinear(args.num_attention_heads * D, C, args.o_bias, ops.dequantize)
+        self.q_proj = QLoRALinear(C, args.num_attention_heads * D, args.qkv_bias, ops.dequantize, ops.lora_dropout)
+        self.k_proj = QLoRALinear(C, args.num_key_value_heads * D, args.qkv_bias, ops.dequantize, ops.lora_dropout)
+        self.v_proj = QLoRALinear(C, args.num_key_value_heads * D, args.qkv_bias, ops.dequantize, ops.lora_dropout)
+        self.o_proj = QLoRALinear(args.num_attention_heads * D, C, args.o_bias, ops.dequantize, ops.lora_dropout)
         self.q_norm = RMSNorm(D, args.rms_norm_eps, ops) if args.qk_norm else None
         self.k_norm = RMSNorm(D, args.rms_norm_eps, ops) if args.qk_norm else None
 
@@ -299,9 +305,9 @@ class MLP(nn.Module):
     def __init__(self, args: ModelArgs, ops: Ops):
         super().__init__()
         C, F_, bias = args.hidden_size, args.intermediate_size, args.mlp_bias
-        self.gate_proj = QLoRALinear(C, F_, bias, ops.dequantize)
-        self.up_proj = QLoRALinear(C, F_, bias, ops.dequantize)
-        self.down_proj = QLoRALinear(F_, C, bias, ops.dequantize)
+        self.gate_proj = QLoRALinear(C, F_, bias, ops.dequantize, ops.lora_dropout)
+        self.up_proj = QLoRALinear(C, F_, bias, ops.dequantize, ops.lora_dropout)
+        self.down_proj = QLoRALinear(F_, C, bias, ops.dequantize, ops.lora_dropout)
         self.ops = ops
 
     def forward(self, x):
