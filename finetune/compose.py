@@ -6,6 +6,7 @@ against the schemas (unknown keys get "did you mean", wrong types name the key).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 from pathlib import Path
@@ -29,11 +30,27 @@ def compose(overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
     composed to plan or inspect what a run lacks (data.path, say)."""
     register_configs()
     try:
-        with initialize_config_dir(config_dir=str(RECIPES_DIR), version_base="1.3"):
+        with _beside_running_app(), initialize_config_dir(config_dir=str(RECIPES_DIR), version_base="1.3"):
             cfg = to_run_config(hydra_compose(config_name="train", overrides=list(overrides)))
     except (HydraException, OmegaConfBaseException) as error:
         raise UserError(explain_compose_error(error)) from None
     return cfg
+
+
+@contextlib.contextmanager
+def _beside_running_app():
+    """Inside `python train.py` the Hydra app holds Hydra's global instance, which composing needs for
+    itself: a run that starts another (model.adapter=demo trains the demo recipe first) sets the app's
+    aside and puts it back afterwards."""
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.initialize import get_gh_backup, restore_gh_from_backup
+
+    backup = get_gh_backup()
+    GlobalHydra.instance().clear()
+    try:
+        yield
+    finally:
+        restore_gh_from_backup(backup)
 
 
 def _keys_outside_schema(node: DictConfig, prefix: str = "") -> list[str]:

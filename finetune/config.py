@@ -98,6 +98,37 @@ class Truncation(str, enum.Enum):
     drop = "drop"
 
 
+class ObjectiveName(str, enum.Enum):
+    # Supervised fine-tuning: next-token cross-entropy on the trained tokens.
+    sft = "sft"
+    # Direct Preference Optimization (Rafailov et al. 2023), with objective.loss_type.
+    dpo = "dpo"
+    # Identity Preference Optimization (Azar et al. 2023): DPO with loss_type=ipo.
+    ipo = "ipo"
+    # Odds Ratio Preference Optimization (Hong et al. 2024): SFT on chosen + odds-ratio term; no reference.
+    orpo = "orpo"
+    # Simple Preference Optimization (Meng et al. 2024): length-normalized rewards, a margin; no reference.
+    simpo = "simpo"
+    # Kahneman-Tversky Optimization (Ethayarajh et al. 2024): unpaired desirable/undesirable completions.
+    kto = "kto"
+
+
+class DpoLossType(str, enum.Enum):
+    # -log sigmoid(h), with label_smoothing the conservative DPO of Mitchell (2023).
+    sigmoid = "sigmoid"
+    # relu(1 - h) (SLiC, Zhao et al. 2023).
+    hinge = "hinge"
+    # (h / beta - 1 / (2 beta))^2 (Azar et al. 2023), h from per-token mean log-probs (as the authors ran it).
+    ipo = "ipo"
+    # Robust DPO (Chowdhury et al. 2024): unbiased under label_smoothing flipped labels.
+    robust = "robust"
+
+
+# Objectives trained on {prompt, chosen, rejected} pairs, and on KTO's {prompt, completion, label}.
+PAIR_OBJECTIVES = (ObjectiveName.dpo, ObjectiveName.ipo, ObjectiveName.orpo, ObjectiveName.simpo)
+OBJECTIVES_BY_DATA_FORMAT = {"preference": PAIR_OBJECTIVES, "kto": (ObjectiveName.kto,)}
+
+
 class Resume(str, enum.Enum):
     # Start fresh; an output_dir holding an earlier run is refused (see train.overwrite).
     never = "never"
@@ -162,6 +193,11 @@ class ModelConfig:
     nf4_cache: Optional[str] = None
     trust_remote_code: bool = False
     revision: Optional[str] = None
+    # A LoRA adapter directory (peft's format, e.g. an SFT run's OUTPUT_DIR/adapter) to start from:
+    # its weights are loaded into the trainable adapter, which then trains on; lora.r, lora_alpha,
+    # use_rslora and target_modules must match it. Preference objectives take it as their reference
+    # model. "demo": the demo recipe's adapter, trained once (a short run) and kept in cache_dir.
+    adapter: Optional[str] = None
 
     def validate(self) -> None:
         requested = self.requested_checkpoint_layers()
@@ -396,6 +432,89 @@ class DataConfig:
 
 
 @dataclass
+class ObjectiveConfig:
+    """What training optimizes: next-token cross-entropy (sft) or a preference objective.
+
+    Preference objectives score whole responses by their summed token log-probs log pi(y|x); DPO,
+    IPO and KTO compare them with a reference model's, log pi_ref(y|x): the same 4-bit base with
+    the adapter switched off, or the adapter the run started from (model.adapter) as it was then.
+    """
+
+    name: ObjectiveName = ObjectiveName.sft
+    # DPO/KTO: the strength of the implicit KL penalty toward the reference (rewards are
+    # beta * log pi/pi_ref); IPO: its tau; SimPO: the reward scale (the paper's beta, ~2);
+    # ORPO: only scales the logged rewards (beta * mean token log-prob), as in TRL.
+    beta: float = 0.1
+    # DPO only (objective=ipo implies ipo).
+    loss_type: DpoLossType = DpoLossType.sigmoid
+    # DPO sigmoid and robust, SimPO: the assumed share of pairs whose preference label is flipped, in [0, 0.5).
+    label_smoothing: float = 0.0
+    # SimPO: the target reward margin gamma in -log sigmoid(beta/|y_w| log pi(y_w) - beta/|y_l| log pi(y_l)
+    # - gamma), absolute (TRL's simpo_gamma). The paper's tables give gamma/beta: gamma = ratio * beta.
+    gamma: float = 1.0
+    # ORPO: lambda, the weight of the odds-ratio term beside the chosen responses' NLL ("lambda" is
+    # a Python keyword, hence the prefix).
+    orpo_lambda: float = 0.1
+    # KTO: weights of the desirable and undesirable completions' losses (lambda_D, lambda_U). With
+    # unbalanced data the paper keeps lambda_D n_D / (lambda_U n_U) in [1, 4/3].
+    desirable_weight: float = 1.0
+    undesirable_weight: float = 1.0
+    # DPO/IPO: compute the reference log-probs of every training pair once before training and
+    # keep them in OUTPUT_DIR/reference_logps.safetensors (recomputed when the data, base, adapter
+    # or lengths change) instead of one extra no-grad forward per step.
+    precompute_reference: bool = False
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.name in (ObjectiveName.dpo, ObjectiveName.ipo, ObjectiveName.kto)
+
+    def validate(self) -> None:
+        name = self.name.value
+        if self.beta <= 0:
+            raise ConfigError(f"objective.beta must be positive, got {self.beta}. "
+                              "Typical: 0.1 (dpo, kto), 2.0 (simpo).")
+        if self.name is ObjectiveName.ipo and self.loss_type not in (DpoLossType.sigmoid, DpoLossType.ipo):
+            raise ConfigError(f"objective=ipo is DPO with loss_type=ipo; objective.loss_type={self.loss_type.value} "
+                              "contradicts it. Remove the override, or use objective=dpo.")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ConfigError(f"objective.label_smoothing must be in [0, 0.5), got {self.label_smoothing}.")
+        smoothable = (self.name is ObjectiveName.simpo or self.name is ObjectiveName.dpo
+                      and self.loss_type in (DpoLossType.sigmoid, DpoLossType.robust))
+        if self.label_smoothing and not smoothable:
+            raise ConfigError(f"objective.label_smoothing={self.label_smoothing} applies to dpo with loss_type "
+                              f"sigmoid or robust, and to simpo; objective={name}"
+                              f"{' loss_type=' + self.loss_type.value if self.name is ObjectiveName.dpo else ''} "
+                              "has none. Remove it.")
+        if self.gamma < 0:
+            raise ConfigError(f"objective.gamma must be >= 0, got {self.gamma}.")
+        if self.orpo_lambda <= 0:
+            raise ConfigError(f"objective.orpo_lambda must be positive, got {self.orpo_lambda}.")
+        for key, value in {"objective.desirable_weight": self.desirable_weight,
+                           "objective.undesirable_weight": self.undesirable_weight}.items():
+            if value <= 0:
+                raise ConfigError(f"{key} must be positive, got {value}.")
+        if self.precompute_reference and self.name not in (ObjectiveName.dpo, ObjectiveName.ipo):
+            why = ("its KL estimate pairs completions by batch, so their reference log-probs run in the step"
+                   if self.name is ObjectiveName.kto else "it has no reference model")
+            raise ConfigError(f"objective.precompute_reference=true applies to dpo and ipo; objective={name}: {why}. "
+                              "Remove it.")
+
+    def validate_data(self, formats: set[str]) -> None:
+        """`formats`: the data.format of every training source."""
+        wanted = next((f for f, names in OBJECTIVES_BY_DATA_FORMAT.items() if self.name in names), None)
+        if wanted is None:
+            given = sorted(formats & set(OBJECTIVES_BY_DATA_FORMAT))
+            if given:
+                raise ConfigError(f"data.format={given[0]} holds preference data, which objective=sft cannot train "
+                                  f"on; pick a preference objective (objective=dpo, ...) or SFT data.")
+            return
+        if formats != {wanted}:
+            raise ConfigError(f"objective={self.name.value} trains on data.format={wanted} rows, got data.format="
+                              f"{', '.join(sorted(formats))}. Set data.format={wanted} (and data.columns.* "
+                              "if your columns are named otherwise).")
+
+
+@dataclass
 class OptimConfig:
     """Optimizer and learning-rate schedule."""
 
@@ -531,11 +650,14 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     tracker: TrackerConfig = field(default_factory=TrackerConfig)
     hardware: HardwareConfig = field(default_factory=HardwareConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
 
     def validate(self) -> None:
         """Every rule that needs no model, no data and no machine: run before anything is loaded."""
-        for group in (self.model, self.quant, self.lora, self.optim, self.train, self.hardware):
+        for group in (self.model, self.quant, self.lora, self.optim, self.train, self.hardware, self.objective):
             group.validate()
+        self.objective.validate_data({(source.format or self.data.format).value for source in self.data.sources}
+                                     or {self.data.format.value})
         if self.model.impl is ModelImpl.native and self.lora.use_dora:
             raise ConfigError("lora.use_dora=true runs on the generic model path only: pass model.impl=auto "
                               "(which then takes it) or hf.")
@@ -552,6 +674,7 @@ GROUP_SCHEMAS = {
     "train": TrainConfig,
     "tracker": TrackerConfig,
     "hardware": HardwareConfig,
+    "objective": ObjectiveConfig,
 }
 
 

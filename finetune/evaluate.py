@@ -9,6 +9,7 @@ import torch
 from finetune import data as data_lib
 from finetune.generation import Sampling, chat_replies
 from finetune.models import TrainableModel
+from finetune.training.objective import Objective, add_metrics, metric_means
 
 
 @torch.no_grad()
@@ -24,6 +25,35 @@ def evaluate_loss(model: TrainableModel, samples, micro_batch_size: int, pad_id:
         total_targets += targets
     eval_loss = total_loss / total_targets
     return {"eval_loss": eval_loss, "perplexity": math.exp(min(eval_loss, 50.0))}
+
+
+@torch.no_grad()
+def evaluate_objective(model, objective: Objective, batches, device: torch.device, packed_boundaries: bool) -> dict:
+    """A preference objective's loss and metrics over the whole eval split (every pair, or KTO row,
+    weighs the same), as eval_loss and eval_<metric>."""
+    model.eval()
+    total_loss, items, sums = 0.0, 0, {}
+    for batch in batches:
+        # num_items=1: the micro-batch's summed per-item loss.
+        loss, metrics = objective.loss(model, batch, device, packed_boundaries, 1)
+        total_loss += loss.item()
+        items += objective.targets([batch])
+        add_metrics(sums, metrics)
+    names = sorted(sums)
+    means = metric_means(names, torch.stack([sums[name] for name in names])) if names else {}
+    return {"eval_loss": total_loss / items, **{f"eval_{name}": value for name, value in means.items()}}
+
+
+def preference_wins(model: TrainableModel, tokenizer, pairs, max_new_tokens: int, batch_size: int) -> dict:
+    """Greedy answers to the pairs' prompts (batched, KV-cached): the share that is the chosen
+    response, and the rejected one."""
+    answers = chat_replies(model, tokenizer, [pair.messages for pair in pairs], Sampling(max_new_tokens=max_new_tokens),
+                           batch_size)
+    chosen = sum(answer == tokenizer.decode(pair.chosen_ids, skip_special_tokens=True).strip()
+                 for answer, pair in zip(answers, pairs))
+    rejected = sum(answer == tokenizer.decode(pair.rejected_ids, skip_special_tokens=True).strip()
+                   for answer, pair in zip(answers, pairs))
+    return {"chosen_wins": chosen / len(pairs), "rejected_wins": rejected / len(pairs)}
 
 
 def generate_answer(model: TrainableModel, tokenizer, messages: list[dict], max_new_tokens: int) -> str:
@@ -45,7 +75,9 @@ def exact_match(model: TrainableModel, tokenizer, samples, max_new_tokens: int, 
 def format_metrics(metrics: dict, before: dict | None = None) -> str:
     """`loss 1.75, ...`, or with `before` each figure beside where it started: `loss 1.75 (from 6.21), ...`."""
     shown = [("loss", "eval_loss", "{:.4f}"), ("perplexity", "perplexity", "{:.2f}"),
-             ("exact match", "exact_match", "{:.1%}")]
+             ("exact match", "exact_match", "{:.1%}"), ("reward accuracy", "eval_rewards/accuracy", "{:.1%}"),
+             ("margin", "eval_rewards/margins", "{:.3f}"), ("chosen answers", "chosen_wins", "{:.1%}"),
+             ("rejected answers", "rejected_wins", "{:.1%}")]
     parts = []
     for label, key, style in shown:
         if key in metrics:

@@ -250,13 +250,15 @@ def project(x: torch.Tensor, layers: Sequence[QLoRALinear]) -> torch.Tensor:
     Split the result with `torch.split` (whose backward concatenates the gradients into the one
     buffer this group's backward reads) rather than by slicing.
     """
-    rates = {layer.lora_dropout if layer.training else 0.0 for layer in layers if layer.lora_A is not None}
+    active = [layer.lora_A is not None and layer.adapter_enabled for layer in layers]
+    rates = {layer.lora_dropout if layer.training else 0.0 for layer, on in zip(layers, active) if on}
     if len(rates) > 1:
         raise ValueError(f"layers projected together must share one lora_dropout, got {sorted(rates)}")
     dropout_p = rates.pop() if rates else 0.0
     if dropout_p == 0 and _fused_4bit_applies(x, layers):
-        return _project_few_rows(x, layers)
-    lora_params = [t for layer in layers for t in (layer.lora_A, layer.lora_B)]
+        return _project_few_rows(x, layers, active)
+    lora_params = [t for layer, on in zip(layers, active)
+                   for t in ((layer.lora_A, layer.lora_B) if on else (None, None))]
     keep_weight = all(layer.keep_dequantized for layer in layers)
     return QLoRAGroupFunction.apply(x, tuple(layers), dropout_p, keep_weight, *lora_params)
 
@@ -276,15 +278,15 @@ def _fused_4bit_applies(x: torch.Tensor, layers: Sequence[QLoRALinear]) -> bool:
                     for layer in layers))
 
 
-def _project_few_rows(x: torch.Tensor, layers: Sequence[QLoRALinear]) -> torch.Tensor:
+def _project_few_rows(x: torch.Tensor, layers: Sequence[QLoRALinear], active: list[bool]) -> torch.Tensor:
     import bitsandbytes as bnb
 
     outputs = []
-    for layer in layers:
+    for layer, adapter_on in zip(layers, active):
         weight = layer.weight
         bias = None if layer.bias is None else layer.bias.to(x.dtype)
         y = bnb.matmul_4bit(x, weight.codes().t(), quant_state=weight.quant_state(), bias=bias)
-        if layer.lora_A is not None:
+        if adapter_on:
             lora_B = _scaled(layer.lora_B, layer.scaling, x.dtype)  # s B rounded once, as in training
             y = y + F.linear(F.linear(x, layer.lora_A.to(x.dtype)), lora_B)
         outputs.append(y)
@@ -316,6 +318,8 @@ class QLoRALinear(nn.Module):
         # runs right before this layer's backward, so one layer's weights are held briefly and
         # each weight is dequantized twice per step instead of three times.
         self.keep_dequantized = False
+        # False computes the frozen base alone, adapter kept (preference objectives' reference model).
+        self.adapter_enabled = True
 
     @property
     def scaling(self) -> float:

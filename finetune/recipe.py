@@ -20,11 +20,12 @@ from accelerate.utils import gather_object
 from tqdm import tqdm
 
 from finetune import data as data_lib
-from finetune.adapter_format import QuantRecord
-from finetune.config import ModelImpl, RunConfig
+from finetune.adapter_format import QuantRecord, read_config
+from finetune.config import ConfigError, ModelImpl, ObjectiveName, RunConfig
 from finetune.errors import TrainingStopped
-from finetune.evaluate import evaluate_loss, exact_match, format_metrics
+from finetune.evaluate import evaluate_loss, evaluate_objective, exact_match, format_metrics, preference_wins
 from finetune.generation import Sampling, chat_replies, pad_id
+from finetune.io import IfExists, atomic_dir
 from finetune.models import LoadedModel, Placement, build_model, choose_impl, load_adapter_weights
 from finetune.models.source import resolve_source
 from finetune.plan import memory, perf
@@ -32,7 +33,8 @@ from finetune.tracking import Trackers, open_trackers
 from finetune.training.checkpoint import (TrainerState, gather_trainable_state, optimizer_state_on_cpu,
                                           restore_rng_states, rng_states, save_adapter, save_checkpoint,
                                           saved_optimizer_state)
-from finetune.training.objective import Objective, SupervisedFineTuning
+from finetune.training import reference_cache
+from finetune.training.objective import Objective, Reference, build_objective
 from finetune.training.optim import build_optimizer, build_scheduler
 from finetune.training.processes import (Processes, check_model_path, memory_line, peak_memory_gib,
                                          reset_peak_memory, start_processes, synchronize, wrap_for_processes)
@@ -104,6 +106,8 @@ def load_model(cfg: RunConfig, processes: Processes) -> LoadedModel:
     loaded = build_model(cfg, processes.device, placement, layout, source, impl)
     for notice in notices + loaded.notices:
         processes.say(f"note: {notice}")
+    if cfg.model.adapter:
+        start_from_adapter(cfg, loaded, processes)
     model = loaded.model
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = model.param_count()
@@ -113,23 +117,70 @@ def load_model(cfg: RunConfig, processes: Processes) -> LoadedModel:
     return loaded
 
 
+def start_from_adapter(cfg: RunConfig, loaded: LoadedModel, processes: Processes) -> None:
+    """model.adapter: its weights into the trainable adapter, which trains on from there."""
+    adapter_dir = demo_adapter(cfg.cache_dir, processes) if cfg.model.adapter == "demo" \
+        else Path(cfg.model.adapter).expanduser()
+    saved = read_config(adapter_dir)
+    for key in ("r", "lora_alpha", "use_rslora"):
+        ours = getattr(cfg.lora, key)
+        if key in saved and saved[key] != ours:
+            raise ConfigError(f"model.adapter={adapter_dir} has {key}={saved[key]}, this run lora.{key}={ours}: "
+                              f"pass lora.{key}={saved[key]} to train on from it.")
+    load_adapter_weights(loaded.model, adapter_dir)
+    processes.say(f"model.adapter: starting from {adapter_dir}")
+
+
+# model.adapter=demo: the demo recipe's adapter after this many steps (short of its 300, so that
+# preference tuning has something left to improve: it answers about 39% of held-out questions).
+DEMO_SFT_STEPS = 150
+
+
+def demo_adapter(cache_dir: str, processes: Processes) -> Path:
+    """The demo recipe's adapter after DEMO_SFT_STEPS, trained on first use and kept in cache_dir."""
+    from finetune.compose import compose
+    from finetune.demo import DEMO_VERSION
+
+    target = Path(cache_dir).expanduser() / f"demo-sft-v{DEMO_VERSION}-{DEMO_SFT_STEPS}steps"
+    if (target / "adapter" / "adapter_config.json").is_file():
+        return target / "adapter"
+    if processes.world > 1:
+        raise ConfigError("model.adapter=demo trains the demo adapter first, in one process: run "
+                          "`python train.py recipe=demo_dpo train.max_steps=1` once, then launch.")
+    processes.say(f"model.adapter=demo: training the demo recipe's adapter first ({DEMO_SFT_STEPS} steps), "
+                  f"kept in {target}")
+    overrides = ["recipe=demo", f"train.max_steps={DEMO_SFT_STEPS}", "train.eval_every=0", "train.eval_generate=0",
+                 "train.sample_prompts=[]", "tracker=none", f"cache_dir='{cache_dir}'"]
+    # Its own random streams: the run that asked for it draws the same numbers whether it was cached or not.
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(), atomic_dir(target, IfExists.keep) as staging:
+        run(compose([*overrides, f"output_dir='{staging}'"]))
+    random.setstate(python_state)
+    np.random.set_state(numpy_state)
+    return target / "adapter"
+
+
 @dataclass
 class Data:
-    train_samples: object
+    train_samples: object  # SFT samples, or preference pairs (KTO rows)
     eval_samples: object
     pad_id: int
     batches: object  # the seeded, endless stream of training micro-batches
+    preference: bool = False
 
 
 def load_data(cfg: RunConfig, tokenizer, processes: Processes) -> Data:
     data_lib.use_data_chat_template(tokenizer, cfg.data)
+    preference = cfg.objective.name is not ObjectiveName.sft
+    load = data_lib.load_preference_splits if preference else data_lib.load_splits
     with processes.accelerator.main_process_first():  # tokenized once, by the first process; the others read its cache
-        train_samples, eval_samples, report = data_lib.load_splits(cfg.data, tokenizer, cfg.train.seed, cfg.cache_dir)
+        train_samples, eval_samples, report = load(cfg.data, tokenizer, cfg.train.seed, cfg.cache_dir)
     for line in report:
         processes.say(f"data {line}")
     pad = pad_id(tokenizer)
-    batches = data_lib.train_batches(train_samples, cfg.data, cfg.train.micro_batch_size, pad, cfg.train.seed)
-    return Data(train_samples, eval_samples, pad, batches)
+    stream = data_lib.preference_batches if preference else data_lib.train_batches
+    batches = stream(train_samples, cfg.data, cfg.train.micro_batch_size, pad, cfg.train.seed)
+    return Data(train_samples, eval_samples, pad, batches, preference)
 
 
 @dataclass
@@ -148,6 +199,7 @@ class Training:
     tracker: Trackers
     quantization: QuantRecord
     objective: Objective
+    eval_objective: Objective  # the same, with its reference computed in the step (a table holds training pairs)
     started: float
     answerable: list = field(default_factory=list)  # eval samples with a reference answer, for exact match
     evals: list = field(default_factory=list)
@@ -163,6 +215,12 @@ class Training:
         None when a resumed run has nothing left to do.
         """
         model = loaded.model
+        # The reference is the adapter the run started from as it was then; taken before a resume moves it on.
+        reference = Reference({name: tensor.detach().clone() for name, tensor in model.adapter_state().items()}
+                              if cfg.model.adapter else None)
+        if processes.fsdp and reference.starting_adapter is not None and cfg.objective.needs_reference:
+            raise ConfigError("FSDP shards the adapter, so the starting adapter (model.adapter) cannot be swapped in "
+                              f"as objective={cfg.objective.name.value}'s reference: train with DDP or one GPU.")
         optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], cfg.optim, processes.device)
         scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
         state = resume(cfg, run_dir, loaded, scheduler, data, processes)
@@ -185,8 +243,12 @@ class Training:
         tracker = (open_trackers(cfg.tracker, run_dir.path, run_dir.path.name, run_dir.resolved_config)
                    if processes.is_main else Trackers([]))
         state.tracker_run_id = tracker.run_id
+        eval_objective = build_objective(cfg.objective, reference)
+        if cfg.objective.precompute_reference:
+            reference = precomputed_reference(cfg, run_dir, processes, wrapped, loaded, data, reference)
+        objective = build_objective(cfg.objective, reference)
         training = cls(cfg, run_dir, processes, wrapped, loaded, data, optimizer, scheduler, state, tracker,
-                       QuantRecord.from_config(cfg.quant, loaded.compute_dtype), SupervisedFineTuning(), started,
+                       QuantRecord.from_config(cfg.quant, loaded.compute_dtype), objective, eval_objective, started,
                        evals=logged_evals(run_dir.path))
         training.find_answerable()
         if processes.device.type == "cuda":  # the card's own matmul rate, measured once (a fraction of a second)
@@ -195,10 +257,13 @@ class Training:
         return training
 
     def find_answerable(self) -> None:
-        # Exact match needs a reference answer: a conversation that ends with an assistant turn.
-        self.answerable = list(itertools.islice(
-            (s for s in self.data.eval_samples if s.messages and s.messages[-1]["role"] == "assistant"),
-            self.cfg.train.eval_generate))
+        # Exact match needs a reference answer: a conversation that ends with an assistant turn. For
+        # preference pairs, a prompt conversation whose answer is compared with chosen and rejected.
+        if self.data.preference:
+            answerable = (p for p in self.data.eval_samples if p.messages and p.rejected_ids)
+        else:
+            answerable = (s for s in self.data.eval_samples if s.messages and s.messages[-1]["role"] == "assistant")
+        self.answerable = list(itertools.islice(answerable, self.cfg.train.eval_generate))
         if self.cfg.train.eval_generate and not self.answerable:
             self.processes.say("note: train.eval_generate skipped: no eval sample ends with an assistant turn to "
                                "compare against.")
@@ -210,11 +275,19 @@ class Training:
         (FSDP's gathers line up), and the first one logs them.
         """
         cfg, device, model = self.cfg, self.processes.device, self.loaded.model
-        metrics = evaluate_loss(self.model, self.data.eval_samples, cfg.train.micro_batch_size, self.data.pad_id,
-                                device)
-        if self.answerable:
-            metrics["exact_match"] = exact_match(model, self.loaded.tokenizer, self.answerable,
-                                                 cfg.train.max_new_tokens, cfg.train.micro_batch_size)
+        if self.data.preference:
+            metrics = evaluate_objective(self.model, self.eval_objective, data_lib.eval_preference_batches(
+                self.data.eval_samples, cfg.train.micro_batch_size, self.data.pad_id), device,
+                model.takes_packed_boundaries)
+            if self.answerable:
+                metrics.update(preference_wins(model, self.loaded.tokenizer, self.answerable,
+                                               cfg.train.max_new_tokens, cfg.train.micro_batch_size))
+        else:
+            metrics = evaluate_loss(self.model, self.data.eval_samples, cfg.train.micro_batch_size, self.data.pad_id,
+                                    device)
+            if self.answerable:
+                metrics["exact_match"] = exact_match(model, self.loaded.tokenizer, self.answerable,
+                                                     cfg.train.max_new_tokens, cfg.train.micro_batch_size)
         self.tracker.log(metrics, step)
         if cfg.train.sample_prompts:
             completions = chat_replies(model, self.loaded.tokenizer,
@@ -315,13 +388,16 @@ class Training:
         tokens_per_s, step_time = self.meter.close_window(steps_in_window)
         lr = self.scheduler.get_last_lr()[0]
         metrics = {"loss": result.loss, "lr": lr, "grad_norm": result.grad_norm, "tokens_per_s": tokens_per_s,
-                   "step_time_s": step_time, "peak_memory_gib": peak_memory_gib(self.processes)}
+                   "step_time_s": step_time, "peak_memory_gib": peak_memory_gib(self.processes), **result.metrics}
         if self.mfu is not None:
             flops_per_token, peak_flops = self.mfu
             metrics["mfu"] = flops_per_token * tokens_per_s / peak_flops
         self.tracker.log(metrics, step)
         progress.set_postfix(loss=f"{result.loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}")
-        self.note(f"step {step:>6}  loss {result.loss:.4f}  lr {lr:.2e}  grad norm {result.grad_norm:.3f}  "
+        rewards = "".join(f"  {label} {result.metrics[key]:{style}}" for label, key, style in
+                          (("reward acc", "rewards/accuracy", ".2f"), ("margin", "rewards/margins", ".3f"))
+                          if key in result.metrics)
+        self.note(f"step {step:>6}  loss {result.loss:.4f}{rewards}  lr {lr:.2e}  grad norm {result.grad_norm:.3f}  "
                   f"{tokens_per_s:,.0f} tok/s  peak {metrics['peak_memory_gib']:.2f} GiB")
 
     def finish(self) -> RunResult:
@@ -391,9 +467,30 @@ def resume(cfg: RunConfig, run_dir: RunDir, loaded: LoadedModel, scheduler, data
     return state
 
 
+def precomputed_reference(cfg: RunConfig, run_dir: RunDir, processes: Processes, model, loaded: LoadedModel,
+                          data: Data, reference: Reference) -> Reference:
+    """objective.precompute_reference: every training pair's reference log-probs, from
+    OUTPUT_DIR/reference_logps when they still hold for this data, base and adapter, else computed
+    now (by the first process, which writes them; the others then read them)."""
+    pairs = data.train_samples
+    key = reference_cache.fingerprint(pairs, cfg.quant, loaded.compute_dtype, loaded.model_dir,
+                                      type(loaded.model).__name__, reference.starting_adapter)
+    started = time.perf_counter()
+    with processes.accelerator.main_process_first():
+        table, cached = reference_cache.reference_table(
+            run_dir.path / reference_cache.CACHE_DIR, key, model, reference,
+            data_lib.eval_preference_batches(pairs, cfg.train.micro_batch_size, data.pad_id), len(pairs),
+            processes.device, loaded.model.takes_packed_boundaries, write=processes.is_main)
+    how = "read from" if cached else f"computed in {time.perf_counter() - started:.1f} s, kept in"
+    processes.say(f"reference log-probs of {len(pairs)} training pairs {how} "
+                  f"{run_dir.path / reference_cache.CACHE_DIR}")
+    return Reference(reference.starting_adapter, table)
+
+
 def say_global_batch(cfg: RunConfig, processes: Processes) -> None:
     micro, accumulation, world = cfg.train.micro_batch_size, cfg.train.gradient_accumulation_steps, processes.world
+    items = {ObjectiveName.sft: "samples", ObjectiveName.kto: "completions"}.get(cfg.objective.name, "pairs")
     per_step = (f"{accumulation * world} packed rows of up to {micro * cfg.data.max_seq_len} tokens"
-                if cfg.data.packing else f"{micro * accumulation * world} samples")
+                if cfg.data.packing else f"{micro * accumulation * world} {items}")
     processes.say(f"global batch: micro-batch {micro} x accumulation {accumulation} x {world} "
                   f"process{'es' if world > 1 else ''} = {per_step} per optimizer step, {processes.engine}")

@@ -77,11 +77,13 @@ def linear_cross_entropy_reference(
     reduction: str = "mean",
     num_items_in_batch: int | torch.Tensor | None = None,
 ) -> torch.Tensor:
+    """reduction "mean", "sum" (scalars) or "none": each token's loss, 0 where ignored, in labels' shape."""
     logits = (x.reshape(-1, x.shape[-1]) @ weight.T).float()
-    labels = labels.reshape(-1)
+    shape, labels = labels.shape, labels.reshape(-1)
     if num_items_in_batch is not None:
         return F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction="sum") / num_items_in_batch
-    return F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction=reduction)
+    losses = F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction=reduction)
+    return losses.view(shape) if reduction == "none" else losses
 
 
 def lora_dropout_reference(x: torch.Tensor, lora_A: torch.Tensor, keep: torch.Tensor, p: float) -> torch.Tensor:

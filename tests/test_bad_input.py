@@ -73,6 +73,10 @@ CASES = [
     ("missing-data-file", lambda t: [f"data.path={t / 'absent.jsonl'}"], "absent.jsonl"),
     ("eval-fraction-out-of-range", lambda t: ["data.eval_fraction=1.5"], "data.eval_fraction"),
     ("output-dir-is-a-file", lambda t: [f"output_dir={write(t / 'afile', 'x')}"], "afile"),
+    ("preference-objective-on-chat-data", lambda t: ["objective=dpo"],
+     "objective=dpo trains on data.format=preference"),
+    ("non-positive-beta", lambda t: ["objective=simpo", "objective.beta=0"], "objective.beta must be positive"),
+    ("missing-start-adapter", lambda t: [f"model.adapter={t / 'no-adapter'}"], "does not exist"),
 ]
 
 

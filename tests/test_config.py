@@ -24,7 +24,8 @@ def compose_run(*overrides: str):
 
 def test_recipe_glob_finds_every_recipe():
     # Recursive glob, and an exact count: a recipe added or lost must be noticed here.
-    assert RECIPES == ["demo", "llama3_8b_qlora", "llama70b_qlora", "mistral7b_qlora", "qwen2_5_7b_qlora"]
+    assert RECIPES == ["demo", "demo_dpo", "llama3_8b_dpo", "llama3_8b_qlora", "llama70b_dpo", "llama70b_qlora",
+                       "mistral7b_qlora", "qwen2_5_7b_qlora"]
 
 
 @pytest.mark.parametrize("recipe", RECIPES)
@@ -50,7 +51,7 @@ def test_real_recipes_use_practitioner_settings():
     assert big.train.micro_batch_size * big.train.gradient_accumulation_steps >= 8
 
 
-@pytest.mark.parametrize("recipe", [r for r in RECIPES if r != "demo"])
+@pytest.mark.parametrize("recipe", [r for r in RECIPES if not r.startswith("demo")])
 def test_a_group_chosen_on_the_command_line_beats_the_recipes_choice(recipe):
     # The real recipes pick paged 8-bit AdamW; optim=adamw must still give AdamW, with the
     # recipe's own learning rate and schedule.
@@ -96,3 +97,11 @@ def test_resolved_config_round_trips(tmp_path: Path):
     OmegaConf.save(OmegaConf.structured(run), tmp_path / "config.yaml")
     again = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RunConfig), OmegaConf.load(tmp_path / "config.yaml")))
     assert again == run
+
+
+@pytest.mark.parametrize("objective", ["sft", "dpo", "ipo", "orpo", "simpo", "kto"])
+def test_every_objective_composes_with_its_data_format(objective):
+    data_format = {"sft": "messages", "kto": "kto"}.get(objective, "preference")
+    run = to_run_config(compose_run(f"objective={objective}", f"data.format={data_format}", "data.path=x"))
+    run.validate()
+    assert run.objective.name.value == objective

@@ -72,7 +72,8 @@ def test_one_step_is_one_big_batch_and_skips_non_finite_updates(built):
     model.train()
     torch.manual_seed(0)
     targets = objective.targets(batches)
-    reference = sum(objective.loss(model, b, processes.device, model.takes_packed_boundaries, 1) for b in batches)
+    reference = sum(objective.loss(model, b, processes.device, model.takes_packed_boundaries, 1)[0]
+                    for b in batches)
     (reference / targets).backward()
     expected = [p.grad.clone() for p in params]
     for p in params:
@@ -96,7 +97,8 @@ def test_one_step_is_one_big_batch_and_skips_non_finite_updates(built):
 
     class Poisoned(SupervisedFineTuning):
         def loss(self, *args):
-            return super().loss(*args) * float("nan")
+            loss, metrics = super().loss(*args)
+            return loss * float("nan"), metrics
 
     optimizer.param_groups[0]["lr"] = 1.0
     result = train_step(model, optimizer, scheduler, Poisoned(), batches, processes, model.takes_packed_boundaries,

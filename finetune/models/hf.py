@@ -13,10 +13,13 @@ from pathlib import Path
 
 import peft
 import torch
+import torch.nn.functional as F
 
 from finetune.adapter_format import write_adapter
 from finetune.config import ConfigError, LoraConfig, ModelConfig, QuantConfig
 from finetune.lora import FSDP_WRAPPED
+from finetune.data.samples import IGNORE_INDEX
+from finetune.models.sequence_logps import SequenceLogps, shifted_targets, sum_per_sequence
 from finetune.models.source import ModelSource
 
 
@@ -126,6 +129,24 @@ class PeftLoRAModel(peft.PeftModelForCausalLM):
 
     # transformers' models derive packed boundaries from position_ids.
     takes_packed_boundaries = False
+
+    def forward(self, *args, per_sequence_logps: bool = False, **kwargs):
+        if per_sequence_logps:
+            return self.sequence_logps(*args, **kwargs)
+        return super().forward(*args, **kwargs)
+
+    def sequence_logps(self, input_ids, labels, attention_mask=None, position_ids=None, cu_seqlens=None,
+                       **_) -> SequenceLogps:
+        """From the full logits: the generic path is the broad one, not the memory-lean one."""
+        logits = super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                 use_cache=False).logits  # (B, T, V)
+        targets = shifted_targets(labels)
+        token_losses = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX,
+                                       reduction="none")
+        return sum_per_sequence(-token_losses.view_as(targets), targets, cu_seqlens, position_ids)
+
+    def adapter_disabled(self):
+        return self.disable_adapter()
 
     def adapter_state(self) -> dict[str, torch.Tensor]:
         return peft.get_peft_model_state_dict(self)

@@ -6,6 +6,7 @@ it, so the recipe, evaluation, checkpoints and the API never ask which one they 
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Callable, Protocol, runtime_checkable
 
@@ -20,7 +21,19 @@ class TrainableModel(Protocol):
     takes_packed_boundaries: bool
 
     def forward(self, input_ids, attention_mask=None, labels=None, position_ids=None, **kwargs):
-        """`.loss`: the summed token cross-entropy / `num_items_in_batch` (or the mean without it)."""
+        """`.loss`: the summed token cross-entropy / `num_items_in_batch` (or the mean without it).
+
+        With `per_sequence_logps=True` (and labels): `sequence_logps(...)`'s result instead. Callers
+        go through forward, not the method, so that DDP and FSDP wrappers see the call.
+        """
+
+    def sequence_logps(self, input_ids, labels, attention_mask=None, position_ids=None, cu_seqlens=None):
+        """`SequenceLogps`: per sequence (padded row, or packed sample) the summed log-prob of its label
+        tokens (labels shifted as for the loss), and their count."""
+
+    def adapter_disabled(self) -> AbstractContextManager:
+        """Within it the model computes the frozen base alone: the reference model of preference
+        objectives, without a second copy of the base. The adapter's weights are kept as they are."""
 
     def generate(self, input_ids, attention_mask=None, max_new_tokens: int = 16, **kwargs) -> torch.Tensor:
         """Greedy continuation of the prompts: prompt and new token ids, (B, T + new)."""

@@ -15,7 +15,7 @@ from finetune.config import ConfigError, Resume, RunConfig
 from finetune.io import atomic_write_text
 from finetune.training.checkpoint import TrainerState, config_hash, load_latest_checkpoint
 
-RUN_FILES = ("adapter", "checkpoints", "config.yaml", "metrics.jsonl", "tensorboard", "wandb")
+RUN_FILES = ("adapter", "checkpoints", "config.yaml", "metrics.jsonl", "reference_logps", "tensorboard", "wandb")
 
 
 @dataclass

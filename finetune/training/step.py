@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from finetune import data as data_lib
-from finetune.training.objective import Objective
+from finetune.training.objective import Objective, add_metrics, metric_means
 from finetune.training.processes import Processes
 
 
@@ -20,6 +20,7 @@ class StepResult:
     tokens: int  # tokens computed on (padding excluded), over every process
     grad_norm: float
     applied: bool  # False: the loss or gradient norm was not finite and the update was skipped
+    metrics: dict[str, float] = field(default_factory=dict)  # the objective's, averaged over the step's items
 
 
 def train_step(model, optimizer, scheduler, objective: Objective, step_batches: list[dict], processes: Processes,
@@ -36,20 +37,26 @@ def train_step(model, optimizer, scheduler, objective: Objective, step_batches: 
     micro_batches = step_batches[processes.rank::world]
     # Summed on the device: a .item() per micro-batch would stall the GPU queue each time.
     step_loss, step_tokens = torch.zeros((), dtype=torch.float64, device=device), 0
+    metric_sums: dict[str, torch.Tensor] = {}
     for i, batch in enumerate(micro_batches):
         # Gradients are averaged across processes once a step, in the last micro-batch's backward.
         last = i == len(micro_batches) - 1
         with contextlib.nullcontext() if last else accelerator.no_sync(model):
-            loss = objective.loss(model, batch, device, packed_boundaries, num_items)
+            loss, metrics = objective.loss(model, batch, device, packed_boundaries, num_items)
             # DDP and FSDP average the processes' gradients, each the gradient of a share of the
             # step's summed loss: scaling by W makes that average the sum's gradient.
             (loss * world).backward()
         step_loss += loss.detach().double()
         step_tokens += data_lib.count_tokens(batch)
+        add_metrics(metric_sums, metrics)
     # Over all processes; with the gradient norm (the same everywhere once gradients are averaged)
     # every process takes the same branch below.
-    step_loss, step_tokens = accelerator.reduce(
-        torch.stack([step_loss, torch.tensor(step_tokens, dtype=torch.float64, device=device)])).tolist()
+    names = sorted(metric_sums)
+    totals = accelerator.reduce(torch.cat([
+        torch.stack([step_loss, torch.tensor(step_tokens, dtype=torch.float64, device=device)]),
+        *(metric_sums[name] for name in names)]))
+    step_loss, step_tokens = totals[:2].tolist()
+    step_metrics = metric_means(names, totals[2:].view(-1, 2))
     max_norm = max_grad_norm if max_grad_norm > 0 else math.inf
     grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), max_norm))
     # A NaN/Inf update would poison every LoRA weight; skip it and keep the last good state.
@@ -59,4 +66,5 @@ def train_step(model, optimizer, scheduler, objective: Objective, step_batches: 
     scheduler.step()
     # Flush the gradients as soon as we can, no need for this memory anymore.
     optimizer.zero_grad(set_to_none=True)
-    return StepResult(step_loss, int(step_tokens), grad_norm, applied)
+    return StepResult(step_loss, int(step_tokens), grad_norm, applied, step_metrics)
+

@@ -92,8 +92,39 @@ def test_all_tokens_ignored(device):
     assert fused_linear_cross_entropy(x, weight, labels).isnan()
 
 
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("chunk_size", [None, 4])
+def test_per_token_losses_match_torch_cross_entropy(device, shape, dtype, chunk_size):
+    x, weight, labels = _inputs(*shape, dtype, device)
+    losses = fused_linear_cross_entropy(x, weight, labels, reduction="none", chunk_size=chunk_size)
+    expected = F.cross_entropy((x @ weight.T).float(), labels, ignore_index=-100, reduction="none")
+    assert losses.dtype == torch.float32 and losses.shape == labels.shape
+    _assert_loss_close(losses, expected, dtype)
+    assert losses[1].item() == 0.0
+    # A different upstream gradient per token, as per-sequence sums weighted by a loss would give.
+    upstream = torch.randn(shape[0], generator=torch.Generator().manual_seed(3)).to(device)
+    _assert_grads_close(torch.autograd.grad((losses * upstream).sum(), (x, weight)),
+                        torch.autograd.grad((expected * upstream).sum(), (x, weight)), dtype)
+
+
+def test_per_token_losses_keep_the_labels_shape_and_match_the_reference(device):
+    x, weight, labels = _inputs(12, 67, 130, torch.float32, device)
+    x, labels = x.detach().reshape(3, 4, 67).requires_grad_(), labels.reshape(3, 4)
+    per_row = fused_linear_cross_entropy(x, weight, labels, reduction="none").sum(-1)  # (3,)
+    expected = linear_cross_entropy_reference(x, weight, labels, reduction="none").sum(-1)
+    assert per_row.shape == (3,)
+    _assert_loss_close(per_row, expected, torch.float32)
+    upstream = torch.tensor([1.0, -2.0, 0.5], device=device)
+    _assert_grads_close(torch.autograd.grad(per_row @ upstream, (x, weight)),
+                        torch.autograd.grad(expected @ upstream, (x, weight)), torch.float32)
+    with torch.no_grad():  # the reference log-probs of preference training: no gradient buffers
+        _assert_loss_close(fused_linear_cross_entropy(x, weight, labels, reduction="none").sum(-1), expected,
+                           torch.float32)
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("reduction,num_items_in_batch", REDUCTIONS)
+@pytest.mark.parametrize("reduction,num_items_in_batch", [*REDUCTIONS, ("none", None)])
 def test_matches_torch_cross_entropy_cuda(cuda, reduction, num_items_in_batch):
     x, weight, labels = _inputs(2047, 1024, 32003, torch.bfloat16, cuda, ignored=range(0, 2047, 7))
     loss = fused_linear_cross_entropy(x, weight, labels, reduction=reduction, num_items_in_batch=num_items_in_batch)
@@ -101,6 +132,8 @@ def test_matches_torch_cross_entropy_cuda(cuda, reduction, num_items_in_batch):
         x, weight, labels, reduction=reduction, num_items_in_batch=num_items_in_batch
     )
     _assert_loss_close(loss, expected, torch.bfloat16)
+    if reduction == "none":
+        loss, expected = loss.sum(), expected.sum()
     _assert_grads_close(
         torch.autograd.grad(loss, (x, weight)), torch.autograd.grad(expected, (x, weight)), torch.bfloat16
     )

@@ -35,6 +35,7 @@ from finetune.data.samples import IGNORE_INDEX
 from finetune.lora import QLoRALinear, adapted_layers, linear_layers, project
 from finetune.models.native import decoding, nf4_cache
 from finetune.models.native.streaming import WeightStreamer
+from finetune.models.sequence_logps import SequenceLogps, shifted_targets, sum_per_sequence
 from finetune.models.source import checkpoint_files
 from finetune.quant import QuantizedWeight, dequantize_bnb, dequantize_triton
 
@@ -422,12 +423,15 @@ class NativeCausalLM(nn.Module):
         self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False, device="meta")
 
     def forward(self, input_ids, attention_mask=None, labels=None, position_ids=None, cu_seqlens=None,
-                num_items_in_batch=None, use_cache=None) -> CausalLMOutput:
-        """Loss (summed token CE / num_items_in_batch, or the mean) when labels are given, else logits.
+                num_items_in_batch=None, use_cache=None, per_sequence_logps=False) -> CausalLMOutput | SequenceLogps:
+        """Loss (summed token CE / num_items_in_batch, or the mean) when labels are given, else logits;
+        with per_sequence_logps, `sequence_logps`.
 
         labels[t + 1] is the target at position t (transformers' shift); IGNORE_INDEX is skipped.
         use_cache is accepted for transformers-style callers and ignored (decoding uses `generate`).
         """
+        if per_sequence_logps:
+            return self.sequence_logps(input_ids, labels, attention_mask, position_ids, cu_seqlens)
         hidden = self.model(input_ids, attention_mask, position_ids, cu_seqlens)  # (B, T, C)
         if labels is None:
             return CausalLMOutput(logits=self.lm_head(hidden))
@@ -446,7 +450,28 @@ class NativeCausalLM(nn.Module):
         """An empty KV cache for `batch` rows of up to `max_len` tokens, beside the unquantized weights."""
         args, embeddings = self.args, self.model.embed_tokens.weight
         return decoding.KVCache(args.num_hidden_layers, batch, args.num_key_value_heads, args.head_dim, max_len,
-                       embeddings.dtype, embeddings.device)
+                                embeddings.dtype, embeddings.device)
+
+    def sequence_logps(self, input_ids, labels, attention_mask=None, position_ids=None,
+                       cu_seqlens=None) -> SequenceLogps:
+        """Per-sequence summed label log-probs from the fused LM head + cross-entropy: per-token
+        losses (N,) come out, the (N, vocab) logits are never formed."""
+        hidden = self.model(input_ids, attention_mask, position_ids, cu_seqlens)  # (B, T, C)
+        targets = shifted_targets(labels)  # (B, T)
+        token_losses = self.ops.linear_cross_entropy(hidden.flatten(0, 1), self.lm_head.weight, targets.flatten(),
+                                                     reduction="none")  # (B * T,) fp32, 0 where ignored
+        return sum_per_sequence(-token_losses.view_as(targets), targets, cu_seqlens, position_ids)
+
+    @contextlib.contextmanager
+    def adapter_disabled(self):
+        layers = linear_layers(self).values()
+        for layer in layers:
+            layer.adapter_enabled = False
+        try:
+            yield
+        finally:
+            for layer in layers:
+                layer.adapter_enabled = True
 
     @torch.no_grad()
     def next_token_logits(self, input_ids, attention_mask, cache: decoding.KVCache,

@@ -1,0 +1,120 @@
+"""Preference training end to end: the demo_dpo recipe through the CLI, the objectives on both
+model paths, exact resume with precomputed reference log-probs, and DDP on the CPU.
+
+These read preference data through pref-data's finetune.data.preference (issue #18's data side).
+"""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import finetune
+from test_distributed import accelerate_launch, assert_same_steps
+from test_reliability import sigterm_after_optimizer_steps
+
+from runner import run_train
+
+FAST = ["train.eval_generate=0", "train.sample_prompts=[]", "train.eval_every=0", "train.log_every=1"]
+FP32 = ["quant.bnb_4bit_compute_dtype=float32", "quant.torch_dtype=float32"]
+# The demo's pairs from the demo base, without the SFT phase (model.adapter=demo has tests of its own).
+PAIRS = ["model.adapter=null", "train.micro_batch_size=4", "train.seed=5"]
+
+
+def metrics(output_dir) -> list[dict]:
+    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def train_rows(output_dir) -> list[dict]:
+    return [row for row in metrics(output_dir) if "loss" in row]
+
+
+@pytest.mark.slow
+def test_demo_dpo_recipe_raises_reward_accuracy_margins_and_chosen_answers(tmp_path):
+    out = tmp_path / "run"
+    result = run_train("recipe=demo_dpo", f"output_dir={out}", timeout=1800)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "model.adapter=demo: training the demo recipe's adapter first" in result.stdout or \
+        "model.adapter: starting from" in result.stdout
+    rows = train_rows(out)
+    assert {"rewards/chosen", "rewards/rejected", "rewards/accuracy", "rewards/margins", "logps/chosen",
+            "logps/rejected"} <= rows[-1].keys()
+    early, late = rows[:2], rows[-2:]
+    mean = lambda rs, key: sum(r[key] for r in rs) / len(rs)  # noqa: E731
+    assert mean(late, "rewards/accuracy") > mean(early, "rewards/accuracy")
+    assert mean(late, "rewards/margins") > mean(early, "rewards/margins") + 0.1
+    evals = [row for row in metrics(out) if "eval_loss" in row]
+    first, final = evals[0], evals[-1]
+    assert final["eval_rewards/accuracy"] > first["eval_rewards/accuracy"]
+    assert final["eval_rewards/margins"] > first["eval_rewards/margins"]
+    assert final["chosen_wins"] > first["chosen_wins"]
+    assert "chosen answers" in result.stdout
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("impl", ["native", "hf"])
+@pytest.mark.parametrize("objective", ["dpo", "ipo", "orpo", "simpo", "kto"])
+def test_every_objective_trains_on_both_model_paths(impl, objective, tmp_path):
+    out = tmp_path / "run"
+    data_format = "kto" if objective == "kto" else "preference"
+    result = finetune.train("demo_dpo", [f"output_dir={out}", f"objective={objective}", f"data.format={data_format}",
+                                         f"model.impl={impl}", "train.max_steps=3", *FAST, *FP32, *PAIRS])
+    rows = train_rows(out)
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
+    assert "rewards/chosen" in rows[-1] and "final_eval_rewards/chosen" in result.metrics
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_precomputed_reference_trains_like_the_in_step_one_and_resumes_exactly(tmp_path, monkeypatch):
+    settings = [*FAST, *FP32, *PAIRS, "train.max_steps=4", "lora.lora_dropout=0.1"]
+    in_step = finetune.train("demo_dpo", [f"output_dir={tmp_path / 'in-step'}", *settings])
+    precomputed = [*settings, "objective.precompute_reference=true"]
+    whole = finetune.train("demo_dpo", [f"output_dir={tmp_path / 'whole'}", *precomputed])
+    for a, b in zip(train_rows(tmp_path / "whole"), train_rows(tmp_path / "in-step")):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
+        assert a["rewards/margins"] == pytest.approx(b["rewards/margins"], abs=1e-5)
+    assert in_step.metrics["final_eval_loss"] == pytest.approx(whole.metrics["final_eval_loss"], abs=1e-6)
+    assert (tmp_path / "whole" / "reference_logps" / "logps.safetensors").is_file()
+
+    sigterm_after_optimizer_steps(monkeypatch, 2)
+    stopped = finetune.train("demo_dpo", [f"output_dir={tmp_path / 'split'}", *precomputed])
+    assert stopped.metrics == {"stopped_at_step": 2}
+    monkeypatch.undo()
+    resumed = finetune.train("demo_dpo", [f"output_dir={tmp_path / 'split'}", *precomputed, "train.resume=auto"])
+    assert [(r["step"], r["loss"]) for r in train_rows(tmp_path / "split")] == \
+        [(r["step"], r["loss"]) for r in train_rows(tmp_path / "whole")]
+    a = load_file(whole.adapter_dir / "adapter_model.safetensors")
+    b = load_file(resumed.adapter_dir / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_the_reference_cache_is_reused_and_recomputed_when_the_data_changes(tmp_path, capsys):
+    settings = [f"output_dir={tmp_path / 'run'}", *FAST, *FP32, *PAIRS, "train.max_steps=1",
+                "objective.precompute_reference=true"]
+    finetune.train("demo_dpo", settings)
+    assert "computed in" in capsys.readouterr().out
+    finetune.train("demo_dpo", [*settings, "train.max_steps=2", "train.resume=auto"])
+    assert "reference log-probs of 108 training pairs read from" in capsys.readouterr().out
+    finetune.train("demo_dpo", [*settings, "data.max_seq_len=24", "train.overwrite=true"])
+    assert "computed in" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_ddp_dpo_trains_like_one_process_with_the_same_global_batch(tmp_path):
+    common = [*FAST, *FP32, *PAIRS, "train.max_steps=3", "train.device=cpu", "model.impl=native"]
+    one = tmp_path / "one"
+    finetune.train("demo_dpo", [f"output_dir={one}", *common, "train.gradient_accumulation_steps=2"])
+    two = tmp_path / "two"
+    result = accelerate_launch("cpu.yaml", "recipe=demo_dpo", f"output_dir={two}", *common,
+                               "train.gradient_accumulation_steps=1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "= 8 pairs per optimizer step, DDP" in result.stdout
+    assert_same_steps(train_rows(two), train_rows(one))
+    for a, b in zip(train_rows(two), train_rows(one)):
+        assert a["rewards/accuracy"] == b["rewards/accuracy"]
+        assert a["rewards/margins"] == pytest.approx(b["rewards/margins"], abs=1e-5)
