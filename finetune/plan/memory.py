@@ -30,7 +30,8 @@ import math
 import os
 from dataclasses import dataclass, field, replace
 
-from finetune.config import ConfigError, Dtype, HardwareConfig, ModelImpl, OffloadMode, Optimizer, RunConfig
+from finetune.config import (ConfigError, Dtype, HardwareConfig, ModelImpl, ObjectiveName, OffloadMode, Optimizer,
+                             RunConfig)
 from finetune.models import MemoryLayout, choose_impl
 from finetune.models.native.streaming import SLOTS
 from finetune.models.source import ModelSource, locate_source
@@ -593,6 +594,9 @@ def plan_for_run(cfg: RunConfig, source: ModelSource, impl: ModelImpl, impl_reas
     arch = checked_architecture(source)
     L = arch["num_hidden_layers"]
     compute_bytes = DTYPE_BYTES[cfg.quant.bnb_4bit_compute_dtype]
+    # A preference micro-batch of B pairs runs 2B sequences in one forward (chosen and rejected, or
+    # KTO's rows and their KL rows); the reference forward runs without autograd and keeps nothing.
+    rows = cfg.train.micro_batch_size * (1 if cfg.objective.name is ObjectiveName.sft else 2)
     run = _Run(
         arch=arch, impl=impl, compute_bytes=compute_bytes,
         dense_bytes=compute_bytes if impl is ModelImpl.native else DTYPE_BYTES[cfg.quant.torch_dtype],
@@ -605,10 +609,10 @@ def plan_for_run(cfg: RunConfig, source: ModelSource, impl: ModelImpl, impl_reas
         else (L if cfg.model.gradient_checkpointing else 0),
         mlp_chunk_tokens=cfg.model.mlp_chunk_tokens if impl is ModelImpl.native else None,
         chunked_loss=impl is ModelImpl.native and cfg.model.use_kernels,
-        micro_batch_size=cfg.train.micro_batch_size,
-        padding_mask=impl is ModelImpl.native and not cfg.data.packing and cfg.train.micro_batch_size > 1,
+        micro_batch_size=rows,
+        padding_mask=impl is ModelImpl.native and not cfg.data.packing and rows > 1,
     )
-    tokens = cfg.train.micro_batch_size * cfg.data.max_seq_len
+    tokens = rows * cfg.data.max_seq_len
     budget, budget_source = gpu_budget(cfg.hardware)
 
     choices = _offload_choices(cfg, impl)
@@ -631,6 +635,9 @@ def plan_for_run(cfg: RunConfig, source: ModelSource, impl: ModelImpl, impl_reas
     # Up to the model's context (or 1M tokens where it states none): planning further is pointless.
     longest = _longest_seq_len(longest_run, offload, budget, max_positions or 2**20)
     notes = []
+    if rows != cfg.train.micro_batch_size:
+        notes.append(f"objective={cfg.objective.name.value}: each of the micro-batch's {cfg.train.micro_batch_size} "
+                     f"items runs as two sequences, so activations are planned for {rows} rows.")
     if cfg.data.max_seq_len > (max_positions or math.inf):
         notes.append(f"data.max_seq_len={cfg.data.max_seq_len} exceeds the model's max_position_embeddings "
                      f"({max_positions}): the run will refuse it.")

@@ -207,6 +207,17 @@ def test_auto_checkpointing_recomputes_the_fewest_layers_that_fit():
     assert plan("recipe=llama3_8b_qlora", "model.impl=hf", "hardware.gpu_memory_gb=80").checkpointed_layers == 32
 
 
+def test_preference_objectives_plan_two_sequences_per_item():
+    args = ("recipe=llama3_8b_qlora", NATIVE, "hardware.gpu_memory_gb=80", "data.max_seq_len=2048",
+            "model.checkpoint_layers=all")
+    dpo = plan(*args, "train.micro_batch_size=2", "objective=dpo", "data.format=preference")
+    sft = plan(*args, "train.micro_batch_size=4")
+    # 2 pairs are 4 sequences in one forward: the same activations as 4 SFT rows (the reference
+    # forward keeps nothing), so checkpoint_layers=auto and the offload choice see them.
+    assert dpo.gpu_total == sft.gpu_total and dpo.micro_batch_size == 2
+    assert any("planned for 4 rows" in note for note in dpo.notes)
+
+
 @pytest.mark.parametrize("value", ["some", "-1", "1.5"])
 def test_checkpoint_layers_takes_auto_all_or_a_count(value):
     with pytest.raises(ConfigError, match=f"model.checkpoint_layers='{value}': pass auto, all, or a number"):
