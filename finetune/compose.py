@@ -108,5 +108,3 @@ def explain_compose_error(error: Exception) -> str:
         detail = str(cause).splitlines()[0]
         return f"bad value for {full_key}: {detail}"
     return str(error).splitlines()[0]
-
-

@@ -67,4 +67,3 @@ def train_step(model, optimizer, scheduler, objective: Objective, step_batches: 
     # Flush the gradients as soon as we can, no need for this memory anymore.
     optimizer.zero_grad(set_to_none=True)
     return StepResult(step_loss, int(step_tokens), grad_norm, applied, step_metrics)
-
