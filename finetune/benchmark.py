@@ -30,9 +30,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
-from omegaconf import MISSING, OmegaConf
-from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
+from omegaconf import MISSING
 
+from finetune.config import options_from_args
 from finetune.errors import UserError
 from finetune.hub_code import keep_hub_code_out
 from finetune.io import create_text
@@ -99,17 +99,7 @@ options (default first):
 
 def parse_args(argv: list[str]) -> BenchmarkConfig:
     """`key=value` arguments -> BenchmarkConfig, checked against the schema and each other."""
-    for arg in argv:
-        if "=" not in arg or arg.startswith("-"):
-            raise UserError(f"expected key=value, got {arg!r}\n\n{USAGE}")
-    try:
-        config = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(BenchmarkConfig),
-                                                     OmegaConf.from_dotlist(argv)))
-    except MissingMandatoryValue as e:
-        raise UserError(f"missing required option {e.full_key}=...\n\n{USAGE}") from None
-    except OmegaConfBaseException as e:
-        reason = str(e.msg).splitlines()[0]
-        raise UserError(f"bad option {e.full_key!r}: {reason}\n\n{USAGE}") from None
+    config = options_from_args(BenchmarkConfig, argv, f"\n\n{USAGE}")
     if (config.adapter is None) == (config.model is None):
         raise UserError(f"pass exactly one of adapter=PATH or model=PATH\n\n{USAGE}")
     for name in ("limit", "batch_size", "max_length"):

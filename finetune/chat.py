@@ -14,9 +14,8 @@ import sys
 from dataclasses import dataclass
 from typing import Optional
 
-from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
+from finetune.config import options_from_args
 from finetune.errors import UserError
 from finetune.generation import Sampling
 
@@ -59,13 +58,7 @@ in the chat: /reset forgets the conversation, /exit or Ctrl-D quits
 
 def parse_args(argv: list[str]) -> tuple[ChatConfig, Sampling]:
     """`key=value` arguments -> the checked ChatConfig and the Sampling it asks for."""
-    for arg in argv:
-        if "=" not in arg or arg.startswith("-"):
-            raise UserError(f"expected key=value, got {arg!r} (finetune-chat --help lists the options)")
-    try:
-        config = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ChatConfig), OmegaConf.from_dotlist(argv)))
-    except OmegaConfBaseException as e:
-        raise UserError(f"bad option {e.full_key!r}: {str(e.msg).splitlines()[0]}") from None
+    config = options_from_args(ChatConfig, argv, " (finetune-chat --help lists the options)")
     if (config.adapter is None) == (config.model is None):
         raise UserError("give exactly one of adapter=PATH (a run's adapter) or model=PATH (a merged model)")
     try:

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Any, List, Optional
+from typing import Any, Callable, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from finetune.errors import UserError
 from finetune.sweep import default_output_dir, sweep_group
@@ -21,6 +22,26 @@ from finetune.sweep import default_output_dir, sweep_group
 
 class ConfigError(UserError):
     """A configuration value that is well-typed but unusable; the message says how to fix it."""
+
+
+def checked_options(schema: type, options: Callable[[], Any], hint: str = "", error: type = UserError):
+    """A command-line tool's options (a dotlist or mapping, built by `options` inside the check, as
+    building can fail too) as an instance of the dataclass `schema`: a missing required option,
+    an unknown key or a wrong type is one `error` naming the option, followed by `hint`."""
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), options()))
+    except MissingMandatoryValue as e:
+        raise error(f"missing required option {e.full_key}=...{hint}") from None
+    except OmegaConfBaseException as e:
+        raise error(f"bad option {e.full_key!r}: {str(e.msg).splitlines()[0]}{hint}") from None
+
+
+def options_from_args(schema: type, argv: list[str], hint: str = "", error: type = UserError):
+    """`key=value` command-line arguments as `checked_options` of `schema`."""
+    for arg in argv:
+        if "=" not in arg or arg.startswith("-"):
+            raise error(f"expected key=value, got {arg!r}{hint}")
+    return checked_options(schema, lambda: OmegaConf.from_dotlist(argv), hint, error)
 
 
 class Dtype(str, enum.Enum):

@@ -32,15 +32,14 @@ import signal
 import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Mapping, Optional
 
 import torch
 from omegaconf import MISSING, OmegaConf
-from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from finetune.adapter_format import CONFIG_FILE, QUANT_FILE, AdapterError, LoraAdapter, LoraWeights, QuantRecord
 from finetune.adapter_format import read_adapter, read_config
-from finetune.config import Dtype, QuantType
+from finetune.config import Dtype, QuantType, checked_options, options_from_args
 from finetune.errors import MergeError
 from finetune.hub_code import keep_hub_code_out
 from finetune.io import IfExists, atomic_dir
@@ -164,21 +163,7 @@ options (default first):
 
 def parse_args(argv: list[str]) -> MergeConfig:
     """`key=value` arguments -> MergeConfig, checked against the schema."""
-    for arg in argv:
-        if "=" not in arg or arg.startswith("-"):
-            raise MergeError(f"expected key=value, got {arg!r}\n\n{USAGE}")
-    return _to_config(lambda: OmegaConf.from_dotlist(argv))
-
-
-def _to_config(options: Callable[[], Any]) -> MergeConfig:
-    """Validate user options (built inside the try, as building can fail too) against the schema."""
-    try:
-        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(MergeConfig), options()))
-    except MissingMandatoryValue as e:
-        raise MergeError(f"missing required option {e.full_key}=...\n\n{USAGE}") from None
-    except OmegaConfBaseException as e:
-        reason = str(e.msg).splitlines()[0]
-        raise MergeError(f"bad option {e.full_key!r}: {reason}\n\n{USAGE}") from None
+    return options_from_args(MergeConfig, argv, f"\n\n{USAGE}", MergeError)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -629,7 +614,7 @@ def merge_adapter(cfg: MergeConfig | Mapping[str, Any]) -> Path:
     """Merge cfg.adapter into its base and write cfg.output; returns the output directory."""
     if not isinstance(cfg, MergeConfig):
         options = dict(cfg)
-        cfg = _to_config(lambda: OmegaConf.create(options))
+        cfg = checked_options(MergeConfig, lambda: OmegaConf.create(options), f"\n\n{USAGE}", MergeError)
     adapter = load_adapter(Path(cfg.adapter))
     base = open_checkpoint(resolve_base(cfg, adapter))
     quant = training_quantization(cfg, adapter) if cfg.merge_into is MergeInto.dequantized else None
