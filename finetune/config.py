@@ -250,6 +250,10 @@ class ModelConfig:
             raise ConfigError(f"model.checkpoint_layers={value!r}: pass auto, all, or a number of layers >= 0.")
         return layers
 
+    def plans_checkpoint_layers(self) -> bool:
+        """Whether the memory plan picks how many layers recompute (checkpoint_layers=auto, checkpointing on)."""
+        return self.gradient_checkpointing and self.requested_checkpoint_layers() == "auto"
+
     def checkpointed_layers(self, num_layers: int, auto: int | None = None) -> int:
         """How many of `num_layers` layers recompute in backward (gradient_checkpointing, checkpoint_layers).
 

@@ -278,7 +278,7 @@ def decide_memory_layout(cfg: RunConfig, source: ModelSource, impl: ModelImpl, i
     if device.type != "cuda" or impl is not ModelImpl.native:
         return MemoryLayout()
     mode = cfg.hardware.offload
-    auto_layers = cfg.model.gradient_checkpointing and cfg.model.requested_checkpoint_layers() == "auto"
+    auto_layers = cfg.model.plans_checkpoint_layers()
     processes = int(os.environ.get("WORLD_SIZE", "1"))
     if processes > 1 and (mode is OffloadMode.auto or auto_layers):
         # The planner plans one process holding the whole base, which DDP's and FSDP's processes
@@ -616,8 +616,7 @@ def plan_for_run(cfg: RunConfig, source: ModelSource, impl: ModelImpl, impl_reas
     budget, budget_source = gpu_budget(cfg.hardware)
 
     choices = _offload_choices(cfg, impl)
-    auto_layers = impl is ModelImpl.native and cfg.model.gradient_checkpointing \
-        and cfg.model.requested_checkpoint_layers() == "auto"
+    auto_layers = impl is ModelImpl.native and cfg.model.plans_checkpoint_layers()
     # With auto, each offload setting gets the fewest recomputed layers that fit it; whether it fits
     # at all is decided with every layer recomputed.
     runs = {mode: replace(run, checkpointed_layers=_fewest_checkpointed_layers(run, mode, tokens, budget))
