@@ -31,8 +31,8 @@ cost more than reading dy twice.
 
 Backward saves x, xa (N, R: small), the stacked A, S (small) and, unless the layers have fused
 dropout kernels (finetune_kernels.lora_dropout, which redraw each mask from a seed), the dropout
-masks (one byte per element and adapted layer), never W: it is dequantized again in backward, so a group's weights
-exist in full precision only while its own matmuls run. X' is not saved either: x is often held
+masks (one byte per element and adapted layer), never W: it is dequantized again in backward, so
+a group's weights exist in full precision only while its own matmuls run. X' is not saved either: x is often held
 anyway by whoever made it (attention keeps its output, o_proj's input), and X' would be a
 second copy. A group without adapters saves nothing at all. The one exception is a group under
 activation checkpointing (`keep_dequantized`), whose recompute hands its Wc (or W) to the
