@@ -126,8 +126,7 @@ class QLoRAGroupFunction(torch.autograd.Function):
             # Drawn from the CPU generator, whose state activation checkpointing replays for the recompute.
             ctx.seed = int(torch.randint(2**62, ()))
             xa = (x_rows.new_zeros if pad else x_rows.new_empty)(x_rows.shape[0], lora_A.shape[0])
-            for layer_index, r in enumerate(ctx.ranks):
-                fused.dropout_down(x_rows, lora_A[r], ctx.seed + layer_index, dropout_p, out=xa[:, r])
+            fused.dropout_down(x_rows, lora_A[:ctx.ranks[-1].stop], ctx.ranks[0].stop, ctx.seed, dropout_p, out=xa)
         elif dropout_p > 0:
             # One mask per layer, drawn in layer order, as separate dropout modules would.
             masks = [torch.rand_like(x_rows) >= dropout_p for _ in adapted]
@@ -175,14 +174,14 @@ class QLoRAGroupFunction(torch.autograd.Function):
         elif any(wants_A.values()):
             grad_xa = grad_rows @ lora_block
         if ctx.seed is not None:
-            fused = layers[0].fused_dropout
+            fused, rank, width = layers[0].fused_dropout, ctx.ranks[0].stop, ctx.ranks[-1].stop  # padding excluded
             if needs_x:
-                rank = ctx.ranks[0].stop
-                fused.dropout_grad_x(grad_x, grad_xa, lora_A[:ctx.ranks[-1].stop], rank, ctx.seed, p)
-            for layer_index, (i, r) in enumerate(zip(adapted, ctx.ranks)):
-                if wants_A[i]:
-                    grad_params[2 * i] = fused.dropout_grad_a(grad_xa[:, r], x_rows, ctx.seed + layer_index,
-                                                              p).to(ctx.param_dtype)
+                fused.dropout_grad_x(grad_x, grad_xa, lora_A[:width], rank, ctx.seed, p)
+            if any(wants_A.values()):
+                grad_A = fused.dropout_grad_a(grad_xa[:, :width], x_rows, rank, ctx.seed, p).to(ctx.param_dtype)
+                for i, r in zip(adapted, ctx.ranks):
+                    if wants_A[i]:
+                        grad_params[2 * i] = grad_A[r]
         elif masks:
             for mask, i, r in zip(masks, adapted, ctx.ranks):
                 # Masked and scaled in the compute dtype, in the forward's order.

@@ -18,6 +18,12 @@ The mask of element (row, col) is tile-independent, so every kernel (and `keep_m
 writes it out for tests) sees the same one: with Q = ceil(K / 4), Philox counter row * Q + g
 gives four uniforms, the j-th for column j * Q + g; an element is kept where its uniform is >= p.
 Each tile therefore covers four column strips of one g-range.
+
+Every kernel takes all L layers of a group in one launch (a grid axis), so a group costs three
+launches per pass whatever its size, and the layers' reads of the same x tiles meet in L2. The
+forward's output is only r columns wide, so a program per row block and layer would leave most of
+a card idle at a few thousand rows: K is split over programs too, their fp32 partial sums added
+afterwards in a fixed order (grad_A likewise splits N).
 """
 
 import torch
@@ -68,23 +74,28 @@ def _down_strip(acc, x_ptr, a_ptr, stride_x, stride_a, rows, row_ok, ranks, rank
 
 
 @triton.jit
-def _down_kernel(x_ptr, a_ptr, out_ptr, N, K, Q, stride_x, stride_a, stride_out, seed, p, scale,
-                 RANK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_G: tl.constexpr,
-                 IEEE: tl.constexpr, UPCAST: tl.constexpr):
-    """xa (N, RANK) = scale (x * d) A^T for one layer: a program per BLOCK_M rows, looping over K."""
+def _down_kernel(x_ptr, a_ptr, out_ptr, N, K, Q, stride_x, stride_a, stride_out, stride_split, seed, p, scale,
+                 groups_per_split, RANK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_G: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    """Layer program_id(1)'s xa columns for BLOCK_M rows, summed over split program_id(2)'s share of K."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < N
     rows = rows.to(tl.int64)
+    layer = tl.program_id(1)
+    split = tl.program_id(2)
+    a_ptr += layer * RANK * stride_a
     ranks = tl.arange(0, BLOCK_R)
     rank_ok = ranks < RANK
     acc = tl.zeros((BLOCK_M, BLOCK_R), tl.float32)
-    for g0 in range(0, Q, BLOCK_G):
+    first = split * groups_per_split  # a multiple of BLOCK_G: no tile crosses into the next split
+    for g0 in range(first, tl.minimum(first + groups_per_split, Q), BLOCK_G):
         gs = g0 + tl.arange(0, BLOCK_G)
-        u0, u1, u2, u3 = tl.rand4x(seed, rows[:, None] * Q + gs[None, :])
+        u0, u1, u2, u3 = tl.rand4x(seed + layer, rows[:, None] * Q + gs[None, :])
         acc = _down_strip(acc, x_ptr, a_ptr, stride_x, stride_a, rows, row_ok, ranks, rank_ok, 0, gs, Q, K, u0, p, IEEE, UPCAST)
         acc = _down_strip(acc, x_ptr, a_ptr, stride_x, stride_a, rows, row_ok, ranks, rank_ok, 1, gs, Q, K, u1, p, IEEE, UPCAST)
         acc = _down_strip(acc, x_ptr, a_ptr, stride_x, stride_a, rows, row_ok, ranks, rank_ok, 2, gs, Q, K, u2, p, IEEE, UPCAST)
         acc = _down_strip(acc, x_ptr, a_ptr, stride_x, stride_a, rows, row_ok, ranks, rank_ok, 3, gs, Q, K, u3, p, IEEE, UPCAST)
+    out_ptr += split * stride_split + layer * RANK
     tl.store(out_ptr + rows[:, None] * stride_out + ranks[None, :], (acc * scale).to(out_ptr.dtype.element_ty),
              mask=row_ok[:, None] & rank_ok[None, :])
 
@@ -153,9 +164,11 @@ def _store_strip(out_ptr, K, ranks, rank_ok, j: tl.constexpr, gs, Q, acc, scale)
 def _grad_a_kernel(grad_xa_ptr, x_ptr, out_ptr, N, K, Q, stride_gxa, stride_x, seed, p, scale, rows_per_split,
                    RANK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_G: tl.constexpr,
                    IEEE: tl.constexpr, UPCAST: tl.constexpr):
-    """One layer's fp32 partial grad_A over one split of the rows: out[split] (RANK, K)."""
+    """Layer program_id(2)'s fp32 partial grad_A over split program_id(1) of the rows: its RANK rows
+    of out[split] (L * RANK, K)."""
     gs = tl.program_id(0) * BLOCK_G + tl.arange(0, BLOCK_G)
     split = tl.program_id(1)
+    layer = tl.program_id(2)
     ranks = tl.arange(0, BLOCK_R)
     rank_ok = ranks < RANK
     acc0 = tl.zeros((BLOCK_R, BLOCK_G), tl.float32)
@@ -167,14 +180,14 @@ def _grad_a_kernel(grad_xa_ptr, x_ptr, out_ptr, N, K, Q, stride_gxa, stride_x, s
         rows = m0 + tl.arange(0, BLOCK_M)
         row_ok = rows < N
         rows = rows.to(tl.int64)
-        grad_xa_t = tl.load(grad_xa_ptr + rows[None, :] * stride_gxa + ranks[:, None],
+        grad_xa_t = tl.load(grad_xa_ptr + rows[None, :] * stride_gxa + layer * RANK + ranks[:, None],
                             mask=rank_ok[:, None] & row_ok[None, :], other=0.0)  # (BLOCK_R, BLOCK_M)
-        u0, u1, u2, u3 = tl.rand4x(seed, rows[:, None] * Q + gs[None, :])
+        u0, u1, u2, u3 = tl.rand4x(seed + layer, rows[:, None] * Q + gs[None, :])
         acc0 = _grad_a_strip(acc0, grad_xa_t, x_ptr, stride_x, rows, row_ok, 0, gs, Q, K, u0, p, IEEE, UPCAST)
         acc1 = _grad_a_strip(acc1, grad_xa_t, x_ptr, stride_x, rows, row_ok, 1, gs, Q, K, u1, p, IEEE, UPCAST)
         acc2 = _grad_a_strip(acc2, grad_xa_t, x_ptr, stride_x, rows, row_ok, 2, gs, Q, K, u2, p, IEEE, UPCAST)
         acc3 = _grad_a_strip(acc3, grad_xa_t, x_ptr, stride_x, rows, row_ok, 3, gs, Q, K, u3, p, IEEE, UPCAST)
-    out_ptr += split * RANK * K
+    out_ptr += (split * tl.num_programs(2) + layer) * RANK * K
     _store_strip(out_ptr, K, ranks, rank_ok, 0, gs, Q, acc0, scale)
     _store_strip(out_ptr, K, ranks, rank_ok, 1, gs, Q, acc1, scale)
     _store_strip(out_ptr, K, ranks, rank_ok, 2, gs, Q, acc2, scale)
@@ -211,18 +224,42 @@ def _rank_block(rank: int) -> int:
     return max(16, triton.next_power_of_2(rank))  # tl.dot's smallest side is 16
 
 
-def dropout_down(x: torch.Tensor, lora_A: torch.Tensor, seed: int, p: float, out: torch.Tensor) -> None:
-    """out (N, r) = (x * d) A^T / (1 - p): x (N, K), A (r, K), both in the compute dtype; `out` may
-    be a column slice of a wider matrix."""
+def _programs_wanted(device: torch.device) -> int:
+    """Enough programs to keep every SM of the card busy (a few per SM hide the loads' latency)."""
+    if device.type != "cuda":
+        return 1
+    return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def dropout_down(x: torch.Tensor, lora_A: torch.Tensor, rank: int, seed: int, p: float, out: torch.Tensor,
+                 k_splits: int | None = None) -> None:
+    """out[:, :L*rank] = (x * d_l) A_l^T / (1 - p) for each layer l, side by side; x (N, K) and
+    lora_A (>= L*rank, K) in the compute dtype, layer l (mask seed + l) in rows l*rank.. of lora_A;
+    L = lora_A's rows // rank. `out` may be a column slice of a wider matrix.
+
+    With few rows the program per row block and layer would leave most of the card idle, so K is
+    split over `k_splits` programs (default: as many as fill the card) whose fp32 partial sums are
+    added afterwards, in a fixed order.
+    """
     _check(x, p)
     N, K = x.shape
-    rank = lora_A.shape[0]
+    layers = lora_A.shape[0] // rank
     Q = triton.cdiv(K, 4)
     lora_A = lora_A.contiguous()
-    _down_kernel[(triton.cdiv(N, BLOCK_ROWS),)](
-        x, lora_A, out, N, K, Q, x.stride(0), lora_A.stride(0), out.stride(0), seed, p, 1 / (1 - p),
+    row_blocks = triton.cdiv(N, BLOCK_ROWS)
+    if k_splits is None:
+        k_splits = triton.cdiv(_programs_wanted(x.device), row_blocks * layers)
+    k_splits = max(1, min(k_splits, triton.cdiv(Q, BLOCK_GROUPS)))
+    groups_per_split = triton.cdiv(triton.cdiv(Q, k_splits), BLOCK_GROUPS) * BLOCK_GROUPS
+    k_splits = triton.cdiv(Q, groups_per_split)
+    target = out if k_splits == 1 else torch.empty(k_splits, N, layers * rank, dtype=torch.float32, device=x.device)
+    _down_kernel[(row_blocks, layers, k_splits)](
+        x, lora_A, target, N, K, Q, x.stride(0), lora_A.stride(0), target.stride(-2),
+        0 if k_splits == 1 else target.stride(0), seed, p, 1 / (1 - p), groups_per_split,
         RANK=rank, BLOCK_R=_rank_block(rank), BLOCK_M=BLOCK_ROWS, BLOCK_G=BLOCK_GROUPS,
         IEEE=x.dtype == torch.float32, UPCAST=x.device.type != "cuda")
+    if k_splits > 1:
+        out[:, :layers * rank] = target.sum(0)
 
 
 def dropout_grad_x(grad_x: torch.Tensor, grad_xa: torch.Tensor, lora_A: torch.Tensor, rank: int, seed: int,
@@ -244,16 +281,17 @@ def dropout_grad_x(grad_x: torch.Tensor, grad_xa: torch.Tensor, lora_A: torch.Te
         IEEE=grad_x.dtype == torch.float32, UPCAST=grad_x.device.type != "cuda")
 
 
-def dropout_grad_a(grad_xa: torch.Tensor, x: torch.Tensor, seed: int, p: float) -> torch.Tensor:
-    """(grad_xa^T (x * d) / (1 - p)) (r, K) in fp32; grad_xa (N, r) may be a column slice."""
+def dropout_grad_a(grad_xa: torch.Tensor, x: torch.Tensor, rank: int, seed: int, p: float) -> torch.Tensor:
+    """(grad_xa_l^T (x * d_l) / (1 - p)) for each layer l, stacked: (L*rank, K) in fp32. Layer l
+    (mask seed + l) has columns l*rank .. (l+1)*rank of grad_xa (N, L*rank; may be a column slice)."""
     _check(x, p)
     N, K = x.shape
-    rank = grad_xa.shape[1]
+    layers = grad_xa.shape[1] // rank
     Q = triton.cdiv(K, 4)
     splits = min(ROW_SPLITS, triton.cdiv(N, BLOCK_ROWS))
     rows_per_split = triton.cdiv(triton.cdiv(N, splits), BLOCK_ROWS) * BLOCK_ROWS
-    partial = torch.empty(splits, rank, K, dtype=torch.float32, device=x.device)
-    _grad_a_kernel[(triton.cdiv(Q, BLOCK_GROUPS), splits)](
+    partial = torch.empty(splits, layers * rank, K, dtype=torch.float32, device=x.device)
+    _grad_a_kernel[(triton.cdiv(Q, BLOCK_GROUPS), splits, layers)](
         grad_xa, x, partial, N, K, Q, grad_xa.stride(0), x.stride(0), seed, p, 1 / (1 - p), rows_per_split,
         RANK=rank, BLOCK_R=_rank_block(rank), BLOCK_M=BLOCK_ROWS, BLOCK_G=BLOCK_GROUPS,
         IEEE=x.dtype == torch.float32, UPCAST=x.device.type != "cuda")

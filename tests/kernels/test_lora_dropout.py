@@ -45,8 +45,7 @@ def test_forward_and_backward_match_reference(device, N, K, rank, dtype):
     keeps = [lora_dropout.keep_mask(N, K, seed + l, p, device) for l in range(layers)]
     # Each layer's xa written into its columns of one wider matrix, as the LoRA group does.
     xa = torch.zeros(N, layers * rank + 3, device=device, dtype=dtype)
-    for l in range(layers):
-        lora_dropout.dropout_down(x, lora_A[l * rank:(l + 1) * rank], seed + l, p, out=xa[:, l * rank:(l + 1) * rank])
+    lora_dropout.dropout_down(x, lora_A, rank, seed, p, out=xa)
 
     x_ref = x.float().requires_grad_()
     A_ref = [lora_A[l * rank:(l + 1) * rank].float().requires_grad_() for l in range(layers)]
@@ -60,11 +59,24 @@ def test_forward_and_backward_match_reference(device, N, K, rank, dtype):
     lora_dropout.dropout_grad_x(grad_x, grad_xa, lora_A, rank, seed, p)
     want_x, *want_A = torch.autograd.grad(xa_ref, [x_ref, *A_ref], grad_xa.float())
     torch.testing.assert_close(grad_x.float(), start + want_x, **_tolerances(dtype))
-    for l in range(layers):
-        got = lora_dropout.dropout_grad_a(grad_xa[:, l * rank:(l + 1) * rank], x, seed + l, p)
-        assert got.dtype == torch.float32  # fp32 gradients for fp32 adapters, whatever the compute dtype
-        # Exact products accumulated in fp32 on both sides, in another order.
-        torch.testing.assert_close(got, want_A[l], rtol=1e-5, atol=1e-4)
+    got = lora_dropout.dropout_grad_a(grad_xa, x, rank, seed, p)
+    assert got.dtype == torch.float32  # fp32 gradients for fp32 adapters, whatever the compute dtype
+    # Exact products accumulated in fp32 on both sides, in another order.
+    torch.testing.assert_close(got, torch.cat(want_A), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("k_splits", [1, 2, 3])
+def test_forward_splits_of_k_sum_to_the_same_result(device, k_splits):
+    """K split over programs (as on a card with few rows to fill it) adds up the partial sums."""
+    torch.manual_seed(0)
+    N, K, rank, layers, p, seed = 37, 300, 5, 2, 0.3, 99  # 75 groups of 4 columns: 3 column tiles, the last short
+    x, lora_A = torch.randn(N, K, device=device), torch.randn(layers * rank, K, device=device)
+    xa = torch.zeros(N, layers * rank, device=device)
+    lora_dropout.dropout_down(x, lora_A, rank, seed, p, out=xa, k_splits=k_splits)
+    keeps = [lora_dropout.keep_mask(N, K, seed + l, p, device) for l in range(layers)]
+    want = torch.cat([lora_dropout_reference(x, lora_A[l * rank:(l + 1) * rank], keeps[l], p) for l in range(layers)], 1)
+    # fp32 IEEE products, sums in another order (per split, then across): a few ulps of ~200-term sums.
+    torch.testing.assert_close(xa, want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("outs", [(48, 16, 16), (16, 8, 8)], ids=["fold", "no_fold"])
