@@ -197,10 +197,17 @@ def packed_batch(samples):
 
 @pytest.mark.parametrize("family", ["llama", "mistral"])
 @pytest.mark.parametrize("boundaries", ["cu_seqlens", "position_ids"])
-def test_packed_rows_equal_samples_run_one_by_one(family, boundaries, checkpoints):
+@pytest.mark.parametrize("lengths", [(12, 5, 15), (9, 9, 9)], ids=["mixed", "equal"])
+def test_packed_rows_equal_samples_run_one_by_one(family, boundaries, lengths, checkpoints):
+    from finetune.models.native.model import plan_attention
+
     model = native_model(checkpoints(family)).eval()
-    samples = [random_ids(1, n, seed=20 + n)[0] for n in (12, 5, 15)]
+    samples = [random_ids(1, n, seed=20 + n + i)[0] for i, n in enumerate(lengths)]
     batch = packed_batch(samples)
+    if boundaries == "cu_seqlens" and len(set(lengths)) == 1:
+        # Samples of one length that fill the row are attended as rows of their own.
+        layout = plan_attention(batch["input_ids"], None, None, batch["cu_seqlens"], use_varlen=True)[1]
+        assert layout.equal_samples == len(lengths)
     if boundaries == "position_ids":
         del batch["cu_seqlens"]  # transformers' convention: restarting positions mark the samples
     inputs = {k: v for k, v in batch.items() if k != "labels"}

@@ -176,10 +176,18 @@ class AttentionLayout:
     allowed: torch.Tensor | None = None  # (B, 1, T, T) bool; None: plain causal
     cu_seqlens: torch.Tensor | None = None  # (n + 1,) int32 sample boundaries, for the varlen kernel
     max_seqlen: int = 0
+    # A packed row of this many samples of one length, which fill it: attended as that many rows.
+    equal_samples: int = 0
 
     def attend(self, q, k, v, window: int | None) -> torch.Tensor:
         """q (B, T, Hq, D), k and v (B, T, Hkv, D) -> (B, T, Hq, D)."""
         T = q.shape[1]
+        if self.equal_samples:
+            # Plain causal attention per sample is the same computation, and SDPA's cuDNN kernel runs it
+            # about twice as fast as the varlen kernel (shared/BENCH.md), with no block-diagonal mask
+            # off the GPU.
+            rows = [t.reshape(self.equal_samples, T // self.equal_samples, *t.shape[2:]) for t in (q, k, v)]
+            return AttentionLayout().attend(*rows, window).reshape(q.shape)
         if self.cu_seqlens is not None:
             from torch.nn.attention.varlen import varlen_attn
 
@@ -235,7 +243,12 @@ def plan_attention(input_ids, attention_mask, position_ids, cu_seqlens, use_varl
             raise ValueError(f"a packed batch (cu_seqlens) is one row, got {B}")
         # Read while the boundaries are still in host memory (as batches arrive): on the GPU the
         # read would wait for every kernel queued before it.
-        max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+        lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+        max_seqlen = int(lengths.max())
+        if int(cu_seqlens[0]) == 0 and int(cu_seqlens[-1]) == T and bool((lengths == max_seqlen).all()):
+            # Documents cut to max_seq_len pack into rows like this.
+            position_ids = position_ids if position_ids is not None else tokens[None] % max_seqlen
+            return position_ids, AttentionLayout(equal_samples=len(lengths))
         cu_seqlens = cu_seqlens.to(device, torch.int32, non_blocking=True)
         segments = torch.searchsorted(cu_seqlens[1:], tokens, right=True)[None]
         if position_ids is None:
