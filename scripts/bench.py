@@ -3,6 +3,7 @@
     python scripts/bench.py --arch llama3-8b --settings 2x2048 1x8192 --sides hf liger ours
     python scripts/bench.py --settings 2x2048 --sides hf hf-kbit ours --ours-variant "model.checkpoint_layers=16"
     python scripts/bench.py --settings 2x2048 --sides ours e2e     # the raw loop beside train.py end to end
+    python scripts/bench_dpo.py                                    # DPO: train.py against TRL's DPOTrainer, and SFT
 
 Baseline ("hf") is what a user would otherwise run: transformers AutoModelForCausalLM with
 BitsAndBytesConfig(nf4, double quant, bf16 compute) + peft LoRA (r=16, alpha=16, dropout 0, all
@@ -224,19 +225,31 @@ def run_e2e(batch: int, seq: int, args) -> dict:
     LoRA settings) on the random checkpoint, packed synthetic text, evaluation off.
 
     A packed micro-batch is one row of up to batch x seq tokens, each sample at most seq long, so
-    attention spans what the raw loop's batch x seq rows span. tok/s counts non-padding tokens
-    of the steps after the warm-up, from metrics.jsonl (logged every step: one synchronization
-    a step); peak is the largest logged peak_memory_gib.
+    attention spans what the raw loop's batch x seq rows span.
     """
-    out = args.workdir / f"e2e-{args.e2e_recipe}-bs{batch}x{seq}-{time.strftime('%H%M%S')}"
     data = synthetic_text(args.workdir / f"e2e-text-{seq}.jsonl", seq,
                           rows=(args.warmup + args.steps + 2) * args.e2e_accumulation * batch + 64)
-    cmd = [sys.executable, str(REPO / "train.py"), f"recipe={args.e2e_recipe}", f"model.name_or_path={args.checkpoint}",
-           "data=text", f"data.path={data}", "data.packing=true", f"data.max_seq_len={seq}", "data.eval_fraction=0.01",
-           f"train.micro_batch_size={batch}", f"train.gradient_accumulation_steps={args.e2e_accumulation}",
-           f"train.max_steps={args.warmup + args.steps}", "train.log_every=1", "train.eval_every=0",
-           "train.save_every=0", "train.eval_generate=0", "train.sample_prompts=[]", f"output_dir={out}",
-           *args.e2e_override]
+    overrides = ["data=text", f"data.path={data}", "data.packing=true", "data.eval_fraction=0.01", *args.e2e_override]
+    result = run_train_py(f"train.py {args.e2e_recipe}", args.e2e_recipe, overrides, batch, seq,
+                          args.e2e_accumulation, args)
+    return {**result, "overrides": args.e2e_override}
+
+
+def run_train_py(label: str, recipe: str, overrides: list[str], batch: int, seq: int, accumulation: int,
+                 args) -> dict:
+    """`python train.py recipe=RECIPE` on args.checkpoint for args.warmup + args.steps optimizer steps,
+    evaluation, saving and sampling off, under args.cap_gib if set; `overrides` come last.
+
+    tok/s counts the non-padding tokens of the steps after the warm-up (what the run logs as
+    tokens_per_s), from metrics.jsonl (logged every step: one synchronization a step); peak is the
+    largest logged peak_memory_gib.
+    """
+    out = args.workdir / f"e2e-{recipe}-bs{batch}x{seq}-{time.strftime('%H%M%S')}"
+    cmd = [sys.executable, str(REPO / "train.py"), f"recipe={recipe}", f"model.name_or_path={args.checkpoint}",
+           f"data.max_seq_len={seq}", f"train.micro_batch_size={batch}",
+           f"train.gradient_accumulation_steps={accumulation}", f"train.max_steps={args.warmup + args.steps}",
+           "train.log_every=1", "train.eval_every=0", "train.save_every=0", "train.eval_generate=0",
+           "train.sample_prompts=[]", f"output_dir={out}", *overrides]
     if args.cap_gib:
         # The planner plans for the cap, and the allocator enforces it as it does for the other sides.
         cmd.append(f"hardware.gpu_memory_gb={args.cap_gib}")  # GiB, as the cap
@@ -246,18 +259,19 @@ def run_e2e(batch: int, seq: int, args) -> dict:
         cmd = [sys.executable, "-c", cap, *cmd[1:]]
     start = time.perf_counter()
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    label = f"train.py {args.e2e_recipe}"
     if done.returncode != 0:
         tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
         return {"side": label, "batch": batch, "seq": seq, "error": " | ".join(tail)[-400:]}
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     timed = [r for r in rows if "tokens_per_s" in r and r["step"] > args.warmup]
     seconds = sum(r["step_time_s"] for r in timed)
-    return {"side": label, "batch": batch, "seq": seq, "accumulation": args.e2e_accumulation,
-            "tokens_per_s": sum(r["tokens_per_s"] * r["step_time_s"] for r in timed) / seconds,
+    tokens = sum(r["tokens_per_s"] * r["step_time_s"] for r in timed)
+    return {"side": label, "batch": batch, "seq": seq, "accumulation": accumulation,
+            "tokens_per_s": tokens / seconds, "tokens_per_step": tokens / len(timed),
             "peak_gib": max(r["peak_memory_gib"] for r in timed), "losses": [r["loss"] for r in rows if "loss" in r],
-            "wall_s": time.perf_counter() - start, "overrides": args.e2e_override,
-            "console": [line for line in done.stdout.splitlines() if line.startswith(("note:", "model:", "global"))]}
+            "wall_s": time.perf_counter() - start,
+            "console": [line for line in done.stdout.splitlines() if line.startswith(("note:", "model:", "global",
+                                                                                      "data "))]}
 
 
 def synthetic_text(path: Path, seq: int, rows: int) -> Path:
@@ -277,13 +291,26 @@ def synthetic_text(path: Path, seq: int, rows: int) -> Path:
     return path
 
 
+def random_checkpoint(arch: str, workdir: Path) -> Path:
+    """WORKDIR/ARCH-random: the architecture with random weights (shared/BENCH.md), written on the GPU once."""
+    checkpoint = workdir / f"{arch}-random"
+    if not (checkpoint / "config.json").exists():
+        from make_random_checkpoint import write_random_checkpoint
+
+        start = time.perf_counter()
+        write_random_checkpoint(arch, checkpoint, "cuda")
+        print(f"wrote {checkpoint} in {time.perf_counter() - start:.0f} s", flush=True)
+    return checkpoint
+
+
 def versions() -> dict:
     import bitsandbytes
     import peft
     import transformers
 
     return {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
-            "bitsandbytes": bitsandbytes.__version__, "card": torch.cuda.get_device_name(0)}
+            "bitsandbytes": bitsandbytes.__version__,
+            "card": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"}
 
 
 def report(results: list[dict], peak_tflops: float, link_gbps: float, config, info: dict) -> str:
@@ -345,13 +372,7 @@ def main(argv=None) -> None:
     from finetune.plan.perf import host_link_bytes_per_s, matmul_peak_flops
 
     if args.checkpoint is None:
-        args.checkpoint = args.workdir / f"{args.arch}-random"
-        if not (args.checkpoint / "config.json").exists():
-            from make_random_checkpoint import write_random_checkpoint
-
-            start = time.perf_counter()
-            write_random_checkpoint(args.arch, args.checkpoint, "cuda")
-            print(f"wrote {args.checkpoint} in {time.perf_counter() - start:.0f} s", flush=True)
+        args.checkpoint = random_checkpoint(args.arch, args.workdir)
     config = hf_config(args.arch).to_dict()
     peak = matmul_peak_flops(torch.device("cuda")) / 1e12
     link = host_link_bytes_per_s(torch.device("cuda")) / 1e9
