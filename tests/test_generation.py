@@ -81,7 +81,11 @@ def test_native_cached_logits_in_bf16(checkpoints, family):
 def test_gpu_cached_logits_with_the_kernels_in_bf16(checkpoints, cuda, family):
     model_dir = checkpoints(family)
     model = native_model(model_dir, bf16_config(model_dir), device=cuda, compute_dtype=torch.bfloat16)
-    assert_cached_logits_match_the_full_forward(with_adapter(model), BF16_TOLERANCE, device=cuda)
+    # On the GPU a decode step multiplies by the 4-bit codes in bitsandbytes' fused kernel, whose
+    # reductions and roundings to bf16 differ from the full forward's dequantize-then-cuBLAS GEMMs:
+    # one more source of last-bit differences, measured 2.2% at worst (Llama, H100). A wrong position
+    # or mask still errs by far more.
+    assert_cached_logits_match_the_full_forward(with_adapter(model), 2 * BF16_TOLERANCE, device=cuda)
 
 
 def test_generic_cached_logits_equal_the_full_forward_at_every_step(checkpoints):
@@ -346,7 +350,7 @@ def test_gpu_streamed_weights_generate_what_resident_weights_do(checkpoints, cud
     for stream in (False, True):
         torch.manual_seed(0)
         model = native.build(bf16_config(model_dir), ModelSource.from_directory(model_dir), torch.bfloat16, cuda,
-                             stream_weights=stream)
+                             layout=native.MemoryLayout(stream_weights=stream))
         with_adapter(model)
         if stream:
             assert model.model.streamer is not None
