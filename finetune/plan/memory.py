@@ -450,14 +450,18 @@ def _gpu_items(run: _Run, offload: OffloadMode, tokens: int) -> list[LineItem]:
     elif checkpointed:
         items.append(LineItem(f"layer checkpoints, {checkpointed} layers", tokens * checkpointed * acts.checkpoint,
                               f"{tokens:,} tokens x hidden {arch['hidden_size']}"))
-    # With MLP chunking, the MLP's share of a layer's activations exists for one chunk at a time.
+    # With MLP chunking, each chunk's MLP is checkpointed on its own: a layer keeps none of the MLP's
+    # share (a chunk's input is a view of the residual it keeps anyway), and recomputes one chunk at
+    # a time for its backward.
     mlp_tokens = min(tokens, run.mlp_chunk_tokens or tokens)
     mlp_saving = (tokens - mlp_tokens) * (acts.mlp + acts.mlp_backward)
     if checkpointed < L:
         kept = L - checkpointed
+        saved_mlp_tokens = tokens if mlp_tokens == tokens else 0
         items.append(LineItem(f"activations, {'all ' if not checkpointed else ''}{kept} layers",
-                              kept * (tokens * (acts.checkpoint + acts.layer) - (tokens - mlp_tokens) * acts.mlp),
-                              f"{tokens:,} tokens, not checkpointed"))
+                              kept * (tokens * (acts.checkpoint + acts.layer) - (tokens - saved_mlp_tokens) * acts.mlp),
+                              f"{tokens:,} tokens, not checkpointed" + ("; MLP recomputed per chunk"
+                                                                        if saved_mlp_tokens < tokens else "")))
     if checkpointed:
         backward = LineItem("one layer recomputed + its backward", tokens * (acts.layer + acts.backward) - mlp_saving,
                             f"MLP in {mlp_tokens:,}-token chunks" if mlp_saving else "")
@@ -500,7 +504,8 @@ def _host_items(run: _Run, offload: OffloadMode, tokens: int) -> list[LineItem]:
     if offload in PARKS_ACTIVATIONS:
         checkpoint = activation_bytes_per_token(arch, run.compute_bytes, run.r, run.targets, run.lora_dropout,
                                                 run.impl).checkpoint
-        items.append(LineItem(f"layer checkpoints, {L} layers", tokens * L * checkpoint, "pinned"))
+        checkpointed = run.checkpointed_layers
+        items.append(LineItem(f"layer checkpoints, {checkpointed} layers", tokens * checkpointed * checkpoint, "pinned"))
     return items
 
 

@@ -238,6 +238,23 @@ def test_mlp_chunks_bound_the_mlp_share_of_one_layer():
     assert acts.mlp == 2 * (4096 + 3 * 14336) + 4 + 3 * 2 * 16 and acts.mlp_backward == 2 * 3 * 14336
 
 
+def test_layers_kept_whole_under_mlp_chunks_keep_none_of_the_mlp_share():
+    """Each MLP chunk is checkpointed on its own, so a layer that is not recomputed keeps only its
+    attention half (1 x 32768 with activation offload measured 14.6 GiB; the plan once counted one
+    chunk's MLP per such layer, 20.4 GiB)."""
+    args = ("recipe=llama3_8b_qlora", NATIVE, "hardware.offload=activations", "data.max_seq_len=32768",
+            "train.micro_batch_size=1", "lora.r=16", "lora.lora_dropout=0", "model.name_or_path=meta-llama/Llama-3.1-8B",
+            "model.checkpoint_layers=27")
+    chunked = plan(*args, "model.mlp_chunk_tokens=8192")
+    acts = memory.activation_bytes_per_token(ARCHITECTURES["llama3.1-8b"], 2, 16, memory.lora_targets("all-linear"),
+                                             0.0, ModelImpl.native)
+    kept = next(item for item in chunked.gpu if item.name == "activations, 5 layers")
+    assert kept.bytes == 5 * 32768 * (acts.checkpoint + acts.layer - acts.mlp)
+    # Only the recomputed layers' inputs are parked in host memory.
+    parked = next(item for item in chunked.host if item.name.startswith("layer checkpoints"))
+    assert parked.bytes == 27 * 32768 * acts.checkpoint
+
+
 def test_longest_sequence_grows_with_budget_and_is_the_boundary():
     longest = [plan("recipe=llama70b_qlora", NATIVE, "hardware.offload=weights", f"hardware.gpu_memory_gb={gib}")
                .longest_seq_len for gib in (12, 16, 24, 32, 48)]
