@@ -64,14 +64,16 @@ def test_native_cached_logits_equal_the_full_forward_at_every_step(checkpoints, 
 # forwards round at different places (attention over cache slots against a masked square matrix, a
 # one-token GEMM against a longer one, whose reductions are blocked differently), and two layers of
 # residual stream compound such differences: a few roundings' worth of the largest logit (measured
-# 0.5% to 1.0% on these models). 2% bounds them with room, while a wrong position or mask errs by
-# far more (fp32 holds 1e-5).
-BF16_TOLERANCE = 2e-2
+# 0.5% to 2.2% on these models over draws of their LoRA A, on the CPU and on an H100, where a decode
+# step multiplies by the 4-bit codes in bitsandbytes' fused kernel rather than dequantize + cuBLAS).
+# 3% bounds them, while a wrong position or mask errs by far more (fp32 holds 1e-5).
+BF16_TOLERANCE = 3e-2
 
 
 @pytest.mark.parametrize("family", NATIVE_FAMILIES)
 def test_native_cached_logits_in_bf16(checkpoints, family):
     model_dir = checkpoints(family)
+    torch.manual_seed(0)  # LoRA A's draw: the bf16 differences depend on it
     model = native_model(model_dir, bf16_config(model_dir), compute_dtype=torch.bfloat16)
     assert_cached_logits_match_the_full_forward(with_adapter(model), BF16_TOLERANCE)
 
@@ -80,12 +82,9 @@ def test_native_cached_logits_in_bf16(checkpoints, family):
 @pytest.mark.parametrize("family", NATIVE_FAMILIES)
 def test_gpu_cached_logits_with_the_kernels_in_bf16(checkpoints, cuda, family):
     model_dir = checkpoints(family)
+    torch.manual_seed(0)  # LoRA A's draw: the bf16 differences depend on it
     model = native_model(model_dir, bf16_config(model_dir), device=cuda, compute_dtype=torch.bfloat16)
-    # On the GPU a decode step multiplies by the 4-bit codes in bitsandbytes' fused kernel, whose
-    # reductions and roundings to bf16 differ from the full forward's dequantize-then-cuBLAS GEMMs:
-    # one more source of last-bit differences, measured 2.2% at worst (Llama, H100). A wrong position
-    # or mask still errs by far more.
-    assert_cached_logits_match_the_full_forward(with_adapter(model), 2 * BF16_TOLERANCE, device=cuda)
+    assert_cached_logits_match_the_full_forward(with_adapter(model), BF16_TOLERANCE, device=cuda)
 
 
 def test_generic_cached_logits_equal_the_full_forward_at_every_step(checkpoints):
