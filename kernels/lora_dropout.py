@@ -35,6 +35,10 @@ BLOCK_GROUPS = 32  # a tile's columns: four strips of this many
 # grad_A sums over all N rows; each column block's rows are split over this many programs (their
 # fp32 partial sums added afterwards, deterministically) so the grid fills the card.
 ROW_SPLITS = 8
+# With 4 warps grad_x's four (BLOCK_ROWS, BLOCK_GROUPS) fp32 accumulators take 255 registers a
+# thread and spill (ptxas for sm90, Triton 3.7); with 8 no kernel here spills, and each SM holds
+# more warps of the other two (86 and 128 registers instead of 166) to hide their loads behind.
+NUM_WARPS = 8
 
 
 @triton.jit
@@ -257,7 +261,7 @@ def dropout_down(x: torch.Tensor, lora_A: torch.Tensor, rank: int, seed: int, p:
         x, lora_A, target, N, K, Q, x.stride(0), lora_A.stride(0), target.stride(-2),
         0 if k_splits == 1 else target.stride(0), seed, p, 1 / (1 - p), groups_per_split,
         RANK=rank, BLOCK_R=_rank_block(rank), BLOCK_M=BLOCK_ROWS, BLOCK_G=BLOCK_GROUPS,
-        IEEE=x.dtype == torch.float32, UPCAST=x.device.type != "cuda")
+        IEEE=x.dtype == torch.float32, UPCAST=x.device.type != "cuda", num_warps=NUM_WARPS)
     if k_splits > 1:
         out[:, :layers * rank] = target.sum(0)
 
@@ -278,7 +282,7 @@ def dropout_grad_x(grad_x: torch.Tensor, grad_xa: torch.Tensor, lora_A: torch.Te
     _grad_x_kernel[grid](
         grad_x, grad_xa, lora_A, N, K, Q, grad_x.stride(0), grad_xa.stride(0), lora_A.stride(0), seed, p,
         1 / (1 - p), LAYERS=layers, RANK=rank, BLOCK_R=_rank_block(rank), BLOCK_M=BLOCK_ROWS, BLOCK_G=BLOCK_GROUPS,
-        IEEE=grad_x.dtype == torch.float32, UPCAST=grad_x.device.type != "cuda")
+        IEEE=grad_x.dtype == torch.float32, UPCAST=grad_x.device.type != "cuda", num_warps=NUM_WARPS)
 
 
 def dropout_grad_a(grad_xa: torch.Tensor, x: torch.Tensor, rank: int, seed: int, p: float) -> torch.Tensor:
@@ -294,7 +298,7 @@ def dropout_grad_a(grad_xa: torch.Tensor, x: torch.Tensor, rank: int, seed: int,
     _grad_a_kernel[(triton.cdiv(Q, BLOCK_GROUPS), splits, layers)](
         grad_xa, x, partial, N, K, Q, grad_xa.stride(0), x.stride(0), seed, p, 1 / (1 - p), rows_per_split,
         RANK=rank, BLOCK_R=_rank_block(rank), BLOCK_M=BLOCK_ROWS, BLOCK_G=BLOCK_GROUPS,
-        IEEE=x.dtype == torch.float32, UPCAST=x.device.type != "cuda")
+        IEEE=x.dtype == torch.float32, UPCAST=x.device.type != "cuda", num_warps=NUM_WARPS)
     return partial.sum(0)
 
 
