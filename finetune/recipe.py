@@ -490,7 +490,9 @@ def precomputed_reference(cfg: RunConfig, run_dir: RunDir, processes: Processes,
 def say_global_batch(cfg: RunConfig, processes: Processes) -> None:
     micro, accumulation, world = cfg.train.micro_batch_size, cfg.train.gradient_accumulation_steps, processes.world
     items = {ObjectiveName.sft: "samples", ObjectiveName.kto: "completions"}.get(cfg.objective.name, "pairs")
+    # Packed SFT rows fill a token budget; packed preference rows still hold micro_batch_size items.
     per_step = (f"{accumulation * world} packed rows of up to {micro * cfg.data.max_seq_len} tokens"
-                if cfg.data.packing else f"{micro * accumulation * world} {items}")
+                if cfg.data.packing and cfg.objective.name is ObjectiveName.sft
+                else f"{micro * accumulation * world} {items}")
     processes.say(f"global batch: micro-batch {micro} x accumulation {accumulation} x {world} "
                   f"process{'es' if world > 1 else ''} = {per_step} per optimizer step, {processes.engine}")

@@ -251,8 +251,9 @@ class KahnemanTversky:
         reference = self.reference.computed(model, inputs)
         kl = torch.zeros((), device=device)
         if "kl_input_ids" in batch:
-            kl_inputs = {key.removeprefix("kl_"): batch[key].to(device) for key in
-                         ("kl_input_ids", "kl_attention_mask", "kl_labels")}
+            # Padded or packed alike: the KL rows' keys are the batch's own, prefixed.
+            kl_inputs = sequence_inputs({key.removeprefix("kl_"): value for key, value in batch.items()
+                                         if key.startswith("kl_")}, device, packed_boundaries)
             with torch.no_grad():
                 kl_policy = model(**kl_inputs, per_sequence_logps=True).logps
             kl = (kl_policy - self.reference.computed(model, kl_inputs)).mean().clamp(min=0)
