@@ -243,10 +243,12 @@ class Training:
         tracker = (open_trackers(cfg.tracker, run_dir.path, run_dir.path.name, run_dir.resolved_config)
                    if processes.is_main else Trackers([]))
         state.tracker_run_id = tracker.run_id
+        # Every process evaluates every eval micro-batch itself, so evaluation sums nothing across them.
         eval_objective = build_objective(cfg.objective, reference)
         if cfg.objective.precompute_reference:
             reference = precomputed_reference(cfg, run_dir, processes, wrapped, loaded, data, reference)
-        objective = build_objective(cfg.objective, reference)
+        objective = build_objective(cfg.objective, reference,
+                                    processes.accelerator.reduce if processes.world > 1 else None)
         training = cls(cfg, run_dir, processes, wrapped, loaded, data, optimizer, scheduler, state, tracker,
                        QuantRecord.from_config(cfg.quant, loaded.compute_dtype), objective, eval_objective, started,
                        evals=logged_evals(run_dir.path))
