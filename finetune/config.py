@@ -407,7 +407,8 @@ class DataConfig:
     truncation: Truncation = Truncation.truncate
     # Concatenate samples into one row per micro-batch (up to micro_batch_size * max_seq_len
     # tokens), with attention kept inside each sample: no padding is computed. Preference pairs:
-    # each micro-batch's chosen and rejected sequences share one row. Not yet for KTO data.
+    # each micro-batch's chosen and rejected sequences share one row; KTO: its completions one row,
+    # their KL rows another.
     packing: bool = False
     # Worker processes for tokenizing; unset: one per CPU core, at most 8.
     num_proc: Optional[int] = None
@@ -451,9 +452,6 @@ class DataConfig:
             raise ConfigError(f"preference data cannot be mixed with other formats ({listed}): every source of a "
                               "preference run is read as data.format=preference (or kto for KTO); set data.format "
                               "once and leave the sources' format unset.")
-        if self.packing and self.format is DataFormat.kto:
-            raise ConfigError("data.packing=true is not supported for data.format=kto yet (its KL rows are padded): "
-                              "pass data.packing=false.")
 
 
 @dataclass

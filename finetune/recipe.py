@@ -243,10 +243,12 @@ class Training:
         tracker = (open_trackers(cfg.tracker, run_dir.path, run_dir.path.name, run_dir.resolved_config)
                    if processes.is_main else Trackers([]))
         state.tracker_run_id = tracker.run_id
+        # Every process evaluates every eval micro-batch itself, so evaluation sums nothing across them.
         eval_objective = build_objective(cfg.objective, reference)
         if cfg.objective.precompute_reference:
             reference = precomputed_reference(cfg, run_dir, processes, wrapped, loaded, data, reference)
-        objective = build_objective(cfg.objective, reference)
+        objective = build_objective(cfg.objective, reference,
+                                    processes.accelerator.reduce if processes.world > 1 else None)
         training = cls(cfg, run_dir, processes, wrapped, loaded, data, optimizer, scheduler, state, tracker,
                        QuantRecord.from_config(cfg.quant, loaded.compute_dtype), objective, eval_objective, started,
                        evals=logged_evals(run_dir.path))
@@ -490,7 +492,9 @@ def precomputed_reference(cfg: RunConfig, run_dir: RunDir, processes: Processes,
 def say_global_batch(cfg: RunConfig, processes: Processes) -> None:
     micro, accumulation, world = cfg.train.micro_batch_size, cfg.train.gradient_accumulation_steps, processes.world
     items = {ObjectiveName.sft: "samples", ObjectiveName.kto: "completions"}.get(cfg.objective.name, "pairs")
+    # Packed SFT rows fill a token budget; packed preference rows still hold micro_batch_size items.
     per_step = (f"{accumulation * world} packed rows of up to {micro * cfg.data.max_seq_len} tokens"
-                if cfg.data.packing else f"{micro * accumulation * world} {items}")
+                if cfg.data.packing and cfg.objective.name is ObjectiveName.sft
+                else f"{micro * accumulation * world} {items}")
     processes.say(f"global batch: micro-batch {micro} x accumulation {accumulation} x {world} "
                   f"process{'es' if world > 1 else ''} = {per_step} per optimizer step, {processes.engine}")

@@ -18,8 +18,8 @@ import numpy as np
 from finetune.config import PREFERENCE_DATA_FORMATS, DataConfig, Truncation
 from finetune.data.batches import collate, collate_packed, count_tokens, eval_batches, model_inputs, train_batches
 from finetune.data.formats import chat_template_for, uses_chat
-from finetune.data.preference import (collate_kto, collate_pairs, collate_pairs_packed, eval_preference_batches,
-                                      load_preference_splits, preference_batches)
+from finetune.data.preference import (collate_kto, collate_kto_packed, collate_pairs, collate_pairs_packed,
+                                      eval_preference_batches, load_preference_splits, preference_batches)
 from finetune.data.report import SplitReport, preview
 from finetune.data.samples import (IGNORE_INDEX, DataError, PreferencePair, PreferenceSplit, Sample,
                                    TokenizedSplit)
@@ -28,9 +28,9 @@ from finetune.data.tokenization import TokenizedSource, tokenize_splits
 
 __all__ = [
     "IGNORE_INDEX", "DataError", "PreferencePair", "PreferenceSplit", "Sample", "TokenizedSplit", "collate",
-    "collate_kto", "collate_packed", "collate_pairs", "collate_pairs_packed", "count_tokens", "eval_batches",
-    "eval_preference_batches", "load_preference_splits", "load_splits", "model_inputs", "preference_batches",
-    "preview", "train_batches", "use_data_chat_template",
+    "collate_kto", "collate_kto_packed", "collate_packed", "collate_pairs", "collate_pairs_packed", "count_tokens",
+    "eval_batches", "eval_preference_batches", "load_preference_splits", "load_splits", "model_inputs",
+    "preference_batches", "preview", "train_batches", "use_data_chat_template",
 ]
 
 

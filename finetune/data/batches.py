@@ -117,6 +117,9 @@ def model_inputs(batch: dict[str, torch.Tensor], device: torch.device, packed_bo
 
 def count_tokens(batch: dict[str, torch.Tensor]) -> int:
     """Tokens the model computes on, padding excluded (KTO batches: their KL rows too)."""
-    if "attention_mask" in batch:
-        return int(batch["attention_mask"].sum()) + int(batch.get("kl_attention_mask", torch.zeros(())).sum())
-    return batch["input_ids"].numel()
+
+    def tokens(prefix: str) -> int:  # a padded batch masks its padding; a packed one has none
+        mask = batch.get(f"{prefix}attention_mask")
+        return int(mask.sum()) if mask is not None else batch[f"{prefix}input_ids"].numel()
+
+    return tokens("") + (tokens("kl_") if "kl_input_ids" in batch else 0)

@@ -19,7 +19,9 @@ never crosses sequences. A micro-batch holds micro_batch_size pairs either way.
 A KTO micro-batch of B rows holds input_ids, attention_mask, labels (B, T) of prompt + completion,
 kto_label (B,) bool, pair_index (B,), and, when B > 1, the mismatched rows of the KTO paper's KL
 estimate: kl_input_ids, kl_attention_mask, kl_labels (B, T') where row i is prompt i followed by
-completion (i + 1) mod B, its end cut to max_seq_len.
+completion (i + 1) mod B, its end cut to max_seq_len. Packed, the B sequences share one row and
+the B KL sequences another (kl_input_ids, kl_labels, kl_position_ids, kl_cu_seqlens), each in
+SFT's packed layout: the KL rows run in a forward of their own, without gradients.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from finetune.data.sources import mixture
 from finetune.data.tokenization import Selection, tokenize_splits
 
 __all__ = [
-    "PreferencePair", "PreferenceSplit", "collate_kto", "collate_pairs", "collate_pairs_packed",
+    "PreferencePair", "PreferenceSplit", "collate_kto", "collate_kto_packed", "collate_pairs", "collate_pairs_packed",
     "eval_preference_batches", "load_preference_splits", "preference_batches",
 ]
 
@@ -129,8 +131,7 @@ def collate_pairs(pairs: list[PreferencePair], pad_id: int) -> dict[str, torch.T
 
 def collate_pairs_packed(pairs: list[PreferencePair]) -> dict[str, torch.Tensor]:
     """B pairs -> one packed row of 2B sequences, chosen first, then rejected (see the module docstring)."""
-    batch = collate_packed([Sample(prompt + response, [IGNORE_INDEX] * len(prompt) + response, [])
-                            for prompt, response in _chosen_then_rejected(pairs)])
+    batch = _packed(_chosen_then_rejected(pairs))
     batch["pair_index"] = torch.tensor([pair.index for pair in pairs], dtype=torch.long)
     return batch
 
@@ -142,14 +143,39 @@ def _chosen_then_rejected(pairs: list[PreferencePair]) -> list[tuple[list[int], 
 
 def collate_kto(rows: list[PreferencePair], pad_id: int, max_seq_len: int) -> dict[str, torch.Tensor]:
     """B KTO rows -> their padded batch, with the mismatched KL rows when B > 1 (module docstring)."""
-    batch = _padded([(row.prompt_ids, row.chosen_ids) for row in rows], pad_id)
-    batch["kto_label"] = torch.tensor([row.label for row in rows], dtype=torch.bool)
-    batch["pair_index"] = torch.tensor([row.index for row in rows], dtype=torch.long)
+    batch = {**_padded(_completions(rows), pad_id), **_kto_labels(rows)}
     if len(rows) > 1:
-        mismatched = [(row.prompt_ids, rows[(i + 1) % len(rows)].chosen_ids[: max_seq_len - len(row.prompt_ids)])
-                      for i, row in enumerate(rows)]
-        batch.update({f"kl_{key}": value for key, value in _padded(mismatched, pad_id).items()})
+        batch.update({f"kl_{key}": value for key, value in _padded(_mismatched(rows, max_seq_len), pad_id).items()})
     return batch
+
+
+def collate_kto_packed(rows: list[PreferencePair], max_seq_len: int) -> dict[str, torch.Tensor]:
+    """B KTO rows -> one packed row of their sequences and, when B > 1, one of the KL rows (module docstring)."""
+    batch = {**_packed(_completions(rows)), **_kto_labels(rows)}
+    if len(rows) > 1:
+        batch.update({f"kl_{key}": value for key, value in _packed(_mismatched(rows, max_seq_len)).items()})
+    return batch
+
+
+def _completions(rows: list[PreferencePair]) -> list[tuple[list[int], list[int]]]:
+    return [(row.prompt_ids, row.chosen_ids) for row in rows]
+
+
+def _mismatched(rows: list[PreferencePair], max_seq_len: int) -> list[tuple[list[int], list[int]]]:
+    """The KL rows: prompt i, then completion (i + 1) mod B, its end cut so the row fits max_seq_len."""
+    return [(row.prompt_ids, rows[(i + 1) % len(rows)].chosen_ids[: max_seq_len - len(row.prompt_ids)])
+            for i, row in enumerate(rows)]
+
+
+def _kto_labels(rows: list[PreferencePair]) -> dict[str, torch.Tensor]:
+    return {"kto_label": torch.tensor([row.label for row in rows], dtype=torch.bool),
+            "pair_index": torch.tensor([row.index for row in rows], dtype=torch.long)}
+
+
+def _packed(sequences: list[tuple[list[int], list[int]]]) -> dict[str, torch.Tensor]:
+    """(prompt, response) token lists -> one packed row (batches.collate_packed), labels on the responses."""
+    return collate_packed([Sample(prompt + response, [IGNORE_INDEX] * len(prompt) + response, [])
+                           for prompt, response in sequences])
 
 
 def _padded(sequences: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
@@ -174,15 +200,17 @@ def preference_batches(split: PreferenceSplit, data: DataConfig, micro_batch_siz
     while True:
         order = rng.permutation(len(split))
         for start in range(0, len(order), micro_batch_size):
-            pairs = split.rows(order[start:start + micro_batch_size])
-            yield collate_pairs_packed(pairs) if data.packing else _collate(split, pairs, pad_id)
+            yield _collate(split, split.rows(order[start:start + micro_batch_size]), pad_id, data.packing)
 
 
 def eval_preference_batches(split: PreferenceSplit, micro_batch_size: int, pad_id: int):
-    """One pass over the split, in order."""
+    """One pass over the split, in order (padded)."""
     for start in range(0, len(split), micro_batch_size):
-        yield _collate(split, split.rows(range(start, min(start + micro_batch_size, len(split)))), pad_id)
+        yield _collate(split, split.rows(range(start, min(start + micro_batch_size, len(split)))), pad_id,
+                       packed=False)
 
 
-def _collate(split: PreferenceSplit, pairs: list[PreferencePair], pad_id: int) -> dict[str, torch.Tensor]:
-    return collate_kto(pairs, pad_id, split.max_seq_len) if split.kto else collate_pairs(pairs, pad_id)
+def _collate(split: PreferenceSplit, pairs: list[PreferencePair], pad_id: int, packed: bool) -> dict[str, torch.Tensor]:
+    if split.kto:
+        return collate_kto_packed(pairs, split.max_seq_len) if packed else collate_kto(pairs, pad_id, split.max_seq_len)
+    return collate_pairs_packed(pairs) if packed else collate_pairs(pairs, pad_id)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Callable, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -236,10 +236,21 @@ class PairPreference:
 class KahnemanTversky:
     """KTO on micro-batches of B rows (prompt + completion, `kto_label`), with the mismatched rows
     `kl_*` (prompt i, completion i + 1) for the KL estimate z0 = max(0, mean(log pi - log pi_ref)),
-    taken per micro-batch and not differentiated (the paper's choice); z0 = 0 for a batch of one."""
+    not differentiated (the paper's choice).
 
-    def __init__(self, cfg: ObjectiveConfig, reference: Reference):
-        self.cfg, self.reference = cfg, reference
+    The mean runs over the KL rows of the micro-batches that train side by side: with several
+    processes, every process's micro-batch at the same place in the step. Their log-ratio sums and
+    row counts are added up across processes (TRL averages the processes' means, which weighs a
+    process's rows by how few it has), so every process uses the same z0 and W processes compute
+    what one computes on a micro-batch holding all their rows and KL rows. KL rows pair completions
+    within a micro-batch, so a micro-batch of one row has none; z0 = 0 when none of those
+    micro-batches has any (micro-batches of one row everywhere).
+    """
+
+    def __init__(self, cfg: ObjectiveConfig, reference: Reference,
+                 sum_across_processes: Callable[[torch.Tensor], torch.Tensor] | None = None):
+        # None: one process, or evaluation, where every process runs every micro-batch itself.
+        self.cfg, self.reference, self.sum_across_processes = cfg, reference, sum_across_processes
 
     def targets(self, micro_batches: list[dict]) -> int:
         return sum(len(mb["pair_index"]) for mb in micro_batches)
@@ -249,13 +260,7 @@ class KahnemanTversky:
         cfg = self.cfg
         inputs = sequence_inputs(batch, device, packed_boundaries)
         reference = self.reference.computed(model, inputs)
-        kl = torch.zeros((), device=device)
-        if "kl_input_ids" in batch:
-            kl_inputs = {key.removeprefix("kl_"): batch[key].to(device) for key in
-                         ("kl_input_ids", "kl_attention_mask", "kl_labels")}
-            with torch.no_grad():
-                kl_policy = model(**kl_inputs, per_sequence_logps=True).logps
-            kl = (kl_policy - self.reference.computed(model, kl_inputs)).mean().clamp(min=0)
+        kl = self.kl_estimate(model, batch, inputs, device, packed_boundaries)
         policy = model(**inputs, per_sequence_logps=True).logps
         desirable = batch["kto_label"].to(device).bool()
         losses = kto_losses(policy, reference, desirable, kl, cfg.beta, cfg.desirable_weight, cfg.undesirable_weight)
@@ -270,11 +275,37 @@ class KahnemanTversky:
         }
         return losses.sum() / num_items, metrics
 
+    @torch.no_grad()
+    def kl_estimate(self, model, batch: dict, inputs: dict, device: torch.device,
+                    packed_boundaries: bool) -> torch.Tensor:
+        """z0 over this micro-batch's KL rows and, with several processes, theirs alike."""
+        kl_rows = {key.removeprefix("kl_"): value for key, value in batch.items() if key.startswith("kl_")}
+        if kl_rows:
+            kl_inputs = sequence_inputs(kl_rows, device, packed_boundaries)
+        elif self.sum_across_processes is not None:
+            # FSDP gathers each layer's shards in every forward, so a process that skipped the two
+            # forwards below while another ran them would leave it waiting. Its stand-in, one token
+            # with no label, has log-probs 0 under both models: a log-ratio of 0, and no row counted.
+            first = inputs["input_ids"][:1, :1]
+            kl_inputs = {"input_ids": first, "labels": torch.full_like(first, data_lib.IGNORE_INDEX)}
+        else:
+            return torch.zeros((), device=device)
+        log_ratios = model(**kl_inputs, per_sequence_logps=True).logps - self.reference.computed(model, kl_inputs)
+        rows = log_ratios.numel() if kl_rows else 0
+        totals = torch.stack([log_ratios.sum(), log_ratios.new_tensor(float(rows))])  # [sum, row count]
+        if self.sum_across_processes is not None:
+            totals = self.sum_across_processes(totals)
+        # No row counted anywhere leaves a sum of 0 as well: z0 = 0 / 1.
+        return (totals[0] / totals[1].clamp(min=1)).clamp(min=0)
 
-def build_objective(cfg: ObjectiveConfig, reference: Reference | None = None) -> Objective:
-    """The objective `cfg` names; `reference` for those that compare with one (DPO, IPO, KTO)."""
+
+def build_objective(cfg: ObjectiveConfig, reference: Reference | None = None,
+                    sum_across_processes: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Objective:
+    """The objective `cfg` names; `reference` for those that compare with one (DPO, IPO, KTO);
+    `sum_across_processes` (a tensor summed over the processes training a step together) where
+    the processes' micro-batches share a statistic (KTO's KL estimate)."""
     if cfg.name is ObjectiveName.sft:
         return SupervisedFineTuning()
     if cfg.name is ObjectiveName.kto:
-        return KahnemanTversky(cfg, reference or Reference())
+        return KahnemanTversky(cfg, reference or Reference(), sum_across_processes)
     return PairPreference(cfg, reference or Reference())

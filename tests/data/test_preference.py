@@ -12,9 +12,9 @@ from hypothesis import strategies as st
 from test_data import untouchable_copy
 
 from finetune.config import ConfigError, DataConfig, DataFormat, DataSource, LossOn, Truncation
-from finetune.data import (IGNORE_INDEX, DataError, PreferencePair, collate_kto, collate_pairs, collate_pairs_packed,
-                           count_tokens, eval_preference_batches, load_preference_splits, load_splits,
-                           preference_batches, preview)
+from finetune.data import (IGNORE_INDEX, DataError, PreferencePair, collate_kto, collate_kto_packed, collate_pairs,
+                           collate_pairs_packed, count_tokens, eval_preference_batches, load_preference_splits,
+                           load_splits, preference_batches, preview)
 from finetune.data.tokenization import TokenSettings, fit_pair, tokenize_pair_rows
 from finetune.demo import ENTITIES, RELATIONS, build_tokenizer, demo_conversations, demo_preference_pairs
 
@@ -253,10 +253,9 @@ def test_kto_needs_a_label_column(tmp_path, tokenizer):
         load(tmp_path, [{"prompt": QUESTION, "completion": "black"}], tokenizer, format=DataFormat.kto)
 
 
-def test_config_refuses_kto_packing_and_mixed_formats():
-    with pytest.raises(ConfigError, match="data.packing=true is not supported for data.format=kto"):
-        DataConfig(path="x.jsonl", format=DataFormat.kto, packing=True).validate()
+def test_config_refuses_mixed_formats():
     DataConfig(path="x.jsonl", format=DataFormat.preference, packing=True).validate()
+    DataConfig(path="x.jsonl", format=DataFormat.kto, packing=True).validate()
     mixed = DataConfig(format=DataFormat.preference,
                        sources=[DataSource(path="a.jsonl"), DataSource(path="b.jsonl", format=DataFormat.messages)])
     with pytest.raises(ConfigError, match=r"preference data cannot be mixed with other formats \(data.format="
@@ -317,6 +316,30 @@ def test_kto_batch_has_mismatched_kl_rows_cut_to_max_seq_len():
     assert not any(key.startswith("kl_") for key in single)
 
 
+def test_packed_kto_batch_holds_the_padded_batchs_sequences_and_kl_rows_back_to_back():
+    rows = [PreferencePair([1, 2], [10], [], True, [], 0), PreferencePair([3], [11, 12, 13], [], False, [], 1),
+            PreferencePair([4, 5], [14, 15], [], True, [], 2)]
+    packed, padded = collate_kto_packed(rows, max_seq_len=4), collate_kto(rows, pad_id=0, max_seq_len=4)
+    i = IGNORE_INDEX
+    assert packed["input_ids"].tolist() == [[1, 2, 10, 3, 11, 12, 13, 4, 5, 14, 15]]
+    assert packed["labels"].tolist() == [[i, i, 10, i, 11, 12, 13, i, i, 14, 15]]
+    assert packed["position_ids"].tolist() == [[0, 1, 2, 0, 1, 2, 3, 0, 1, 2, 3]]
+    assert packed["cu_seqlens"].tolist() == [0, 3, 7, 11]
+    # The KL rows of the padded batch (prompt i, completion i + 1 cut to max_seq_len), unpadded, in order.
+    assert packed["kl_input_ids"].tolist() == [[1, 2, 11, 12, 3, 14, 15, 4, 5, 10]]
+    assert packed["kl_labels"].tolist() == [[i, i, 11, 12, i, 14, 15, i, i, 10]]
+    assert packed["kl_position_ids"].tolist() == [[0, 1, 2, 3, 0, 1, 2, 0, 1, 2]]
+    assert packed["kl_cu_seqlens"].tolist() == [0, 4, 7, 10]
+    for key in ("kl_input_ids", "kl_labels"):
+        lengths = padded["kl_attention_mask"].sum(-1).tolist()
+        assert packed[key][0].tolist() == sum((row[:n] for row, n in zip(padded[key].tolist(), lengths)), [])
+    assert packed["kto_label"].tolist() == [True, False, True] and packed["pair_index"].tolist() == [0, 1, 2]
+    assert "attention_mask" not in packed and "kl_attention_mask" not in packed
+    assert count_tokens(packed) == count_tokens(padded) == 11 + 10
+    single = collate_kto_packed(rows[:1], max_seq_len=4)
+    assert not any(key.startswith("kl_") for key in single) and count_tokens(single) == 3
+
+
 def test_batches_from_a_split_cover_every_pair_and_eval_keeps_the_order(tmp_path, tokenizer):
     rows = [{"prompt": f"question {n}", "chosen": "black", "rejected": "brown"} for n in range(5)]
     train, _ = load(tmp_path, rows, tokenizer)
@@ -334,6 +357,21 @@ def test_batches_from_a_split_cover_every_pair_and_eval_keeps_the_order(tmp_path
     packed = next(preference_batches(train, config, micro_batch_size=2, pad_id=tokenizer.pad_token_id, seed=0))
     assert packed["input_ids"].shape[0] == 1 and len(packed["cu_seqlens"]) == 5
     assert packed["pair_index"].tolist() == epoch[0]["pair_index"].tolist()
+
+
+def test_kto_batches_pack_with_data_packing(tmp_path, tokenizer):
+    rows = [{"prompt": f"question {n}", "completion": "black", "label": n % 2 == 0} for n in range(5)]
+    train, _ = load(tmp_path, rows, tokenizer, format=DataFormat.kto)
+    config = DataConfig(path="unused", format=DataFormat.kto, packing=True)
+    packed = next(preference_batches(train, config, micro_batch_size=2, pad_id=tokenizer.pad_token_id, seed=0))
+    config.packing = False
+    padded = next(preference_batches(train, config, micro_batch_size=2, pad_id=tokenizer.pad_token_id, seed=0))
+    assert packed["input_ids"].shape[0] == packed["kl_input_ids"].shape[0] == 1
+    assert len(packed["cu_seqlens"]) == len(packed["kl_cu_seqlens"]) == 3
+    assert packed["pair_index"].tolist() == padded["pair_index"].tolist()
+    assert count_tokens(packed) == count_tokens(padded)
+    evaluated = next(eval_preference_batches(train, 2, tokenizer.pad_token_id))  # evaluation stays padded
+    assert evaluated["kl_input_ids"].shape[0] == 2 and "kl_attention_mask" in evaluated
 
 
 # ---- splits, mixing, the cache ----

@@ -120,13 +120,13 @@ def transformers_reference(model_dir):
     return model
 
 
-def randomize_lora_B(model, seed: int) -> None:
+def randomize_lora_B(model, seed: int, std: float = 0.1) -> None:
     """Non-trivial adapters, as after training (B starts at zero)."""
     torch.manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "lora_B" in name:
-                param.normal_(std=0.1)
+                param.normal_(std=std)
 
 
 def random_ids(batch: int, length: int, seed: int = 1) -> torch.Tensor:

@@ -5,12 +5,14 @@ import math
 
 import pytest
 import torch
-from test_native import checkpoints, generic_model, native_model, randomize_lora_B  # noqa: F401
+from test_native import (checkpoints, generic_model, native_model, random_ids, randomize_lora_B,  # noqa: F401
+                         relative_error)
 from test_sequence_logps import logps_from_logits, padded_pairs
 
 from finetune.config import ConfigError, DpoLossType, ObjectiveConfig, ObjectiveName
+from finetune.data import PreferencePair, collate_kto, collate_kto_packed
 from finetune.training.objective import (KahnemanTversky, PairPreference, Reference, build_objective, dpo_losses,
-                                         kto_losses, orpo_losses, simpo_losses)
+                                         kto_losses, orpo_losses, sequence_inputs, simpo_losses)
 
 CPU = torch.device("cpu")
 
@@ -179,6 +181,58 @@ def test_kto_on_a_tiny_model_equals_the_paper(impl, checkpoints):
     want = [paper_kto(policy[i], reference[i], i == 0, z0, 0.5, 1.2, 0.9) for i in range(2)]
     torch.testing.assert_close(loss.item(), sum(want) / 2, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(metrics["kl"][0].item(), z0, rtol=1e-4, atol=1e-5)
+
+
+# KTO rows (prompt, completion lengths; desirable on even rows) whose KL rows are cut to MAX_SEQ_LEN:
+# row 0's prompt (5) with row 1's completion (7) keeps 5 of its tokens.
+KTO_LENGTHS = [(5, 4), (3, 7), (4, 2), (6, 4), (2, 3)]
+KTO_ROWS = [PreferencePair(random_ids(1, p, seed=70 + i)[0].tolist(), random_ids(1, c, seed=80 + i)[0].tolist(), [],
+                           i % 2 == 0, [], i) for i, (p, c) in enumerate(KTO_LENGTHS)]
+MAX_SEQ_LEN = 10
+KTO = ObjectiveConfig(name=ObjectiveName.kto, beta=0.5, desirable_weight=1.2, undesirable_weight=0.9)
+
+
+def kto_model(model_dir, impl: str):
+    """A policy and its reference, the adapter it started from (larger weights): the reference's
+    sharper next-token distributions give these random tokens lower log-probs than the policy's, so
+    the KL rows' mean log-ratio is positive and z0 is not clamped to 0."""
+    torch.manual_seed(0)  # LoRA A's initialization: the same model in every process that builds it
+    model = native_model(model_dir) if impl == "native" else generic_model(model_dir)
+    randomize_lora_B(model, seed=0, std=0.5)
+    starting = {name: tensor.detach().clone() for name, tensor in model.adapter_state().items()}
+    randomize_lora_B(model, seed=100)
+    return model, starting
+
+
+def lora_gradients(model) -> dict[str, torch.Tensor]:
+    return {name: param.grad.clone() for name, param in model.named_parameters() if param.requires_grad}
+
+
+@pytest.mark.parametrize("impl", ["native", "hf"])
+def test_packed_kto_gives_the_padded_log_probs_loss_and_gradients(impl, checkpoints):
+    model, starting = kto_model(checkpoints("llama"), impl)
+    objective = KahnemanTversky(KTO, Reference(starting))
+    results = []
+    for batch in (collate_kto(KTO_ROWS, 0, MAX_SEQ_LEN), collate_kto_packed(KTO_ROWS, MAX_SEQ_LEN)):
+        kl_rows = {key.removeprefix("kl_"): value for key, value in batch.items() if key.startswith("kl_")}
+        with torch.no_grad():  # one log-prob per completion and per KL row, from one forward each
+            logps = [model.eval()(**sequence_inputs(rows, CPU, model.takes_packed_boundaries), per_sequence_logps=True)
+                     for rows in (batch, kl_rows)]
+        model.train().zero_grad()
+        loss, metrics = objective.loss(model, batch, CPU, model.takes_packed_boundaries, num_items=len(KTO_ROWS))
+        loss.backward()
+        results.append((logps, loss.detach(), metrics["kl"][0], lora_gradients(model)))
+    (padded_logps, padded_loss, padded_kl, padded_grads), (packed_logps, packed_loss, packed_kl, packed_grads) = results
+    for padded, packed in zip(padded_logps, packed_logps):
+        assert padded.logps.shape == (len(KTO_ROWS),) and torch.equal(padded.token_counts, packed.token_counts)
+        torch.testing.assert_close(packed.logps, padded.logps, rtol=1e-5, atol=1e-4)
+    assert padded_logps[1].token_counts.tolist() == [5, 2, 4, 3, 4]  # the KL rows' completions, row 0's cut
+    assert padded_kl > 0.1  # the KL rows count
+    torch.testing.assert_close(packed_kl, padded_kl, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(packed_loss, padded_loss, rtol=1e-5, atol=1e-6)
+    assert packed_grads.keys() == padded_grads.keys()
+    for name, grad in padded_grads.items():
+        assert relative_error(packed_grads[name], grad) <= 1e-4, name
 
 
 @pytest.mark.parametrize("impl", ["native", "hf"])

@@ -69,6 +69,24 @@ def test_every_objective_trains_on_both_model_paths(impl, objective, tmp_path):
 
 
 @pytest.mark.slow
+def test_packed_kto_through_the_cli_trains_like_padded_kto(tmp_path):
+    # A learning rate that moves the policy far enough in two steps for the KL estimate to leave 0.
+    settings = ["objective=kto", "data.format=kto", "train.max_steps=3", "optim.lr=0.01", "optim.warmup_steps=0",
+                *FAST, *FP32, *PAIRS]
+    packed = run_train("recipe=demo_dpo", f"output_dir={tmp_path / 'packed'}", "data.packing=true", *settings)
+    assert packed.returncode == 0, packed.stderr[-3000:]
+    assert "= 4 completions per optimizer step" in packed.stdout
+    finetune.train("demo_dpo", [f"output_dir={tmp_path / 'padded'}", "data.packing=false", *settings])
+    rows, padded = train_rows(tmp_path / "packed"), train_rows(tmp_path / "padded")
+    assert [r["step"] for r in rows] == [r["step"] for r in padded] == [1, 2, 3]
+    assert rows[-1]["kl"] > 0.1
+    for a, b in zip(rows, padded):
+        # fp32 sums of ~30 token log-probs each, taken in other orders, two updates on.
+        for key in ("loss", "grad_norm", "kl", "rewards/chosen", "logps/rejected"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), (key, a, b)
+
+
+@pytest.mark.slow
 def test_precomputed_reference_trains_like_the_in_step_one_and_resumes_exactly(tmp_path, monkeypatch):
     settings = [*FAST, *FP32, *PAIRS, "train.max_steps=4", "lora.lora_dropout=0.1"]
     in_step = finetune.train("demo_dpo", [f"output_dir={tmp_path / 'in-step'}", *settings])
