@@ -490,19 +490,25 @@ def precomputed_reference(cfg: RunConfig, run_dir: RunDir, processes: Processes,
                           data: Data, reference: Reference) -> Reference:
     """objective.precompute_reference: every training pair's reference log-probs, from
     OUTPUT_DIR/reference_logps when they still hold for this data, base and adapter, else computed
-    now (by the first process, which writes them; the others then read them)."""
+    now by every process (under FSDP each forward gathers from all of them); the first writes them."""
     pairs = data.train_samples
+    starting = reference.starting_adapter
+    if processes.fsdp and starting is not None:  # each holds its shards: the fingerprint takes all, alike everywhere
+        starting = {f"{name} of process {rank}": shard
+                    for rank, shards in enumerate(every_process_shards(starting)) for name, shard in shards.items()}
     key = reference_cache.fingerprint(pairs, cfg.quant, loaded.compute_dtype, loaded.model_dir,
-                                      type(loaded.model).__name__, reference.starting_adapter)
-    started = time.perf_counter()
-    with processes.accelerator.main_process_first():
-        table, cached = reference_cache.reference_table(
-            run_dir.path / reference_cache.CACHE_DIR, key, model, reference,
-            data_lib.eval_preference_batches(pairs, cfg.train.micro_batch_size, data.pad_id), len(pairs),
-            processes.device, loaded.model.takes_packed_boundaries, write=processes.is_main)
+                                      type(loaded.model).__name__, starting)
+    started, path = time.perf_counter(), run_dir.path / reference_cache.CACHE_DIR
+    table, cached = reference_cache.reference_table(
+        path, key, model, reference, data_lib.eval_preference_batches(pairs, cfg.train.micro_batch_size, data.pad_id),
+        len(pairs), processes.device, loaded.model.takes_packed_boundaries)
+    # Replaced only once every process has read it: till then all of them find the same file, so none
+    # reads it half replaced, and under FSDP all take the same branch (their forwards gather together).
+    processes.accelerator.wait_for_everyone()
+    if processes.is_main and not cached:
+        reference_cache.save_table(path, key, table)
     how = "read from" if cached else f"computed in {time.perf_counter() - started:.1f} s, kept in"
-    processes.say(f"reference log-probs of {len(pairs)} training pairs {how} "
-                  f"{run_dir.path / reference_cache.CACHE_DIR}")
+    processes.say(f"reference log-probs of {len(pairs)} training pairs {how} {path}")
     return Reference(reference.starting_adapter, table)
 
 
