@@ -4,8 +4,9 @@ index in the training split (the batches' `pair_index`).
 
 The file records a fingerprint of what the log-probs depend on: the pairs' tokens, the base
 (its files' names, sizes and modification times, as the NF4 cache identifies a checkpoint), the
-quantization and compute dtype, the model path, and the starting adapter's weights. A run (or a
-resumed one) whose fingerprint differs computes them again.
+quantization and compute dtype, the model path, and the starting adapter's weights (under FSDP,
+as every process's shards of them: another number of processes computes them again once). A run
+(or a resumed one) whose fingerprint differs computes them again.
 """
 
 from __future__ import annotations
