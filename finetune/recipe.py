@@ -200,6 +200,7 @@ class Training:
     quantization: QuantRecord
     objective: Objective
     eval_objective: Objective  # the same, with its reference computed in the step (a table holds training pairs)
+    reference: Reference  # under FSDP a starting adapter's shards go into every checkpoint
     started: float
     answerable: list = field(default_factory=list)  # eval samples with a reference answer, for exact match
     evals: list = field(default_factory=list)
@@ -215,12 +216,10 @@ class Training:
         None when a resumed run has nothing left to do.
         """
         model = loaded.model
-        # The reference is the adapter the run started from as it was then; taken before a resume moves it on.
-        reference = Reference({name: tensor.detach().clone() for name, tensor in model.adapter_state().items()}
-                              if cfg.model.adapter else None)
-        if processes.fsdp and reference.starting_adapter is not None and cfg.objective.needs_reference:
-            raise ConfigError("FSDP shards the adapter, so the starting adapter (model.adapter) cannot be swapped in "
-                              f"as objective={cfg.objective.name.value}'s reference: train with DDP or one GPU.")
+        # The reference is the adapter the run started from, as it was then. One process and DDP hold
+        # it whole: taken now, before a resume moves it on. Under FSDP, once the model is sharded (below).
+        starts_reference = bool(cfg.model.adapter) and cfg.objective.needs_reference
+        reference = Reference.starting_from(model) if starts_reference and not processes.fsdp else Reference()
         optimizer = build_optimizer([p for p in model.parameters() if p.requires_grad], cfg.optim, processes.device)
         scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
         state = resume(cfg, run_dir, loaded, scheduler, data, processes)
@@ -232,6 +231,8 @@ class Training:
         if processes.fsdp and processes.device.type == "cuda":  # every process takes part in the gather
             processes.say(f"sharded by FSDP: {memory_line(model, processes.device)}, peak while loading and "
                           f"sharding {peak_memory_gib(processes):.2f} GiB")
+        if starts_reference and processes.fsdp:
+            reference = sharded_reference(run_dir, processes, wrapped)
         if run_dir.checkpoint is not None:  # after FSDP sharded the model: each process takes its own shard's
             optimizer.load_state_dict(saved_optimizer_state(run_dir.saved, processes.rank))
         say_global_batch(cfg, processes)
@@ -250,8 +251,8 @@ class Training:
         objective = build_objective(cfg.objective, reference,
                                     processes.accelerator.reduce if processes.world > 1 else None)
         training = cls(cfg, run_dir, processes, wrapped, loaded, data, optimizer, scheduler, state, tracker,
-                       QuantRecord.from_config(cfg.quant, loaded.compute_dtype), objective, eval_objective, started,
-                       evals=logged_evals(run_dir.path))
+                       QuantRecord.from_config(cfg.quant, loaded.compute_dtype), objective, eval_objective, reference,
+                       started, evals=logged_evals(run_dir.path))
         training.find_answerable()
         if processes.device.type == "cuda":  # the card's own matmul rate, measured once (a fraction of a second)
             training.mfu = (memory.useful_flops_per_token(loaded.source.config, cfg.data.max_seq_len),
@@ -309,17 +310,19 @@ class Training:
 
     def save_checkpoint(self, step: int, adapter_state: dict | None = None) -> Path:
         """Every process takes part (each hands over its RNG state, and under FSDP its shard's
-        optimizer state, and FSDP gathers the adapter from every shard unless `adapter_state` holds
-        it already), the first one writes, and none runs ahead, or exits, before it is complete."""
-        processes = self.processes
+        optimizer state and starting adapter, and FSDP gathers the adapter from every shard unless
+        `adapter_state` holds it already), the first one writes, and none runs ahead, or exits,
+        before it is complete."""
+        processes, starting = self.processes, self.reference.starting_adapter
         if processes.fsdp and adapter_state is None:
             adapter_state = gather_trainable_state(self.model)
         optimizer_by_rank = gather_object([optimizer_state_on_cpu(self.optimizer)]) if processes.fsdp else None
+        reference_by_rank = every_process_shards(starting) if processes.fsdp and starting is not None else None
         rng_by_rank = gather_object([rng_states()])
         if processes.is_main:
             save_checkpoint(self.run_dir.checkpoints, step, self.loaded.model, self.loaded.tokenizer,
                             self.quantization, self.optimizer, self.scheduler, self.state, self.cfg.train.keep_last,
-                            rng_by_rank, adapter_state, optimizer_by_rank)
+                            rng_by_rank, adapter_state, optimizer_by_rank, reference_by_rank)
         processes.accelerator.wait_for_everyone()
         return self.run_dir.checkpoints / f"step-{step}"
 
@@ -469,23 +472,45 @@ def resume(cfg: RunConfig, run_dir: RunDir, loaded: LoadedModel, scheduler, data
     return state
 
 
+def sharded_reference(run_dir: RunDir, processes: Processes, model) -> Reference:
+    """Under FSDP each process keeps its shard of the starting adapter: as FSDP has just sharded it,
+    before any step, or, resumed (the model was loaded with the checkpoint's adapter), as the
+    checkpoint kept it: the same processes shard the same model the same way again."""
+    if run_dir.checkpoint is None:
+        return Reference.starting_from(model)
+    shards = run_dir.saved["reference_by_rank"][processes.rank]
+    return Reference({name: shard.to(processes.device) for name, shard in shards.items()})
+
+
+def every_process_shards(adapter: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+    """Under FSDP: every process's shards of `adapter`, by rank, as CPU copies on every process (all
+    must call this)."""
+    return gather_object([{name: shard.cpu() for name, shard in adapter.items()}])
+
+
 def precomputed_reference(cfg: RunConfig, run_dir: RunDir, processes: Processes, model, loaded: LoadedModel,
                           data: Data, reference: Reference) -> Reference:
     """objective.precompute_reference: every training pair's reference log-probs, from
     OUTPUT_DIR/reference_logps when they still hold for this data, base and adapter, else computed
-    now (by the first process, which writes them; the others then read them)."""
+    now by every process (under FSDP each forward gathers from all of them); the first writes them."""
     pairs = data.train_samples
+    starting = reference.starting_adapter
+    if processes.fsdp and starting is not None:  # each holds its shards: the fingerprint takes all, alike everywhere
+        starting = {f"{name} of process {rank}": shard
+                    for rank, shards in enumerate(every_process_shards(starting)) for name, shard in shards.items()}
     key = reference_cache.fingerprint(pairs, cfg.quant, loaded.compute_dtype, loaded.model_dir,
-                                      type(loaded.model).__name__, reference.starting_adapter)
-    started = time.perf_counter()
-    with processes.accelerator.main_process_first():
-        table, cached = reference_cache.reference_table(
-            run_dir.path / reference_cache.CACHE_DIR, key, model, reference,
-            data_lib.eval_preference_batches(pairs, cfg.train.micro_batch_size, data.pad_id), len(pairs),
-            processes.device, loaded.model.takes_packed_boundaries, write=processes.is_main)
+                                      type(loaded.model).__name__, starting)
+    started, path = time.perf_counter(), run_dir.path / reference_cache.CACHE_DIR
+    table, cached = reference_cache.reference_table(
+        path, key, model, reference, data_lib.eval_preference_batches(pairs, cfg.train.micro_batch_size, data.pad_id),
+        len(pairs), processes.device, loaded.model.takes_packed_boundaries)
+    # Replaced only once every process has read it: till then all of them find the same file, so none
+    # reads it half replaced, and under FSDP all take the same branch (their forwards gather together).
+    processes.accelerator.wait_for_everyone()
+    if processes.is_main and not cached:
+        reference_cache.save_table(path, key, table)
     how = "read from" if cached else f"computed in {time.perf_counter() - started:.1f} s, kept in"
-    processes.say(f"reference log-probs of {len(pairs)} training pairs {how} "
-                  f"{run_dir.path / reference_cache.CACHE_DIR}")
+    processes.say(f"reference log-probs of {len(pairs)} training pairs {how} {path}")
     return Reference(reference.starting_adapter, table)
 
 

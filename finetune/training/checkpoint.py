@@ -4,6 +4,8 @@ A checkpoint `checkpoints/step-N/` holds the PEFT adapter (+ tokenizer + the qua
 trained against) and `trainer_state.pt` (optimizer, scheduler, every process's RNG states:
 tensors and plain values only, so it loads with `torch.load(weights_only=True)`) plus
 `trainer_state.json` (step, data position, tracker run id, config hash, number of processes).
+Under FSDP `trainer_state.pt` also holds every process's optimizer state for its shard and, when a
+starting adapter is the preference objectives' reference, every process's shard of that adapter.
 It is written under a temporary name, every file fsync'ed, then renamed into place and the
 parent directory fsync'ed (finetune.io.atomic_dir): after a crash at any moment the newest
 complete checkpoint is still readable. With several processes, the first one writes it.
@@ -126,12 +128,14 @@ class TrainerState:
 
 def save_checkpoint(directory: Path, step: int, model, tokenizer, quantization: QuantRecord, optimizer,
                     scheduler, state: TrainerState, keep_last: int, rng_by_rank: list[dict] | None = None,
-                    adapter_state: dict | None = None, optimizer_by_rank: list[dict] | None = None) -> Path:
+                    adapter_state: dict | None = None, optimizer_by_rank: list[dict] | None = None,
+                    reference_by_rank: list[dict] | None = None) -> Path:
     """Write checkpoints/step-N atomically, then keep only the newest `keep_last` complete ones.
 
     Several processes: one of them writes, given every process's RNG states (`rng_by_rank`) and,
-    under FSDP, the adapter weights gathered from every shard (`adapter_state`) and every
-    process's optimizer state for its shard (`optimizer_by_rank`, see `optimizer_state_on_cpu`).
+    under FSDP, the adapter weights gathered from every shard (`adapter_state`), every process's
+    optimizer state for its shard (`optimizer_by_rank`, see `optimizer_state_on_cpu`) and, when
+    the starting adapter is the reference, every process's shard of it (`reference_by_rank`).
     """
     target = directory / f"step-{step}"
     rng_by_rank = rng_by_rank or [rng_states()]
@@ -140,7 +144,8 @@ def save_checkpoint(directory: Path, step: int, model, tokenizer, quantization: 
         _write_adapter(model, tokenizer, staging, quantization, adapter_state)
         optimizer_state = {"optimizer_by_rank": optimizer_by_rank} if optimizer_by_rank is not None \
             else {"optimizer": optimizer.state_dict()}
-        torch.save({**optimizer_state, "scheduler": scheduler.state_dict(),
+        reference = {"reference_by_rank": reference_by_rank} if reference_by_rank is not None else {}
+        torch.save({**optimizer_state, **reference, "scheduler": scheduler.state_dict(),
                     "rng_by_rank": [_rng_for_saving(rng) for rng in rng_by_rank]}, staging / STATE_TENSORS)
         (staging / STATE_JSON).write_text(json.dumps(state.__dict__, indent=2) + "\n")
         # Written last: a directory without it was never finished.

@@ -23,6 +23,7 @@ from torch import nn
 
 from finetune import data as data_lib
 from finetune.config import DpoLossType, ObjectiveConfig, ObjectiveName
+from finetune.lora import FSDP_WRAPPED
 from finetune.models import TrainableModel
 
 Metrics = dict[str, tuple[torch.Tensor, torch.Tensor]]  # name -> (sum over items, item count)
@@ -120,12 +121,22 @@ def kto_losses(policy: torch.Tensor, reference: torch.Tensor, desirable: torch.T
 @dataclass
 class Reference:
     """The reference model's log-probs: the same base with the adapter off, or, when the run started
-    from an adapter (model.adapter), that adapter's weights swapped in for the forward and back out
-    after it; either way no second copy of the base. `table`: precomputed (chosen, rejected) log-probs
-    of every training pair, looked up by `pair_index` instead of computed."""
+    from an adapter (model.adapter), that adapter's weights copied into the trainable ones for the
+    forward and the trained ones back after it; either way no second copy of the base.
+
+    `starting_adapter`: the starting adapter as this process holds its weights (`Reference.starting_from`):
+    whole, or under FSDP this process's shard of each, which FSDP gathers in the forward as it gathers
+    the trained ones. `table`: precomputed (chosen, rejected) log-probs of every training pair, looked
+    up by `pair_index` instead of computed.
+    """
 
     starting_adapter: dict[str, torch.Tensor] | None = None
     table: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    @classmethod
+    def starting_from(cls, model: nn.Module) -> Reference:
+        """The adapter `model` holds now (this process's shards of it, once FSDP has wrapped it) as the reference."""
+        return cls({name: weight.detach().clone() for name, weight in trainable_weights(model).items()})
 
     def logps(self, model, inputs: dict, batch: dict) -> torch.Tensor:
         """(2B,) for a pair batch: chosen then rejected, like the policy's."""
@@ -143,20 +154,21 @@ class Reference:
     @contextlib.contextmanager
     def active(self, model):
         """The reference in place of the policy; evaluation mode, so LoRA dropout never perturbs it."""
-        inner = unwrapped(model)
         was_training = model.training
         model.eval()
         try:
             if self.starting_adapter is None:
-                with inner.adapter_disabled():
+                with unwrapped(model).adapter_disabled():
                     yield
             else:
-                trained = {name: tensor.detach().clone() for name, tensor in inner.adapter_state().items()}
-                inner.load_adapter_state(self.starting_adapter)
+                # In place: the optimizer, and FSDP's flat parameters under use_orig_params, hold these tensors.
+                weights = trainable_weights(model)
+                trained = {name: weight.detach().clone() for name, weight in weights.items()}
+                copy_weights(weights, self.starting_adapter)
                 try:
                     yield
                 finally:
-                    inner.load_adapter_state(trained)
+                    copy_weights(weights, trained)
         finally:
             model.train(was_training)
 
@@ -168,6 +180,24 @@ def unwrapped(model: nn.Module) -> TrainableModel:
     from torch.nn.parallel import DistributedDataParallel
 
     return model.module if isinstance(model, (DistributedDataParallel, FullyShardedDataParallel)) else model
+
+
+def trainable_weights(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The trainable (LoRA) weights as this process holds them, by parameter name (FSDP's marker
+    dropped): whole, or under FSDP (use_orig_params) views of this process's shard of each, flat,
+    and empty where its shard holds none of a weight."""
+    return {name.replace(FSDP_WRAPPED, ""): weight for name, weight in unwrapped(model).named_parameters()
+            if weight.requires_grad}
+
+
+@torch.no_grad()
+def copy_weights(weights: dict[str, nn.Parameter], values: dict[str, torch.Tensor]) -> None:
+    for name, weight in weights.items():
+        # copy_ would broadcast a shard into a whole weight of another shape without a word.
+        if weight.shape != values[name].shape:
+            raise RuntimeError(f"{name}: the reference holds shape {tuple(values[name].shape)}, the model "
+                               f"{tuple(weight.shape)}: the model was sharded otherwise than when it was taken.")
+        weight.copy_(values[name])
 
 
 def sequence_inputs(batch: dict, device: torch.device, packed_boundaries: bool) -> dict:

@@ -4,8 +4,9 @@ index in the training split (the batches' `pair_index`).
 
 The file records a fingerprint of what the log-probs depend on: the pairs' tokens, the base
 (its files' names, sizes and modification times, as the NF4 cache identifies a checkpoint), the
-quantization and compute dtype, the model path, and the starting adapter's weights. A run (or a
-resumed one) whose fingerprint differs computes them again.
+quantization and compute dtype, the model path, and the starting adapter's weights (under FSDP,
+as every process's shards of them: another number of processes computes them again once). A run
+(or a resumed one) whose fingerprint differs computes them again.
 """
 
 from __future__ import annotations
@@ -45,12 +46,11 @@ def fingerprint(pairs, quant, compute_dtype: torch.dtype, model_dir: Path, model
 
 
 def reference_table(path: Path, key: str, model, reference: Reference, batches, num_pairs: int,
-                    device: torch.device, packed_boundaries: bool, write: bool) -> tuple[tuple[torch.Tensor,
-                                                                                          torch.Tensor], bool]:
+                    device: torch.device, packed_boundaries: bool) -> tuple[tuple[torch.Tensor, torch.Tensor], bool]:
     """((chosen, rejected) log-probs (num_pairs,) each, on `device`; whether they came from `path`).
 
     Read from the directory `path` when its fingerprint is `key`, else computed over `batches` (one
-    pass over the training pairs, any order) and, when `write`, saved there.
+    pass over the training pairs, any order); `save_table` keeps them.
     """
     if (path / CACHE_FILE).is_file():
         saved = load_file(path / CACHE_FILE)
@@ -64,8 +64,12 @@ def reference_table(path: Path, key: str, model, reference: Reference, batches, 
         chosen[batch["pair_index"]], rejected[batch["pair_index"]] = logps[:B], logps[B:]
     if chosen.isnan().any() or rejected.isnan().any():
         raise RuntimeError("the reference pass missed some training pairs")
-    if write:
-        with atomic_dir(path, IfExists.replace) as staging:
-            save_file({"chosen": chosen, "rejected": rejected,
-                       "fingerprint": torch.tensor(list(key.encode()), dtype=torch.uint8)}, staging / CACHE_FILE)
     return (chosen.to(device), rejected.to(device)), False
+
+
+def save_table(path: Path, key: str, table: tuple[torch.Tensor, torch.Tensor]) -> None:
+    """The directory `path` holds `table` under fingerprint `key`, replacing what it held."""
+    chosen, rejected = table
+    with atomic_dir(path, IfExists.replace) as staging:
+        save_file({"chosen": chosen.cpu(), "rejected": rejected.cpu(),
+                   "fingerprint": torch.tensor(list(key.encode()), dtype=torch.uint8)}, staging / CACHE_FILE)

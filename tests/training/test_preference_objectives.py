@@ -261,15 +261,17 @@ def test_dpo_with_large_beta_on_identical_pairs_gives_zero_gradient(impl, loss_t
     assert largest_gradient(identical, beta) / beta <= 1e-5 * distinct
 
 
-def test_a_starting_adapter_is_the_reference_and_is_swapped_back_exactly(checkpoints):
-    model = native_model(checkpoints("llama"))
+@pytest.mark.parametrize("impl", ["native", "hf"])
+def test_a_starting_adapter_is_the_reference_and_is_swapped_back_exactly(impl, checkpoints):
+    model = native_model(checkpoints("llama")) if impl == "native" else generic_model(checkpoints("llama"))
     randomize_lora_B(model, seed=10)
     starting = {k: v.detach().clone() for k, v in model.adapter_state().items()}
+    reference = Reference.starting_from(model)
     randomize_lora_B(model, seed=11)  # the adapter has trained on since
     trained = {k: v.detach().clone() for k, v in model.adapter_state().items()}
     batch = pair_batch()
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "labels")}
-    reference = Reference(starting).computed(model.train(), inputs)
+    reference = reference.computed(model.train(), inputs)
     assert model.training
     assert all(torch.equal(v, trained[k]) for k, v in model.adapter_state().items())
     with torch.no_grad():

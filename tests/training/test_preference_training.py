@@ -1,20 +1,23 @@
 """Preference training end to end: the demo_dpo recipe through the CLI, the objectives on both
-model paths, exact resume with precomputed reference log-probs, and DDP on the CPU.
+model paths, exact resume with precomputed reference log-probs, DDP on the CPU, and FSDP on the
+CPU with a starting adapter as the reference.
 
 These read preference data through pref-data's finetune.data.preference (issue #18's data side).
 """
 
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 import finetune
-from test_distributed import accelerate_launch, assert_same_steps
+from test_distributed import accelerate_launch, assert_same_adapter, assert_same_steps, evals, torchrun
 from test_reliability import sigterm_after_optimizer_steps
 
-from runner import run_train
+from runner import REPO, run_train
 
 FAST = ["train.eval_generate=0", "train.sample_prompts=[]", "train.eval_every=0", "train.log_every=1"]
 FP32 = ["quant.bnb_4bit_compute_dtype=float32", "quant.torch_dtype=float32"]
@@ -136,3 +139,88 @@ def test_ddp_dpo_trains_like_one_process_with_the_same_global_batch(tmp_path):
     for a, b in zip(train_rows(two), train_rows(one)):
         assert a["rewards/accuracy"] == b["rewards/accuracy"]
         assert a["rewards/margins"] == pytest.approx(b["rewards/margins"], abs=1e-5)
+
+
+# DPO from a starting adapter under FSDP: 3 steps of 8 pairs, the adapter moving from step 1 on.
+FROM_ADAPTER = [*FAST, *FP32, "train.micro_batch_size=4", "train.seed=5", "train.max_steps=3", "train.device=cpu",
+                "optim.warmup_steps=0"]
+
+
+@pytest.fixture(scope="module")
+def starting_adapter(tmp_path_factory):
+    """A demo SFT adapter well away from LoRA's zero start, for DPO to start from and compare with."""
+    out = tmp_path_factory.mktemp("sft") / "run"
+    finetune.train("demo", [f"output_dir={out}", *FAST, *FP32, "train.max_steps=3", "optim.lr=1e-2"])
+    return out / "adapter"
+
+
+def fsdp_dpo(tmp_path, *overrides: str):
+    """recipe=demo_dpo under FSDP on two CPU processes: the recipe itself, through fsdp_cpu_recipe.py."""
+    # Run from a copy outside tests/: the script's folder goes on sys.path, where no test folder may
+    # be (tests/kernels would pass for PyPI's `kernels` package, which bitsandbytes probes for).
+    worker = shutil.copy(REPO / "tests" / "training" / "fsdp_cpu_recipe.py", tmp_path)
+    result = torchrun(Path(worker), "demo_dpo", *overrides, "train.gradient_accumulation_steps=1", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "= 8 pairs per optimizer step, FSDP" in result.stdout
+    return result
+
+
+def one_process_dpo(output_dir, *overrides: str):
+    return finetune.train("demo_dpo", [f"output_dir={output_dir}", *overrides, "train.gradient_accumulation_steps=2"])
+
+
+@pytest.mark.slow
+def test_fsdp_dpo_from_a_starting_adapter_trains_like_one_process_and_resumes_with_it(tmp_path, starting_adapter):
+    # Each process keeps its shard of the starting adapter and swaps it into FSDP's flat parameters
+    # for the reference forward. Step 1 starts at the reference (margins 0); steps 2 and 3 and the
+    # final evaluation compare the moved-on adapter with it.
+    common = [*FROM_ADAPTER, f"model.adapter={starting_adapter}", "model.impl=native", "train.save_every=1",
+              "train.keep_last=3"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    one_process_dpo(one, *common)
+    fsdp_dpo(tmp_path, f"output_dir={two}", *common)
+    assert_same_steps(train_rows(two), train_rows(one))
+    for a, b in zip(train_rows(two), train_rows(one)):
+        assert a["rewards/margins"] == pytest.approx(b["rewards/margins"], abs=1e-5)
+    assert abs(train_rows(two)[1]["rewards/margins"]) > 1e-3  # step 2 tells the starting adapter from the trained one
+    assert evals(two) == pytest.approx(evals(one), abs=1e-5)
+    assert_same_adapter(two / "adapter", one / "adapter")
+
+    # Checkpoints keep every process's shard of the starting adapter: half of it each, its values.
+    start = load_file(starting_adapter / "adapter_model.safetensors")
+    shards = torch.load(two / "checkpoints" / "step-1" / "trainer_state.pt", weights_only=True)["reference_by_rank"]
+    held = [sum(t.numel() for t in rank.values()) for rank in shards]
+    assert len(held) == 2 and sum(held) == sum(t.numel() for t in start.values()) and max(held) < sum(held)
+    assert sum(float(t.double().sum()) for rank in shards for t in rank.values()) == \
+        pytest.approx(sum(float(t.double().sum()) for t in start.values()), rel=1e-9)
+
+    # Resumed after step 1 (the model loads step 1's adapter): the reference is the starting one still.
+    split = tmp_path / "split"
+    shutil.copytree(two, split)
+    for name in ("checkpoints/step-2", "checkpoints/step-3", "adapter"):
+        shutil.rmtree(split / name)
+    resumed = fsdp_dpo(tmp_path, f"output_dir={split}", *common, "train.resume=auto")
+    assert "(step 1)" in resumed.stdout
+    keys = ("step", "loss", "grad_norm", "rewards/margins")
+    assert [[r[k] for k in keys] for r in train_rows(split)] == [[r[k] for k in keys] for r in train_rows(two)]
+    assert_same_adapter(split / "adapter", two / "adapter")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("impl, storage", [("native", []), ("hf", ["quant.bnb_4bit_quant_storage=float32"])])
+def test_fsdp_precomputes_a_starting_adapters_reference_like_one_process(tmp_path, starting_adapter, impl, storage):
+    # The processes compute the table together (each forward gathers from both), the first writes it.
+    common = [*FROM_ADAPTER, f"model.adapter={starting_adapter}", f"model.impl={impl}", *storage,
+              "objective.precompute_reference=true"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    one_process_dpo(one, *common)
+    result = fsdp_dpo(tmp_path, f"output_dir={two}", *common)
+    assert "reference log-probs of 108 training pairs computed in" in result.stdout
+    ours, reference = (load_file(run / "reference_logps" / "logps.safetensors") for run in (two, one))
+    for key in ("chosen", "rejected"):
+        torch.testing.assert_close(ours[key], reference[key], rtol=0, atol=1e-5)
+    assert_same_steps(train_rows(two), train_rows(one))
+    # Resumed for a step more: the starting adapter's shards from the checkpoint, the table from the file.
+    again = fsdp_dpo(tmp_path, f"output_dir={two}", *common, "train.max_steps=4", "train.resume=auto")
+    assert "reference log-probs of 108 training pairs read from" in again.stdout
+    assert [r["step"] for r in train_rows(two)] == [1, 2, 3, 4]
