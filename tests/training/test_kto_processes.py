@@ -36,9 +36,9 @@ pytestmark = pytest.mark.slow  # two processes start, each importing the stack a
 
 
 def fsdp_model(model_dir):
-    """For FSDP, which cannot swap a starting adapter in as the reference (it shards it), a policy
-    with the adapter switched off as its reference: these LoRA weights (seed 3) put the KL rows'
-    mean log-ratio above 0 for the 4+1 split."""
+    """For FSDP, a policy with the adapter switched off as its reference (the starting adapter's swap
+    under FSDP has tests of its own, in test_preference_training.py): these LoRA weights (seed 3)
+    put the KL rows' mean log-ratio above 0 for the 4+1 split."""
     torch.manual_seed(0)
     model = native_model(model_dir)
     randomize_lora_B(model, seed=3)
@@ -48,8 +48,7 @@ def fsdp_model(model_dir):
 def policy_and_reference(engine: str, impl: str, model_dir):
     if engine == "fsdp":
         return fsdp_model(model_dir)
-    model, starting = kto_model(model_dir, impl)
-    return model, Reference(starting)
+    return kto_model(model_dir, impl)
 
 
 def train_one_step(rank: int, port: int, model_dir, out) -> None:

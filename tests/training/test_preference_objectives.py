@@ -199,9 +199,9 @@ def kto_model(model_dir, impl: str):
     torch.manual_seed(0)  # LoRA A's initialization: the same model in every process that builds it
     model = native_model(model_dir) if impl == "native" else generic_model(model_dir)
     randomize_lora_B(model, seed=0, std=0.5)
-    starting = {name: tensor.detach().clone() for name, tensor in model.adapter_state().items()}
+    reference = Reference.starting_from(model)  # the adapter as it is before B moves on
     randomize_lora_B(model, seed=100)
-    return model, starting
+    return model, reference
 
 
 def lora_gradients(model) -> dict[str, torch.Tensor]:
@@ -210,8 +210,8 @@ def lora_gradients(model) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("impl", ["native", "hf"])
 def test_packed_kto_gives_the_padded_log_probs_loss_and_gradients(impl, checkpoints):
-    model, starting = kto_model(checkpoints("llama"), impl)
-    objective = KahnemanTversky(KTO, Reference(starting))
+    model, reference = kto_model(checkpoints("llama"), impl)
+    objective = KahnemanTversky(KTO, reference)
     results = []
     for batch in (collate_kto(KTO_ROWS, 0, MAX_SEQ_LEN), collate_kto_packed(KTO_ROWS, MAX_SEQ_LEN)):
         kl_rows = {key.removeprefix("kl_"): value for key, value in batch.items() if key.startswith("kl_")}
