@@ -26,6 +26,8 @@ a card idle at a few thousand rows: K is split over programs too, their fp32 par
 afterwards in a fixed order (grad_A likewise splits N).
 """
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -232,7 +234,13 @@ def _programs_wanted(device: torch.device) -> int:
     """Enough programs to keep every SM of the card busy (a few per SM hide the loads' latency)."""
     if device.type != "cuda":
         return 1
-    return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    return 4 * _multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.cache
+def _multiprocessors(device_index: int) -> int:
+    # Asked once per card, not at every launch: this runs for every adapted group, every pass.
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 def dropout_down(x: torch.Tensor, lora_A: torch.Tensor, rank: int, seed: int, p: float, out: torch.Tensor,
