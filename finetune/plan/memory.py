@@ -457,11 +457,10 @@ def _gpu_items(run: _Run, offload: OffloadMode, tokens: int) -> list[LineItem]:
     mlp_saving = (tokens - mlp_tokens) * (acts.mlp + acts.mlp_backward)
     if checkpointed < L:
         kept = L - checkpointed
-        saved_mlp_tokens = tokens if mlp_tokens == tokens else 0
+        chunked = mlp_tokens < tokens
         items.append(LineItem(f"activations, {'all ' if not checkpointed else ''}{kept} layers",
-                              kept * (tokens * (acts.checkpoint + acts.layer) - (tokens - saved_mlp_tokens) * acts.mlp),
-                              f"{tokens:,} tokens, not checkpointed" + ("; MLP recomputed per chunk"
-                                                                        if saved_mlp_tokens < tokens else "")))
+                              kept * tokens * (acts.checkpoint + acts.layer - (acts.mlp if chunked else 0)),
+                              f"{tokens:,} tokens, not checkpointed" + ("; MLP recomputed per chunk" if chunked else "")))
     if checkpointed:
         backward = LineItem("one layer recomputed + its backward", tokens * (acts.layer + acts.backward) - mlp_saving,
                             f"MLP in {mlp_tokens:,}-token chunks" if mlp_saving else "")
