@@ -67,8 +67,8 @@ def _draw(seed, rows, gs, Q):
 
 
 @triton.jit
-def _kept(w0, w1, w2, w3, j: tl.constexpr, threshold):
-    """Strip j's keep mask: half j % 2 of word j // 2 at or above the drop threshold."""
+def _kept(w0, w1, w2, w3, j: tl.constexpr, cutoff):
+    """Strip j's keep mask: half j % 2 of word j // 2 at or above the drop cutoff."""
     if j // 2 == 0:
         word = w0
     elif j // 2 == 1:
@@ -81,7 +81,7 @@ def _kept(w0, w1, w2, w3, j: tl.constexpr, threshold):
         half = word & 0xFFFF
     else:
         half = word >> 16
-    return half.to(tl.int32) >= threshold
+    return half.to(tl.int32) >= cutoff
 
 
 @triton.jit
@@ -108,15 +108,15 @@ def _dot(a, b, acc, IEEE: tl.constexpr, UPCAST: tl.constexpr):
 
 @triton.jit
 def _down_strip(acc, x_ptr, a_ptr, stride_x, stride_a, rows, row_ok, ranks, rank_ok, j: tl.constexpr, gs, Q, K,
-                w0, w1, w2, w3, threshold, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+                w0, w1, w2, w3, cutoff, IEEE: tl.constexpr, UPCAST: tl.constexpr):
     cols, col_ok = _strip(j, gs, Q, K)
     a = tl.load(a_ptr + ranks[None, :] * stride_a + cols[:, None], mask=col_ok[:, None] & rank_ok[None, :], other=0.0)
-    x = _masked_rows(x_ptr, stride_x, rows, row_ok, cols, col_ok, _kept(w0, w1, w2, w3, j, threshold))
+    x = _masked_rows(x_ptr, stride_x, rows, row_ok, cols, col_ok, _kept(w0, w1, w2, w3, j, cutoff))
     return _dot(x, a, acc, IEEE, UPCAST)
 
 
 @triton.jit
-def _down_kernel(x_ptr, a_ptr, out_ptr, N, K, Q, stride_x, stride_a, stride_out, stride_split, seed, threshold, scale,
+def _down_kernel(x_ptr, a_ptr, out_ptr, N, K, Q, stride_x, stride_a, stride_out, stride_split, seed, cutoff, scale,
                  groups_per_split, RANK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr,
                  BLOCK_G: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
     """Layer program_id(1)'s xa columns for BLOCK_M rows, summed over split program_id(2)'s share of K."""
@@ -135,19 +135,19 @@ def _down_kernel(x_ptr, a_ptr, out_ptr, N, K, Q, stride_x, stride_a, stride_out,
         w0, w1, w2, w3 = _draw(seed + layer, rows, gs, Q)
         for j in tl.static_range(STRIPS):
             acc = _down_strip(acc, x_ptr, a_ptr, stride_x, stride_a, rows, row_ok, ranks, rank_ok, j, gs, Q, K,
-                              w0, w1, w2, w3, threshold, IEEE, UPCAST)
+                              w0, w1, w2, w3, cutoff, IEEE, UPCAST)
     out_ptr += split * stride_split + layer * RANK
     tl.store(out_ptr + rows[:, None] * stride_out + ranks[None, :], (acc * scale).to(out_ptr.dtype.element_ty),
              mask=row_ok[:, None] & rank_ok[None, :])
 
 
 @triton.jit
-def _up_strip(acc, grad_xa, a_ptr, stride_a, ranks, rank_ok, j: tl.constexpr, gs, Q, K, w0, w1, w2, w3, threshold,
+def _up_strip(acc, grad_xa, a_ptr, stride_a, ranks, rank_ok, j: tl.constexpr, gs, Q, K, w0, w1, w2, w3, cutoff,
               IEEE: tl.constexpr, UPCAST: tl.constexpr):
     cols, col_ok = _strip(j, gs, Q, K)
     a = tl.load(a_ptr + ranks[:, None] * stride_a + cols[None, :], mask=rank_ok[:, None] & col_ok[None, :], other=0.0)
     product = _dot(grad_xa, a, tl.zeros_like(acc), IEEE, UPCAST)
-    return acc + tl.where(_kept(w0, w1, w2, w3, j, threshold), product, 0.0)
+    return acc + tl.where(_kept(w0, w1, w2, w3, j, cutoff), product, 0.0)
 
 
 @triton.jit
@@ -160,7 +160,7 @@ def _add_strip(grad_x_ptr, stride_gx, rows, row_ok, j: tl.constexpr, gs, Q, K, a
 
 
 @triton.jit
-def _grad_x_kernel(grad_x_ptr, grad_xa_ptr, a_ptr, N, K, Q, stride_gx, stride_gxa, stride_a, seed, threshold, scale,
+def _grad_x_kernel(grad_x_ptr, grad_xa_ptr, a_ptr, N, K, Q, stride_gx, stride_gxa, stride_a, seed, cutoff, scale,
                    LAYERS: tl.constexpr, RANK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr,
                    BLOCK_G: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
     """grad_x += scale sum_l (grad_xa_l A_l) * d_l, in place: a program per tile, every layer at once."""
@@ -184,14 +184,14 @@ def _grad_x_kernel(grad_x_ptr, grad_xa_ptr, a_ptr, N, K, Q, stride_gx, stride_gx
                           mask=row_ok[:, None] & rank_ok[None, :], other=0.0)
         a = a_ptr + layer * RANK * stride_a
         w0, w1, w2, w3 = _draw(seed + layer, rows, gs, Q)
-        acc0 = _up_strip(acc0, grad_xa, a, stride_a, ranks, rank_ok, 0, gs, Q, K, w0, w1, w2, w3, threshold, IEEE, UPCAST)
-        acc1 = _up_strip(acc1, grad_xa, a, stride_a, ranks, rank_ok, 1, gs, Q, K, w0, w1, w2, w3, threshold, IEEE, UPCAST)
-        acc2 = _up_strip(acc2, grad_xa, a, stride_a, ranks, rank_ok, 2, gs, Q, K, w0, w1, w2, w3, threshold, IEEE, UPCAST)
-        acc3 = _up_strip(acc3, grad_xa, a, stride_a, ranks, rank_ok, 3, gs, Q, K, w0, w1, w2, w3, threshold, IEEE, UPCAST)
-        acc4 = _up_strip(acc4, grad_xa, a, stride_a, ranks, rank_ok, 4, gs, Q, K, w0, w1, w2, w3, threshold, IEEE, UPCAST)
-        acc5 = _up_strip(acc5, grad_xa, a, stride_a, ranks, rank_ok, 5, gs, Q, K, w0, w1, w2, w3, threshold, IEEE, UPCAST)
-        acc6 = _up_strip(acc6, grad_xa, a, stride_a, ranks, rank_ok, 6, gs, Q, K, w0, w1, w2, w3, threshold, IEEE, UPCAST)
-        acc7 = _up_strip(acc7, grad_xa, a, stride_a, ranks, rank_ok, 7, gs, Q, K, w0, w1, w2, w3, threshold, IEEE, UPCAST)
+        acc0 = _up_strip(acc0, grad_xa, a, stride_a, ranks, rank_ok, 0, gs, Q, K, w0, w1, w2, w3, cutoff, IEEE, UPCAST)
+        acc1 = _up_strip(acc1, grad_xa, a, stride_a, ranks, rank_ok, 1, gs, Q, K, w0, w1, w2, w3, cutoff, IEEE, UPCAST)
+        acc2 = _up_strip(acc2, grad_xa, a, stride_a, ranks, rank_ok, 2, gs, Q, K, w0, w1, w2, w3, cutoff, IEEE, UPCAST)
+        acc3 = _up_strip(acc3, grad_xa, a, stride_a, ranks, rank_ok, 3, gs, Q, K, w0, w1, w2, w3, cutoff, IEEE, UPCAST)
+        acc4 = _up_strip(acc4, grad_xa, a, stride_a, ranks, rank_ok, 4, gs, Q, K, w0, w1, w2, w3, cutoff, IEEE, UPCAST)
+        acc5 = _up_strip(acc5, grad_xa, a, stride_a, ranks, rank_ok, 5, gs, Q, K, w0, w1, w2, w3, cutoff, IEEE, UPCAST)
+        acc6 = _up_strip(acc6, grad_xa, a, stride_a, ranks, rank_ok, 6, gs, Q, K, w0, w1, w2, w3, cutoff, IEEE, UPCAST)
+        acc7 = _up_strip(acc7, grad_xa, a, stride_a, ranks, rank_ok, 7, gs, Q, K, w0, w1, w2, w3, cutoff, IEEE, UPCAST)
     _add_strip(grad_x_ptr, stride_gx, rows, row_ok, 0, gs, Q, K, acc0, scale)
     _add_strip(grad_x_ptr, stride_gx, rows, row_ok, 1, gs, Q, K, acc1, scale)
     _add_strip(grad_x_ptr, stride_gx, rows, row_ok, 2, gs, Q, K, acc2, scale)
@@ -203,10 +203,10 @@ def _grad_x_kernel(grad_x_ptr, grad_xa_ptr, a_ptr, N, K, Q, stride_gx, stride_gx
 
 
 @triton.jit
-def _grad_a_strip(acc, grad_xa_t, x_ptr, stride_x, rows, row_ok, j: tl.constexpr, gs, Q, K, w0, w1, w2, w3, threshold,
+def _grad_a_strip(acc, grad_xa_t, x_ptr, stride_x, rows, row_ok, j: tl.constexpr, gs, Q, K, w0, w1, w2, w3, cutoff,
                   IEEE: tl.constexpr, UPCAST: tl.constexpr):
     cols, col_ok = _strip(j, gs, Q, K)
-    x = _masked_rows(x_ptr, stride_x, rows, row_ok, cols, col_ok, _kept(w0, w1, w2, w3, j, threshold))
+    x = _masked_rows(x_ptr, stride_x, rows, row_ok, cols, col_ok, _kept(w0, w1, w2, w3, j, cutoff))
     return _dot(grad_xa_t, x, acc, IEEE, UPCAST)
 
 
@@ -217,7 +217,7 @@ def _store_strip(out_ptr, K, ranks, rank_ok, j: tl.constexpr, gs, Q, acc, scale)
 
 
 @triton.jit
-def _grad_a_kernel(grad_xa_ptr, x_ptr, out_ptr, N, K, Q, stride_gxa, stride_x, seed, threshold, scale, rows_per_split,
+def _grad_a_kernel(grad_xa_ptr, x_ptr, out_ptr, N, K, Q, stride_gxa, stride_x, seed, cutoff, scale, rows_per_split,
                    RANK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_G: tl.constexpr,
                    IEEE: tl.constexpr, UPCAST: tl.constexpr):
     """Layer program_id(2)'s fp32 partial grad_A over split program_id(1) of the rows: its RANK rows
@@ -243,14 +243,14 @@ def _grad_a_kernel(grad_xa_ptr, x_ptr, out_ptr, N, K, Q, stride_gxa, stride_x, s
         g = tl.load(grad_xa_ptr + rows[None, :] * stride_gxa + layer * RANK + ranks[:, None],
                     mask=rank_ok[:, None] & row_ok[None, :], other=0.0)  # grad_xa^T: (BLOCK_R, BLOCK_M)
         w0, w1, w2, w3 = _draw(seed + layer, rows, gs, Q)
-        acc0 = _grad_a_strip(acc0, g, x_ptr, stride_x, rows, row_ok, 0, gs, Q, K, w0, w1, w2, w3, threshold, IEEE, UPCAST)
-        acc1 = _grad_a_strip(acc1, g, x_ptr, stride_x, rows, row_ok, 1, gs, Q, K, w0, w1, w2, w3, threshold, IEEE, UPCAST)
-        acc2 = _grad_a_strip(acc2, g, x_ptr, stride_x, rows, row_ok, 2, gs, Q, K, w0, w1, w2, w3, threshold, IEEE, UPCAST)
-        acc3 = _grad_a_strip(acc3, g, x_ptr, stride_x, rows, row_ok, 3, gs, Q, K, w0, w1, w2, w3, threshold, IEEE, UPCAST)
-        acc4 = _grad_a_strip(acc4, g, x_ptr, stride_x, rows, row_ok, 4, gs, Q, K, w0, w1, w2, w3, threshold, IEEE, UPCAST)
-        acc5 = _grad_a_strip(acc5, g, x_ptr, stride_x, rows, row_ok, 5, gs, Q, K, w0, w1, w2, w3, threshold, IEEE, UPCAST)
-        acc6 = _grad_a_strip(acc6, g, x_ptr, stride_x, rows, row_ok, 6, gs, Q, K, w0, w1, w2, w3, threshold, IEEE, UPCAST)
-        acc7 = _grad_a_strip(acc7, g, x_ptr, stride_x, rows, row_ok, 7, gs, Q, K, w0, w1, w2, w3, threshold, IEEE, UPCAST)
+        acc0 = _grad_a_strip(acc0, g, x_ptr, stride_x, rows, row_ok, 0, gs, Q, K, w0, w1, w2, w3, cutoff, IEEE, UPCAST)
+        acc1 = _grad_a_strip(acc1, g, x_ptr, stride_x, rows, row_ok, 1, gs, Q, K, w0, w1, w2, w3, cutoff, IEEE, UPCAST)
+        acc2 = _grad_a_strip(acc2, g, x_ptr, stride_x, rows, row_ok, 2, gs, Q, K, w0, w1, w2, w3, cutoff, IEEE, UPCAST)
+        acc3 = _grad_a_strip(acc3, g, x_ptr, stride_x, rows, row_ok, 3, gs, Q, K, w0, w1, w2, w3, cutoff, IEEE, UPCAST)
+        acc4 = _grad_a_strip(acc4, g, x_ptr, stride_x, rows, row_ok, 4, gs, Q, K, w0, w1, w2, w3, cutoff, IEEE, UPCAST)
+        acc5 = _grad_a_strip(acc5, g, x_ptr, stride_x, rows, row_ok, 5, gs, Q, K, w0, w1, w2, w3, cutoff, IEEE, UPCAST)
+        acc6 = _grad_a_strip(acc6, g, x_ptr, stride_x, rows, row_ok, 6, gs, Q, K, w0, w1, w2, w3, cutoff, IEEE, UPCAST)
+        acc7 = _grad_a_strip(acc7, g, x_ptr, stride_x, rows, row_ok, 7, gs, Q, K, w0, w1, w2, w3, cutoff, IEEE, UPCAST)
     out_ptr += (split * tl.num_programs(2) + layer) * RANK * K
     _store_strip(out_ptr, K, ranks, rank_ok, 0, gs, Q, acc0, scale)
     _store_strip(out_ptr, K, ranks, rank_ok, 1, gs, Q, acc1, scale)
@@ -263,7 +263,7 @@ def _grad_a_kernel(grad_xa_ptr, x_ptr, out_ptr, N, K, Q, stride_gxa, stride_x, s
 
 
 @triton.jit
-def _keep_mask_kernel(out_ptr, N, K, Q, seed, threshold, BLOCK_M: tl.constexpr, BLOCK_G: tl.constexpr):
+def _keep_mask_kernel(out_ptr, N, K, Q, seed, cutoff, BLOCK_M: tl.constexpr, BLOCK_G: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < N
     rows = rows.to(tl.int64)
@@ -271,7 +271,7 @@ def _keep_mask_kernel(out_ptr, N, K, Q, seed, threshold, BLOCK_M: tl.constexpr, 
     w0, w1, w2, w3 = _draw(seed, rows, gs, Q)
     for j in tl.static_range(STRIPS):
         cols, col_ok = _strip(j, gs, Q, K)
-        tl.store(out_ptr + rows[:, None] * K + cols[None, :], _kept(w0, w1, w2, w3, j, threshold).to(tl.int8),
+        tl.store(out_ptr + rows[:, None] * K + cols[None, :], _kept(w0, w1, w2, w3, j, cutoff).to(tl.int8),
                  mask=row_ok[:, None] & col_ok[None, :])
 
 
@@ -282,7 +282,7 @@ def _check(x: torch.Tensor, p: float) -> None:
         raise ValueError("the rows must be contiguous in their last dim")
 
 
-def drop_threshold(p: float) -> int:
+def drop_cutoff(p: float) -> int:
     """The 16-bit draw below which an element is dropped: p in units of 2^-16, never 0 or all."""
     return min(HALF_WORD - 1, max(1, round(p * HALF_WORD)))
 
@@ -328,7 +328,7 @@ def dropout_down(x: torch.Tensor, lora_A: torch.Tensor, rank: int, seed: int, p:
     target = out if k_splits == 1 else torch.empty(k_splits, N, layers * rank, dtype=torch.float32, device=x.device)
     _down_kernel[(row_blocks, layers, k_splits)](
         x, lora_A, target, N, K, Q, x.stride(0), lora_A.stride(0), target.stride(-2),
-        0 if k_splits == 1 else target.stride(0), seed, drop_threshold(p), 1 / (1 - p), groups_per_split,
+        0 if k_splits == 1 else target.stride(0), seed, drop_cutoff(p), 1 / (1 - p), groups_per_split,
         RANK=rank, BLOCK_R=_rank_block(rank), BLOCK_M=BLOCK_ROWS, BLOCK_G=BLOCK_GROUPS,
         IEEE=x.dtype == torch.float32, UPCAST=x.device.type != "cuda", num_warps=NUM_WARPS)
     if k_splits > 1:
@@ -349,7 +349,7 @@ def dropout_grad_x(grad_x: torch.Tensor, grad_xa: torch.Tensor, lora_A: torch.Te
     lora_A = lora_A.contiguous()
     grid = (triton.cdiv(N, BLOCK_ROWS), triton.cdiv(Q, BLOCK_GROUPS))
     _grad_x_kernel[grid](
-        grad_x, grad_xa, lora_A, N, K, Q, grad_x.stride(0), grad_xa.stride(0), lora_A.stride(0), seed, drop_threshold(p),
+        grad_x, grad_xa, lora_A, N, K, Q, grad_x.stride(0), grad_xa.stride(0), lora_A.stride(0), seed, drop_cutoff(p),
         1 / (1 - p), LAYERS=layers, RANK=rank, BLOCK_R=_rank_block(rank), BLOCK_M=BLOCK_ROWS, BLOCK_G=BLOCK_GROUPS,
         IEEE=grad_x.dtype == torch.float32, UPCAST=grad_x.device.type != "cuda", num_warps=NUM_WARPS)
 
@@ -365,7 +365,7 @@ def dropout_grad_a(grad_xa: torch.Tensor, x: torch.Tensor, rank: int, seed: int,
     rows_per_split = triton.cdiv(triton.cdiv(N, splits), BLOCK_ROWS) * BLOCK_ROWS
     partial = torch.empty(splits, layers * rank, K, dtype=torch.float32, device=x.device)
     _grad_a_kernel[(triton.cdiv(Q, BLOCK_GROUPS), splits, layers)](
-        grad_xa, x, partial, N, K, Q, grad_xa.stride(0), x.stride(0), seed, drop_threshold(p), 1 / (1 - p), rows_per_split,
+        grad_xa, x, partial, N, K, Q, grad_xa.stride(0), x.stride(0), seed, drop_cutoff(p), 1 / (1 - p), rows_per_split,
         RANK=rank, BLOCK_R=_rank_block(rank), BLOCK_M=BLOCK_ROWS, BLOCK_G=BLOCK_GROUPS,
         IEEE=x.dtype == torch.float32, UPCAST=x.device.type != "cuda", num_warps=NUM_WARPS)
     return partial.sum(0)
@@ -376,5 +376,5 @@ def keep_mask(N: int, K: int, seed: int, p: float, device: torch.device) -> torc
     out = torch.empty(N, K, dtype=torch.int8, device=device)
     Q = triton.cdiv(K, STRIPS.value)
     _keep_mask_kernel[(triton.cdiv(N, BLOCK_ROWS), triton.cdiv(Q, BLOCK_GROUPS))](
-        out, N, K, Q, seed, drop_threshold(p), BLOCK_M=BLOCK_ROWS, BLOCK_G=BLOCK_GROUPS)
+        out, N, K, Q, seed, drop_cutoff(p), BLOCK_M=BLOCK_ROWS, BLOCK_G=BLOCK_GROUPS)
     return out.bool()

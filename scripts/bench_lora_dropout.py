@@ -31,19 +31,20 @@ GROUPS = [("q/k/v", 4096, 3), ("o_proj", 4096, 1), ("gate/up", 4096, 2), ("down_
 
 
 @triton.jit
-def _kept_halves(word, threshold):
-    return ((word & 0xFFFF).to(tl.int32) >= threshold).to(tl.int32) + ((word >> 16).to(tl.int32) >= threshold).to(tl.int32)
+def _kept_halves(word, cutoff):
+    low, high = (word & 0xFFFF).to(tl.int32), (word >> 16).to(tl.int32)
+    return (low >= cutoff).to(tl.int32) + (high >= cutoff).to(tl.int32)
 
 
 @triton.jit
-def _philox_only(out_ptr, N, Q, seed, threshold, BLOCK_M: tl.constexpr, BLOCK_G: tl.constexpr,
+def _philox_only(out_ptr, N, Q, seed, cutoff, BLOCK_M: tl.constexpr, BLOCK_G: tl.constexpr,
                  ROUNDS: tl.constexpr):
     """The kernels' draws for one layer (eight 16-bit halves a call), reduced to a count so that the
     compiler keeps them."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     gs = tl.program_id(1) * BLOCK_G + tl.arange(0, BLOCK_G)
     w0, w1, w2, w3 = tl.randint4x(seed, rows[:, None].to(tl.int64) * Q + gs[None, :], ROUNDS)
-    kept = _kept_halves(w0, threshold) + _kept_halves(w1, threshold) + _kept_halves(w2, threshold) + _kept_halves(w3, threshold)
+    kept = _kept_halves(w0, cutoff) + _kept_halves(w1, cutoff) + _kept_halves(w2, cutoff) + _kept_halves(w3, cutoff)
     tl.atomic_add(out_ptr, tl.sum(tl.sum(kept, 1), 0))
 
 
@@ -94,7 +95,7 @@ def main(argv=None) -> None:
         Q = triton.cdiv(K, kernels.STRIPS.value)
         grid = (triton.cdiv(N, kernels.BLOCK_ROWS), triton.cdiv(Q, kernels.BLOCK_GROUPS))
         philox_us = layers * microseconds(lambda: _philox_only[grid](
-            count, N, Q, seed, kernels.drop_threshold(p), BLOCK_M=kernels.BLOCK_ROWS, BLOCK_G=kernels.BLOCK_GROUPS,
+            count, N, Q, seed, kernels.drop_cutoff(p), BLOCK_M=kernels.BLOCK_ROWS, BLOCK_G=kernels.BLOCK_GROUPS,
             ROUNDS=kernels.PHILOX_ROUNDS))
         total_philox += 3 * philox_us  # every pass redraws every layer's mask
         print(f"| {name} | Philox alone, {layers} layer(s) | {philox_us:.1f} | | | |")
