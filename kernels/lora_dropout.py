@@ -11,21 +11,13 @@ xa_l (N, r) (finetune.lora's (dy S) columns):
 Each kernel regenerates the masks it needs from (seed + l, element) with Philox, so no mask is
 ever stored: the unfused path wrote N x K random numbers, a bool mask and two scaled copies of
 x per layer and pass, and kept the masks alive from forward to backward. Here each pass reads x
-(or grad_x) once, as the dropout-free GEMMs it replaces do.
-
-The random numbers are what is left to pay for (three passes redraw every mask), so they are
-drawn as cheaply as a dropout mask allows: one Philox4x32 call gives four 32-bit words, each word
-two 16-bit halves, so one call decides eight elements; an element is kept where its half is >=
-round(p * 2^16). The keep probability is p rounded to a multiple of 2^-16 while the scale stays
-1 / (1 - p): an expectation off by at most 2^-17 / (1 - p) relative (8e-6 at p = 0.05), far below
-the bf16 rounding of every product here (2^-9). Philox runs 7 rounds instead of Triton's default
-10: 7 is the fewest with which Philox4x32 passes TestU01's BigCrush (Salmon et al., SC'11, who
-keep 10 as a safety margin for general use); a dropout mask needs no more.
+(or grad_x) once, as the dropout-free GEMMs it replaces do, and the random numbers cost one
+Philox call per four elements.
 
 The mask of element (row, col) is tile-independent, so every kernel (and `keep_mask`, which
-writes it out for tests) sees the same one: with Q = ceil(K / 8), Philox counter row * Q + g gives
-eight 16-bit numbers, the j-th (word j // 2, low half for even j) for column j * Q + g. Each tile
-therefore covers eight column strips of one g-range.
+writes it out for tests) sees the same one: with Q = ceil(K / 4), Philox counter row * Q + g
+gives four uniforms, the j-th for column j * Q + g; an element is kept where its uniform is >= p.
+Each tile therefore covers four column strips of one g-range.
 
 Every kernel takes all L layers of a group in one launch (a grid axis), so a group costs three
 launches per pass whatever its size, and the layers' reads of the same x tiles meet in L2. The
@@ -41,16 +33,13 @@ import triton
 import triton.language as tl
 
 BLOCK_ROWS = 64
-STRIPS = tl.constexpr(8)  # the 16-bit halves of one Philox call's four words
-BLOCK_GROUPS = 16  # a tile's columns: eight strips of this many (tl.dot's smallest side)
-PHILOX_ROUNDS = tl.constexpr(7)  # see the module docstring
-HALF_WORD = 1 << 16
+BLOCK_GROUPS = 32  # a tile's columns: four strips of this many
 # grad_A sums over all N rows; each column block's rows are split over this many programs (their
 # fp32 partial sums added afterwards, deterministically) so the grid fills the card.
 ROW_SPLITS = 8
-# With 4 warps grad_x's (BLOCK_ROWS, 128-column) fp32 accumulators take 255 registers a thread and
-# spill (ptxas for sm90, Triton 3.7); with 8 no kernel here spills, and each SM holds more warps of
-# the other two to hide their loads behind.
+# With 4 warps grad_x's four (BLOCK_ROWS, BLOCK_GROUPS) fp32 accumulators take 255 registers a
+# thread and spill (ptxas for sm90, Triton 3.7); with 8 no kernel here spills, and each SM holds
+# more warps of the other two (86 and 128 registers instead of 166) to hide their loads behind.
 NUM_WARPS = 8
 
 
@@ -61,36 +50,12 @@ def _strip(j: tl.constexpr, gs, Q, K):
 
 
 @triton.jit
-def _draw(seed, rows, gs, Q):
-    """The four Philox words of a tile's (row, g) counters: eight strips' random halves."""
-    return tl.randint4x(seed, rows[:, None] * Q + gs[None, :], PHILOX_ROUNDS)
-
-
-@triton.jit
-def _kept(w0, w1, w2, w3, j: tl.constexpr, cutoff):
-    """Strip j's keep mask: half j % 2 of word j // 2 at or above the drop cutoff."""
-    if j // 2 == 0:
-        word = w0
-    elif j // 2 == 1:
-        word = w1
-    elif j // 2 == 2:
-        word = w2
-    else:
-        word = w3
-    if j % 2 == 0:
-        half = word & 0xFFFF
-    else:
-        half = word >> 16
-    return half.to(tl.int32) >= cutoff
-
-
-@triton.jit
-def _masked_rows(ptr, stride, rows, row_ok, cols, col_ok, keep):
+def _masked_rows(ptr, stride, rows, row_ok, cols, col_ok, u, p):
     """(BLOCK_ROWS, BLOCK_GROUPS) of a row-major matrix with the dropped elements zeroed."""
     # Dropped elements are masked out of the load itself: a select between the loaded tile and zeros
     # that then feeds tl.dot fails Triton 3.7's lowering on sm90.
-    return tl.load(ptr + rows[:, None] * stride + cols[None, :], mask=row_ok[:, None] & col_ok[None, :] & keep,
-                   other=0.0)
+    keep = row_ok[:, None] & col_ok[None, :] & (u >= p)
+    return tl.load(ptr + rows[:, None] * stride + cols[None, :], mask=keep, other=0.0)
 
 
 @triton.jit
@@ -107,16 +72,15 @@ def _dot(a, b, acc, IEEE: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _down_strip(acc, x_ptr, a_ptr, stride_x, stride_a, rows, row_ok, ranks, rank_ok, j: tl.constexpr, gs, Q, K,
-                w0, w1, w2, w3, cutoff, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+def _down_strip(acc, x_ptr, a_ptr, stride_x, stride_a, rows, row_ok, ranks, rank_ok, j: tl.constexpr, gs, Q, K, u, p,
+                IEEE: tl.constexpr, UPCAST: tl.constexpr):
     cols, col_ok = _strip(j, gs, Q, K)
     a = tl.load(a_ptr + ranks[None, :] * stride_a + cols[:, None], mask=col_ok[:, None] & rank_ok[None, :], other=0.0)
-    x = _masked_rows(x_ptr, stride_x, rows, row_ok, cols, col_ok, _kept(w0, w1, w2, w3, j, cutoff))
-    return _dot(x, a, acc, IEEE, UPCAST)
+    return _dot(_masked_rows(x_ptr, stride_x, rows, row_ok, cols, col_ok, u, p), a, acc, IEEE, UPCAST)
 
 
 @triton.jit
-def _down_kernel(x_ptr, a_ptr, out_ptr, N, K, Q, stride_x, stride_a, stride_out, stride_split, seed, cutoff, scale,
+def _down_kernel(x_ptr, a_ptr, out_ptr, N, K, Q, stride_x, stride_a, stride_out, stride_split, seed, p, scale,
                  groups_per_split, RANK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr,
                  BLOCK_G: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
     """Layer program_id(1)'s xa columns for BLOCK_M rows, summed over split program_id(2)'s share of K."""
@@ -132,22 +96,22 @@ def _down_kernel(x_ptr, a_ptr, out_ptr, N, K, Q, stride_x, stride_a, stride_out,
     first = split * groups_per_split  # a multiple of BLOCK_G: no tile crosses into the next split
     for g0 in range(first, tl.minimum(first + groups_per_split, Q), BLOCK_G):
         gs = g0 + tl.arange(0, BLOCK_G)
-        w0, w1, w2, w3 = _draw(seed + layer, rows, gs, Q)
-        for j in tl.static_range(STRIPS):
-            acc = _down_strip(acc, x_ptr, a_ptr, stride_x, stride_a, rows, row_ok, ranks, rank_ok, j, gs, Q, K,
-                              w0, w1, w2, w3, cutoff, IEEE, UPCAST)
+        u0, u1, u2, u3 = tl.rand4x(seed + layer, rows[:, None] * Q + gs[None, :])
+        acc = _down_strip(acc, x_ptr, a_ptr, stride_x, stride_a, rows, row_ok, ranks, rank_ok, 0, gs, Q, K, u0, p, IEEE, UPCAST)
+        acc = _down_strip(acc, x_ptr, a_ptr, stride_x, stride_a, rows, row_ok, ranks, rank_ok, 1, gs, Q, K, u1, p, IEEE, UPCAST)
+        acc = _down_strip(acc, x_ptr, a_ptr, stride_x, stride_a, rows, row_ok, ranks, rank_ok, 2, gs, Q, K, u2, p, IEEE, UPCAST)
+        acc = _down_strip(acc, x_ptr, a_ptr, stride_x, stride_a, rows, row_ok, ranks, rank_ok, 3, gs, Q, K, u3, p, IEEE, UPCAST)
     out_ptr += split * stride_split + layer * RANK
     tl.store(out_ptr + rows[:, None] * stride_out + ranks[None, :], (acc * scale).to(out_ptr.dtype.element_ty),
              mask=row_ok[:, None] & rank_ok[None, :])
 
 
 @triton.jit
-def _up_strip(acc, grad_xa, a_ptr, stride_a, ranks, rank_ok, j: tl.constexpr, gs, Q, K, w0, w1, w2, w3, cutoff,
-              IEEE: tl.constexpr, UPCAST: tl.constexpr):
+def _up_strip(acc, grad_xa, a_ptr, stride_a, ranks, rank_ok, j: tl.constexpr, gs, Q, K, u, p, IEEE: tl.constexpr,
+              UPCAST: tl.constexpr):
     cols, col_ok = _strip(j, gs, Q, K)
     a = tl.load(a_ptr + ranks[:, None] * stride_a + cols[None, :], mask=rank_ok[:, None] & col_ok[None, :], other=0.0)
-    product = _dot(grad_xa, a, tl.zeros_like(acc), IEEE, UPCAST)
-    return acc + tl.where(_kept(w0, w1, w2, w3, j, cutoff), product, 0.0)
+    return acc + tl.where(u >= p, _dot(grad_xa, a, tl.zeros_like(acc), IEEE, UPCAST), 0.0)
 
 
 @triton.jit
@@ -160,7 +124,7 @@ def _add_strip(grad_x_ptr, stride_gx, rows, row_ok, j: tl.constexpr, gs, Q, K, a
 
 
 @triton.jit
-def _grad_x_kernel(grad_x_ptr, grad_xa_ptr, a_ptr, N, K, Q, stride_gx, stride_gxa, stride_a, seed, cutoff, scale,
+def _grad_x_kernel(grad_x_ptr, grad_xa_ptr, a_ptr, N, K, Q, stride_gx, stride_gxa, stride_a, seed, p, scale,
                    LAYERS: tl.constexpr, RANK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr,
                    BLOCK_G: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
     """grad_x += scale sum_l (grad_xa_l A_l) * d_l, in place: a program per tile, every layer at once."""
@@ -170,44 +134,30 @@ def _grad_x_kernel(grad_x_ptr, grad_xa_ptr, a_ptr, N, K, Q, stride_gx, stride_gx
     gs = tl.program_id(1) * BLOCK_G + tl.arange(0, BLOCK_G)
     ranks = tl.arange(0, BLOCK_R)
     rank_ok = ranks < RANK
-    # One accumulator per strip, held across the layers: grad_x is read and written once.
     acc0 = tl.zeros((BLOCK_M, BLOCK_G), tl.float32)
     acc1 = tl.zeros((BLOCK_M, BLOCK_G), tl.float32)
     acc2 = tl.zeros((BLOCK_M, BLOCK_G), tl.float32)
     acc3 = tl.zeros((BLOCK_M, BLOCK_G), tl.float32)
-    acc4 = tl.zeros((BLOCK_M, BLOCK_G), tl.float32)
-    acc5 = tl.zeros((BLOCK_M, BLOCK_G), tl.float32)
-    acc6 = tl.zeros((BLOCK_M, BLOCK_G), tl.float32)
-    acc7 = tl.zeros((BLOCK_M, BLOCK_G), tl.float32)
     for layer in tl.static_range(LAYERS):
         grad_xa = tl.load(grad_xa_ptr + rows[:, None] * stride_gxa + layer * RANK + ranks[None, :],
                           mask=row_ok[:, None] & rank_ok[None, :], other=0.0)
-        a = a_ptr + layer * RANK * stride_a
-        w0, w1, w2, w3 = _draw(seed + layer, rows, gs, Q)
-        acc0 = _up_strip(acc0, grad_xa, a, stride_a, ranks, rank_ok, 0, gs, Q, K, w0, w1, w2, w3, cutoff, IEEE, UPCAST)
-        acc1 = _up_strip(acc1, grad_xa, a, stride_a, ranks, rank_ok, 1, gs, Q, K, w0, w1, w2, w3, cutoff, IEEE, UPCAST)
-        acc2 = _up_strip(acc2, grad_xa, a, stride_a, ranks, rank_ok, 2, gs, Q, K, w0, w1, w2, w3, cutoff, IEEE, UPCAST)
-        acc3 = _up_strip(acc3, grad_xa, a, stride_a, ranks, rank_ok, 3, gs, Q, K, w0, w1, w2, w3, cutoff, IEEE, UPCAST)
-        acc4 = _up_strip(acc4, grad_xa, a, stride_a, ranks, rank_ok, 4, gs, Q, K, w0, w1, w2, w3, cutoff, IEEE, UPCAST)
-        acc5 = _up_strip(acc5, grad_xa, a, stride_a, ranks, rank_ok, 5, gs, Q, K, w0, w1, w2, w3, cutoff, IEEE, UPCAST)
-        acc6 = _up_strip(acc6, grad_xa, a, stride_a, ranks, rank_ok, 6, gs, Q, K, w0, w1, w2, w3, cutoff, IEEE, UPCAST)
-        acc7 = _up_strip(acc7, grad_xa, a, stride_a, ranks, rank_ok, 7, gs, Q, K, w0, w1, w2, w3, cutoff, IEEE, UPCAST)
+        layer_a = a_ptr + layer * RANK * stride_a
+        u0, u1, u2, u3 = tl.rand4x(seed + layer, rows[:, None] * Q + gs[None, :])
+        acc0 = _up_strip(acc0, grad_xa, layer_a, stride_a, ranks, rank_ok, 0, gs, Q, K, u0, p, IEEE, UPCAST)
+        acc1 = _up_strip(acc1, grad_xa, layer_a, stride_a, ranks, rank_ok, 1, gs, Q, K, u1, p, IEEE, UPCAST)
+        acc2 = _up_strip(acc2, grad_xa, layer_a, stride_a, ranks, rank_ok, 2, gs, Q, K, u2, p, IEEE, UPCAST)
+        acc3 = _up_strip(acc3, grad_xa, layer_a, stride_a, ranks, rank_ok, 3, gs, Q, K, u3, p, IEEE, UPCAST)
     _add_strip(grad_x_ptr, stride_gx, rows, row_ok, 0, gs, Q, K, acc0, scale)
     _add_strip(grad_x_ptr, stride_gx, rows, row_ok, 1, gs, Q, K, acc1, scale)
     _add_strip(grad_x_ptr, stride_gx, rows, row_ok, 2, gs, Q, K, acc2, scale)
     _add_strip(grad_x_ptr, stride_gx, rows, row_ok, 3, gs, Q, K, acc3, scale)
-    _add_strip(grad_x_ptr, stride_gx, rows, row_ok, 4, gs, Q, K, acc4, scale)
-    _add_strip(grad_x_ptr, stride_gx, rows, row_ok, 5, gs, Q, K, acc5, scale)
-    _add_strip(grad_x_ptr, stride_gx, rows, row_ok, 6, gs, Q, K, acc6, scale)
-    _add_strip(grad_x_ptr, stride_gx, rows, row_ok, 7, gs, Q, K, acc7, scale)
 
 
 @triton.jit
-def _grad_a_strip(acc, grad_xa_t, x_ptr, stride_x, rows, row_ok, j: tl.constexpr, gs, Q, K, w0, w1, w2, w3, cutoff,
-                  IEEE: tl.constexpr, UPCAST: tl.constexpr):
+def _grad_a_strip(acc, grad_xa_t, x_ptr, stride_x, rows, row_ok, j: tl.constexpr, gs, Q, K, u, p, IEEE: tl.constexpr,
+                  UPCAST: tl.constexpr):
     cols, col_ok = _strip(j, gs, Q, K)
-    x = _masked_rows(x_ptr, stride_x, rows, row_ok, cols, col_ok, _kept(w0, w1, w2, w3, j, cutoff))
-    return _dot(grad_xa_t, x, acc, IEEE, UPCAST)
+    return _dot(grad_xa_t, _masked_rows(x_ptr, stride_x, rows, row_ok, cols, col_ok, u, p), acc, IEEE, UPCAST)
 
 
 @triton.jit
@@ -217,7 +167,7 @@ def _store_strip(out_ptr, K, ranks, rank_ok, j: tl.constexpr, gs, Q, acc, scale)
 
 
 @triton.jit
-def _grad_a_kernel(grad_xa_ptr, x_ptr, out_ptr, N, K, Q, stride_gxa, stride_x, seed, cutoff, scale, rows_per_split,
+def _grad_a_kernel(grad_xa_ptr, x_ptr, out_ptr, N, K, Q, stride_gxa, stride_x, seed, p, scale, rows_per_split,
                    RANK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_G: tl.constexpr,
                    IEEE: tl.constexpr, UPCAST: tl.constexpr):
     """Layer program_id(2)'s fp32 partial grad_A over split program_id(1) of the rows: its RANK rows
@@ -231,48 +181,42 @@ def _grad_a_kernel(grad_xa_ptr, x_ptr, out_ptr, N, K, Q, stride_gxa, stride_x, s
     acc1 = tl.zeros((BLOCK_R, BLOCK_G), tl.float32)
     acc2 = tl.zeros((BLOCK_R, BLOCK_G), tl.float32)
     acc3 = tl.zeros((BLOCK_R, BLOCK_G), tl.float32)
-    acc4 = tl.zeros((BLOCK_R, BLOCK_G), tl.float32)
-    acc5 = tl.zeros((BLOCK_R, BLOCK_G), tl.float32)
-    acc6 = tl.zeros((BLOCK_R, BLOCK_G), tl.float32)
-    acc7 = tl.zeros((BLOCK_R, BLOCK_G), tl.float32)
     first = split * rows_per_split
     for m0 in range(first, tl.minimum(first + rows_per_split, N), BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M)
         row_ok = rows < N
         rows = rows.to(tl.int64)
-        g = tl.load(grad_xa_ptr + rows[None, :] * stride_gxa + layer * RANK + ranks[:, None],
-                    mask=rank_ok[:, None] & row_ok[None, :], other=0.0)  # grad_xa^T: (BLOCK_R, BLOCK_M)
-        w0, w1, w2, w3 = _draw(seed + layer, rows, gs, Q)
-        acc0 = _grad_a_strip(acc0, g, x_ptr, stride_x, rows, row_ok, 0, gs, Q, K, w0, w1, w2, w3, cutoff, IEEE, UPCAST)
-        acc1 = _grad_a_strip(acc1, g, x_ptr, stride_x, rows, row_ok, 1, gs, Q, K, w0, w1, w2, w3, cutoff, IEEE, UPCAST)
-        acc2 = _grad_a_strip(acc2, g, x_ptr, stride_x, rows, row_ok, 2, gs, Q, K, w0, w1, w2, w3, cutoff, IEEE, UPCAST)
-        acc3 = _grad_a_strip(acc3, g, x_ptr, stride_x, rows, row_ok, 3, gs, Q, K, w0, w1, w2, w3, cutoff, IEEE, UPCAST)
-        acc4 = _grad_a_strip(acc4, g, x_ptr, stride_x, rows, row_ok, 4, gs, Q, K, w0, w1, w2, w3, cutoff, IEEE, UPCAST)
-        acc5 = _grad_a_strip(acc5, g, x_ptr, stride_x, rows, row_ok, 5, gs, Q, K, w0, w1, w2, w3, cutoff, IEEE, UPCAST)
-        acc6 = _grad_a_strip(acc6, g, x_ptr, stride_x, rows, row_ok, 6, gs, Q, K, w0, w1, w2, w3, cutoff, IEEE, UPCAST)
-        acc7 = _grad_a_strip(acc7, g, x_ptr, stride_x, rows, row_ok, 7, gs, Q, K, w0, w1, w2, w3, cutoff, IEEE, UPCAST)
+        grad_xa_t = tl.load(grad_xa_ptr + rows[None, :] * stride_gxa + layer * RANK + ranks[:, None],
+                            mask=rank_ok[:, None] & row_ok[None, :], other=0.0)  # (BLOCK_R, BLOCK_M)
+        u0, u1, u2, u3 = tl.rand4x(seed + layer, rows[:, None] * Q + gs[None, :])
+        acc0 = _grad_a_strip(acc0, grad_xa_t, x_ptr, stride_x, rows, row_ok, 0, gs, Q, K, u0, p, IEEE, UPCAST)
+        acc1 = _grad_a_strip(acc1, grad_xa_t, x_ptr, stride_x, rows, row_ok, 1, gs, Q, K, u1, p, IEEE, UPCAST)
+        acc2 = _grad_a_strip(acc2, grad_xa_t, x_ptr, stride_x, rows, row_ok, 2, gs, Q, K, u2, p, IEEE, UPCAST)
+        acc3 = _grad_a_strip(acc3, grad_xa_t, x_ptr, stride_x, rows, row_ok, 3, gs, Q, K, u3, p, IEEE, UPCAST)
     out_ptr += (split * tl.num_programs(2) + layer) * RANK * K
     _store_strip(out_ptr, K, ranks, rank_ok, 0, gs, Q, acc0, scale)
     _store_strip(out_ptr, K, ranks, rank_ok, 1, gs, Q, acc1, scale)
     _store_strip(out_ptr, K, ranks, rank_ok, 2, gs, Q, acc2, scale)
     _store_strip(out_ptr, K, ranks, rank_ok, 3, gs, Q, acc3, scale)
-    _store_strip(out_ptr, K, ranks, rank_ok, 4, gs, Q, acc4, scale)
-    _store_strip(out_ptr, K, ranks, rank_ok, 5, gs, Q, acc5, scale)
-    _store_strip(out_ptr, K, ranks, rank_ok, 6, gs, Q, acc6, scale)
-    _store_strip(out_ptr, K, ranks, rank_ok, 7, gs, Q, acc7, scale)
 
 
 @triton.jit
-def _keep_mask_kernel(out_ptr, N, K, Q, seed, cutoff, BLOCK_M: tl.constexpr, BLOCK_G: tl.constexpr):
+def _store_keep(out_ptr, K, rows, row_ok, j: tl.constexpr, gs, Q, u, p):
+    cols, col_ok = _strip(j, gs, Q, K)
+    tl.store(out_ptr + rows[:, None] * K + cols[None, :], (u >= p).to(tl.int8), mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def _keep_mask_kernel(out_ptr, N, K, Q, seed, p, BLOCK_M: tl.constexpr, BLOCK_G: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < N
     rows = rows.to(tl.int64)
     gs = tl.program_id(1) * BLOCK_G + tl.arange(0, BLOCK_G)
-    w0, w1, w2, w3 = _draw(seed, rows, gs, Q)
-    for j in tl.static_range(STRIPS):
-        cols, col_ok = _strip(j, gs, Q, K)
-        tl.store(out_ptr + rows[:, None] * K + cols[None, :], _kept(w0, w1, w2, w3, j, cutoff).to(tl.int8),
-                 mask=row_ok[:, None] & col_ok[None, :])
+    u0, u1, u2, u3 = tl.rand4x(seed, rows[:, None] * Q + gs[None, :])
+    _store_keep(out_ptr, K, rows, row_ok, 0, gs, Q, u0, p)
+    _store_keep(out_ptr, K, rows, row_ok, 1, gs, Q, u1, p)
+    _store_keep(out_ptr, K, rows, row_ok, 2, gs, Q, u2, p)
+    _store_keep(out_ptr, K, rows, row_ok, 3, gs, Q, u3, p)
 
 
 def _check(x: torch.Tensor, p: float) -> None:
@@ -280,11 +224,6 @@ def _check(x: torch.Tensor, p: float) -> None:
         raise ValueError(f"dropout probability must be in (0, 1), got {p}")
     if x.stride(-1) != 1:
         raise ValueError("the rows must be contiguous in their last dim")
-
-
-def drop_cutoff(p: float) -> int:
-    """The 16-bit draw below which an element is dropped: p in units of 2^-16, never 0 or all."""
-    return min(HALF_WORD - 1, max(1, round(p * HALF_WORD)))
 
 
 def _rank_block(rank: int) -> int:
@@ -317,7 +256,7 @@ def dropout_down(x: torch.Tensor, lora_A: torch.Tensor, rank: int, seed: int, p:
     _check(x, p)
     N, K = x.shape
     layers = lora_A.shape[0] // rank
-    Q = triton.cdiv(K, STRIPS.value)
+    Q = triton.cdiv(K, 4)
     lora_A = lora_A.contiguous()
     row_blocks = triton.cdiv(N, BLOCK_ROWS)
     if k_splits is None:
@@ -328,7 +267,7 @@ def dropout_down(x: torch.Tensor, lora_A: torch.Tensor, rank: int, seed: int, p:
     target = out if k_splits == 1 else torch.empty(k_splits, N, layers * rank, dtype=torch.float32, device=x.device)
     _down_kernel[(row_blocks, layers, k_splits)](
         x, lora_A, target, N, K, Q, x.stride(0), lora_A.stride(0), target.stride(-2),
-        0 if k_splits == 1 else target.stride(0), seed, drop_cutoff(p), 1 / (1 - p), groups_per_split,
+        0 if k_splits == 1 else target.stride(0), seed, p, 1 / (1 - p), groups_per_split,
         RANK=rank, BLOCK_R=_rank_block(rank), BLOCK_M=BLOCK_ROWS, BLOCK_G=BLOCK_GROUPS,
         IEEE=x.dtype == torch.float32, UPCAST=x.device.type != "cuda", num_warps=NUM_WARPS)
     if k_splits > 1:
@@ -345,11 +284,11 @@ def dropout_grad_x(grad_x: torch.Tensor, grad_xa: torch.Tensor, lora_A: torch.Te
     _check(grad_x, p)
     N, K = grad_x.shape
     layers = lora_A.shape[0] // rank
-    Q = triton.cdiv(K, STRIPS.value)
+    Q = triton.cdiv(K, 4)
     lora_A = lora_A.contiguous()
     grid = (triton.cdiv(N, BLOCK_ROWS), triton.cdiv(Q, BLOCK_GROUPS))
     _grad_x_kernel[grid](
-        grad_x, grad_xa, lora_A, N, K, Q, grad_x.stride(0), grad_xa.stride(0), lora_A.stride(0), seed, drop_cutoff(p),
+        grad_x, grad_xa, lora_A, N, K, Q, grad_x.stride(0), grad_xa.stride(0), lora_A.stride(0), seed, p,
         1 / (1 - p), LAYERS=layers, RANK=rank, BLOCK_R=_rank_block(rank), BLOCK_M=BLOCK_ROWS, BLOCK_G=BLOCK_GROUPS,
         IEEE=grad_x.dtype == torch.float32, UPCAST=grad_x.device.type != "cuda", num_warps=NUM_WARPS)
 
@@ -360,12 +299,12 @@ def dropout_grad_a(grad_xa: torch.Tensor, x: torch.Tensor, rank: int, seed: int,
     _check(x, p)
     N, K = x.shape
     layers = grad_xa.shape[1] // rank
-    Q = triton.cdiv(K, STRIPS.value)
+    Q = triton.cdiv(K, 4)
     splits = min(ROW_SPLITS, triton.cdiv(N, BLOCK_ROWS))
     rows_per_split = triton.cdiv(triton.cdiv(N, splits), BLOCK_ROWS) * BLOCK_ROWS
     partial = torch.empty(splits, layers * rank, K, dtype=torch.float32, device=x.device)
     _grad_a_kernel[(triton.cdiv(Q, BLOCK_GROUPS), splits, layers)](
-        grad_xa, x, partial, N, K, Q, grad_xa.stride(0), x.stride(0), seed, drop_cutoff(p), 1 / (1 - p), rows_per_split,
+        grad_xa, x, partial, N, K, Q, grad_xa.stride(0), x.stride(0), seed, p, 1 / (1 - p), rows_per_split,
         RANK=rank, BLOCK_R=_rank_block(rank), BLOCK_M=BLOCK_ROWS, BLOCK_G=BLOCK_GROUPS,
         IEEE=x.dtype == torch.float32, UPCAST=x.device.type != "cuda", num_warps=NUM_WARPS)
     return partial.sum(0)
@@ -374,7 +313,7 @@ def dropout_grad_a(grad_xa: torch.Tensor, x: torch.Tensor, rank: int, seed: int,
 def keep_mask(N: int, K: int, seed: int, p: float, device: torch.device) -> torch.Tensor:
     """The (N, K) bool mask the kernels above apply for `seed`: for references and tests."""
     out = torch.empty(N, K, dtype=torch.int8, device=device)
-    Q = triton.cdiv(K, STRIPS.value)
+    Q = triton.cdiv(K, 4)
     _keep_mask_kernel[(triton.cdiv(N, BLOCK_ROWS), triton.cdiv(Q, BLOCK_GROUPS))](
-        out, N, K, Q, seed, drop_cutoff(p), BLOCK_M=BLOCK_ROWS, BLOCK_G=BLOCK_GROUPS)
+        out, N, K, Q, seed, p, BLOCK_M=BLOCK_ROWS, BLOCK_G=BLOCK_GROUPS)
     return out.bool()

@@ -7,7 +7,7 @@ the mask's random numbers alone, at Llama-3-8B shapes (one GPU, CUDA events).
 Per group (q/k/v: 3 layers reading x of width 4096; o_proj 1 x 4096; down_proj 1 x 14336) it
 prints microseconds and the effective bandwidth of x's reads and writes: the forward down-projection,
 grad_x (read and written), grad_A, each beside its GEMM without dropout, and Philox alone (the
-Philox draws every kernel repeats for its masks, counted per layer), so one can tell whether
+`tl.rand4x` draws every kernel repeats for its masks, counted per layer), so one can tell whether
 the kernels wait on memory or on the random numbers.
 """
 
@@ -31,20 +31,12 @@ GROUPS = [("q/k/v", 4096, 3), ("o_proj", 4096, 1), ("gate/up", 4096, 2), ("down_
 
 
 @triton.jit
-def _kept_halves(word, cutoff):
-    low, high = (word & 0xFFFF).to(tl.int32), (word >> 16).to(tl.int32)
-    return (low >= cutoff).to(tl.int32) + (high >= cutoff).to(tl.int32)
-
-
-@triton.jit
-def _philox_only(out_ptr, N, Q, seed, cutoff, BLOCK_M: tl.constexpr, BLOCK_G: tl.constexpr,
-                 ROUNDS: tl.constexpr):
-    """The kernels' draws for one layer (eight 16-bit halves a call), reduced to a count so that the
-    compiler keeps them."""
+def _philox_only(out_ptr, N, Q, seed, p, BLOCK_M: tl.constexpr, BLOCK_G: tl.constexpr):
+    """The kernels' draws for one layer, reduced to a count so that the compiler keeps them."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     gs = tl.program_id(1) * BLOCK_G + tl.arange(0, BLOCK_G)
-    w0, w1, w2, w3 = tl.randint4x(seed, rows[:, None].to(tl.int64) * Q + gs[None, :], ROUNDS)
-    kept = _kept_halves(w0, cutoff) + _kept_halves(w1, cutoff) + _kept_halves(w2, cutoff) + _kept_halves(w3, cutoff)
+    u0, u1, u2, u3 = tl.rand4x(seed, rows[:, None].to(tl.int64) * Q + gs[None, :])
+    kept = (u0 >= p).to(tl.int32) + (u1 >= p).to(tl.int32) + (u2 >= p).to(tl.int32) + (u3 >= p).to(tl.int32)
     tl.atomic_add(out_ptr, tl.sum(tl.sum(kept, 1), 0))
 
 
@@ -92,11 +84,10 @@ def main(argv=None) -> None:
             print(f"| {name} | {label} | {fused_us:.1f} | {gemm_us:.1f} | {fused_us / gemm_us:.2f}x "
                   f"| {moved / fused_us * 1e-6:.2f} |")
         count = torch.zeros((), device=device, dtype=torch.int32)
-        Q = triton.cdiv(K, kernels.STRIPS.value)
+        Q = triton.cdiv(K, 4)
         grid = (triton.cdiv(N, kernels.BLOCK_ROWS), triton.cdiv(Q, kernels.BLOCK_GROUPS))
-        philox_us = layers * microseconds(lambda: _philox_only[grid](
-            count, N, Q, seed, kernels.drop_cutoff(p), BLOCK_M=kernels.BLOCK_ROWS, BLOCK_G=kernels.BLOCK_GROUPS,
-            ROUNDS=kernels.PHILOX_ROUNDS))
+        philox_us = layers * microseconds(lambda: _philox_only[grid](count, N, Q, seed, p, BLOCK_M=kernels.BLOCK_ROWS,
+                                                                     BLOCK_G=kernels.BLOCK_GROUPS))
         total_philox += 3 * philox_us  # every pass redraws every layer's mask
         print(f"| {name} | Philox alone, {layers} layer(s) | {philox_us:.1f} | | | |")
     print(f"\none layer, all groups: fused {total_fused:.0f} us, dropout-free GEMMs {total_gemm:.0f} us, "

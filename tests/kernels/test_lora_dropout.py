@@ -8,7 +8,7 @@ from finetune.lora import project  # noqa: E402
 from finetune_kernels import lora_dropout  # noqa: E402
 from finetune_kernels.reference import lora_dropout_reference  # noqa: E402
 
-# Odd sizes: partial row blocks, K not a multiple of 8 (its last column strip is short), ranks
+# Odd sizes: partial row blocks, K not a multiple of 4 (its last column strip is short), ranks
 # below tl.dot's 16 and between powers of two.
 SHAPES = [(37, 45, 5), (70, 130, 16), (5, 7, 3)]
 
@@ -33,18 +33,6 @@ def test_masks_keep_one_minus_p_and_differ_by_seed(device):
     # Independent masks agree on p^2 + (1-p)^2 = 62.5% of elements.
     assert abs((a == b).float().mean().item() - 0.625) < 0.01
     assert torch.equal(a, lora_dropout.keep_mask(257, 129, 5, p, device))
-
-
-def test_the_halves_of_one_philox_word_are_independent_masks(device):
-    """Columns g and Q + g take the two 16-bit halves of one word; Q + g and 2Q + g the next word."""
-    p, K = 0.3, 129
-    Q = -(-K // lora_dropout.STRIPS.value)
-    keep = lora_dropout.keep_mask(2049, K, 11, p, device)
-    # p is rounded to a multiple of 2^-16 (0.3 -> 19661 / 65536), 4e-6 away: far inside the bounds below.
-    # 34.8k pairs each: the agreement rate's standard deviation is 0.0026; 0.01 is about four of them.
-    for first, second in ((keep[:, :Q], keep[:, Q:2 * Q]), (keep[:, Q:2 * Q], keep[:, 2 * Q:3 * Q])):
-        assert abs((first == second).float().mean().item() - (p * p + (1 - p) ** 2)) < 0.01
-    assert abs(keep.float().mean().item() - (1 - p)) < 0.005  # 264k draws: standard deviation 0.0009
 
 
 @pytest.mark.parametrize("N,K,rank", SHAPES)
@@ -81,7 +69,7 @@ def test_forward_and_backward_match_reference(device, N, K, rank, dtype):
 def test_forward_splits_of_k_sum_to_the_same_result(device, k_splits):
     """K split over programs (as on a card with few rows to fill it) adds up the partial sums."""
     torch.manual_seed(0)
-    N, K, rank, layers, p, seed = 37, 300, 5, 2, 0.3, 99  # 38 groups of 8 columns: 3 column tiles, the last short
+    N, K, rank, layers, p, seed = 37, 300, 5, 2, 0.3, 99  # 75 groups of 4 columns: 3 column tiles, the last short
     x, lora_A = torch.randn(N, K, device=device), torch.randn(layers * rank, K, device=device)
     xa = torch.zeros(N, layers * rank, device=device)
     lora_dropout.dropout_down(x, lora_A, rank, seed, p, out=xa, k_splits=k_splits)
