@@ -54,13 +54,33 @@ def _load_adapter(adapter_dir: Path, device: torch.device, impl):
     import peft
     from transformers import AutoTokenizer
 
-    from finetune.adapter_format import QuantRecord, read_config
-    from finetune.config import LoraConfig, ModelConfig, ModelImpl, QuantConfig, RunConfig
+    from finetune.config import ModelImpl
     from finetune.models import build_model, choose_impl, load_adapter_weights
     from finetune.models.native import MemoryLayout
     from finetune.models.hf import load_quantized_base
-    from finetune.models.source import ModelSource
     from finetune.plan.memory import decide_memory_layout
+
+    cfg, source = adapter_run_config(adapter_dir, impl)
+    tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
+    if choose_impl(cfg, source)[0] is ModelImpl.native:
+        # The memory plan decides, as for training, whether the 4-bit layers must stream from host
+        # memory (a 70B on a 24 GB card); generation then streams them once per step for the batch.
+        layout = decide_memory_layout(cfg, source, ModelImpl.native, "finetune.load", device, [])
+        model = build_model(cfg, device, layout=MemoryLayout(stream_weights=layout.stream_weights), source=source,
+                            impl=ModelImpl.native).model
+        load_adapter_weights(model, adapter_dir)
+        return model.eval(), tokenizer
+    compute_dtype = getattr(torch, cfg.quant.bnb_4bit_compute_dtype.value)
+    base = load_quantized_base(source, cfg.model, cfg.quant, compute_dtype, device)
+    return peft.PeftModel.from_pretrained(base, adapter_dir).eval(), tokenizer
+
+
+def adapter_run_config(adapter_dir: Path, impl):
+    """(RunConfig, ModelSource) that rebuild an adapter's model as it was trained: its local base,
+    the quantization of its finetune_quantization.json and its LoRA settings."""
+    from finetune.adapter_format import QuantRecord, read_config
+    from finetune.config import LoraConfig, ModelConfig, ModelImpl, QuantConfig, RunConfig
+    from finetune.models.source import ModelSource
 
     adapter = read_config(adapter_dir)
     base_dir = Path(adapter["base_model_name_or_path"])
@@ -74,8 +94,6 @@ def _load_adapter(adapter_dir: Path, device: torch.device, impl):
         bnb_4bit_compute_dtype=record.bnb_4bit_compute_dtype,
         torch_dtype=record.torch_dtype,
     )
-    tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
-    source = ModelSource.from_directory(base_dir)
     # The native path attaches one rank and scaling to every targeted layer; peft loads anything else.
     uniform = not adapter.get("rank_pattern") and not adapter.get("alpha_pattern")
     cfg = RunConfig(name="load", output_dir="unused", quant=quant,
@@ -84,16 +102,7 @@ def _load_adapter(adapter_dir: Path, device: torch.device, impl):
                     lora=LoraConfig(r=adapter["r"], lora_alpha=adapter["lora_alpha"],
                                     target_modules=adapter["target_modules"],
                                     use_rslora=bool(adapter.get("use_rslora")), use_dora=bool(adapter.get("use_dora"))))
-    if choose_impl(cfg, source)[0] is ModelImpl.native:
-        # The memory plan decides, as for training, whether the 4-bit layers must stream from host
-        # memory (a 70B on a 24 GB card); generation then streams them once per step for the batch.
-        layout = decide_memory_layout(cfg, source, ModelImpl.native, "finetune.load", device, [])
-        model = build_model(cfg, device, layout=MemoryLayout(stream_weights=layout.stream_weights), source=source,
-                            impl=ModelImpl.native).model
-        load_adapter_weights(model, adapter_dir)
-        return model.eval(), tokenizer
-    base = load_quantized_base(source, cfg.model, quant, getattr(torch, record.bnb_4bit_compute_dtype.value), device)
-    return peft.PeftModel.from_pretrained(base, adapter_dir).eval(), tokenizer
+    return cfg, ModelSource.from_directory(base_dir)
 
 
 def _load_merged(model_dir: Path, device: torch.device):

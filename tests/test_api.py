@@ -3,8 +3,12 @@
 import json
 
 import pytest
+import torch
 
 import finetune
+from finetune.api import adapter_run_config
+from finetune.config import ModelImpl
+from finetune.plan.memory import decide_memory_layout
 from finetune.errors import UserError
 from finetune.evaluate import generate_answer
 
@@ -20,6 +24,11 @@ def test_train_then_load_round_trip(tmp_path, cache_dir):
     model, tokenizer = finetune.load(result.adapter_dir)
     answer = generate_answer(model, tokenizer, [{"role": "user", "content": "Where does the frog live?"}], 4)
     assert isinstance(answer, str)
+    # On a GPU, load plans the memory layout from the saved adapter's settings (only CUDA plans):
+    # its target_modules, our layers' full names, once stopped every GPU load there.
+    cfg, source = adapter_run_config(result.adapter_dir, ModelImpl.auto)
+    layout = decide_memory_layout(cfg, source, ModelImpl.native, "finetune.load", torch.device("cuda"), [])
+    assert not layout.stream_weights and not layout.park_checkpoints  # the demo fits any card
 
 
 def test_api_rejects_unknown_keys_naming_them():

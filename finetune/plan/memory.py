@@ -140,15 +140,22 @@ def dense_weight_bytes(arch: dict, dtype_bytes: int) -> int:
 
 
 def lora_targets(target_modules) -> tuple[str, ...]:
-    """The projections a lora.target_modules setting adapts ("all-linear": all seven, as peft does)."""
+    """The projections a lora.target_modules setting adapts ("all-linear": all seven, as peft does).
+
+    An entry may also be a module's full name: saved adapters (ours and peft's "all-linear") list
+    the adapted layers as "model.layers.0.self_attn.q_proj", and loading one plans with that list.
+    Its projection then counts for every layer, which over-counts only the small LoRA matrices of
+    an adapter that skips some layers.
+    """
     if target_modules == "all-linear":
         return PROJECTIONS
     names = [target_modules] if isinstance(target_modules, str) else list(target_modules)
-    unknown = [name for name in names if name not in PROJECTIONS]
+    projections = {name.rsplit(".", 1)[-1] for name in names}
+    unknown = [name for name in names if name.rsplit(".", 1)[-1] not in PROJECTIONS]
     if unknown:
         raise ConfigError(f"the memory plan knows the projections {', '.join(PROJECTIONS)} (or 'all-linear'), "
                           f"not lora.target_modules entry {unknown[0]!r}.")
-    return tuple(name for name in PROJECTIONS if name in names)
+    return tuple(name for name in PROJECTIONS if name in projections)
 
 
 def lora_tensor_sizes(arch: dict, r: int, targets) -> list[int]:

@@ -84,6 +84,18 @@ def test_unknown_lora_target_is_a_config_error():
         memory.lora_targets(["q_proj", "lm_head"])
 
 
+def test_an_adapters_full_module_names_plan_like_the_projections_they_name():
+    """A saved adapter lists its layers by full name; loading it on a GPU plans with that list."""
+    layers = range(LLAMA3_8B["num_hidden_layers"])
+    full = [f"model.layers.{i}.{part}.{name}" for i in layers
+            for part, names in (("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")),
+                                ("mlp", ("gate_proj", "up_proj", "down_proj"))) for name in names]
+    assert memory.lora_targets(full) == memory.lora_targets("all-linear")
+    assert memory.lora_targets(["model.layers.3.self_attn.v_proj", "q_proj"]) == ("q_proj", "v_proj")
+    with pytest.raises(ConfigError, match="lm_head"):
+        memory.lora_targets(["model.layers.3.self_attn.v_proj", "lm_head"])
+
+
 def test_optimizer_states():
     sizes = [65536, 100]
     assert memory.optimizer_state_bytes(sizes, Optimizer.adamw) == 8 * 65636
