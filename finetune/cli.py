@@ -36,8 +36,9 @@ def quiet_libraries() -> None:
 
 
 def check_overrides(overrides: list[str]) -> None:
-    """Compose once before Hydra runs, so bad overrides get our one-line message and exit code 2."""
-    compose(overrides)
+    """Compose and validate once before Hydra runs, so bad overrides get our one-line message and
+    exit code 2, before the recipe's imports (bitsandbytes alone takes seconds) have started."""
+    compose(overrides).validate()
 
 
 register_configs()

@@ -15,9 +15,14 @@ REQUIRED = ("torch", "bitsandbytes", "peft", "transformers", "accelerate", "data
 
 def start(command: str) -> None:
     """Stop with one line when the environment lacks the dependencies; then keep hub code out."""
+    check_dependencies(command)
+    keep_hub_code_out()
+
+
+def check_dependencies(command: str) -> None:
+    """Stop with one line when the environment lacks the dependencies."""
     missing = [name for name in REQUIRED if importlib.util.find_spec(name) is None]
     if missing:
         sys.exit(f"error: {', '.join(missing)} not installed in {sys.executable}. Run `scripts/venv-run "
                  f"{command}` (it creates .venv from requirements/cpu.lock; FINETUNE_LOCK=cuda on a GPU box), "
                  f"or `pip install -r requirements/cpu.lock -e .` in your environment.")
-    keep_hub_code_out()

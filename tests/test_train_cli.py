@@ -1,10 +1,12 @@
 """The real CLI, end to end, on the demo recipe: the output contract other tools rely on."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 
-from runner import run_train
+from runner import REPO, run_train
 
 
 def read_metrics(path):
@@ -80,10 +82,16 @@ def test_unknown_key_exits_nonzero_naming_the_key(tmp_path):
 
 
 def test_bad_value_exits_2_without_traceback_or_output(tmp_path):
-    result = run_train("optim.lr=-1", f"output_dir={tmp_path / 'never'}")
+    result = subprocess.run([sys.executable, "-X", "importtime", str(REPO / "train.py"), "optim.lr=-1",
+                             f"output_dir={tmp_path / 'never'}"], cwd=REPO, capture_output=True, text=True,
+                            timeout=300)
     assert result.returncode == 2
     assert "optim.lr must be positive" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "never").exists()
+    # The values are checked before the training stack is imported (torch and bitsandbytes alone
+    # take seconds), so a typo costs the user a fraction of a second.
+    imported = {line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")}
+    assert "torch" not in imported and "bitsandbytes" not in imported
 
 
 def test_missing_model_dir_names_it(tmp_path):
