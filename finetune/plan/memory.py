@@ -150,8 +150,8 @@ def lora_targets(target_modules) -> tuple[str, ...]:
     if target_modules == "all-linear":
         return PROJECTIONS
     names = [target_modules] if isinstance(target_modules, str) else list(target_modules)
-    projections = {name.rsplit(".", 1)[-1] for name in names}
-    unknown = [name for name in names if name.rsplit(".", 1)[-1] not in PROJECTIONS]
+    projections = [name.rsplit(".", 1)[-1] for name in names]
+    unknown = [name for name, projection in zip(names, projections) if projection not in PROJECTIONS]
     if unknown:
         raise ConfigError(f"the memory plan knows the projections {', '.join(PROJECTIONS)} (or 'all-linear'), "
                           f"not lora.target_modules entry {unknown[0]!r}.")
