@@ -32,6 +32,7 @@ from dataclasses import dataclass, field, replace
 
 from finetune.config import (ConfigError, Dtype, HardwareConfig, ModelImpl, ObjectiveName, OffloadMode, Optimizer,
                              RunConfig)
+from finetune.lora import select_targets
 from finetune.models import MemoryLayout, choose_impl
 from finetune.models.native.streaming import SLOTS
 from finetune.models.source import ModelSource, locate_source
@@ -139,23 +140,19 @@ def dense_weight_bytes(arch: dict, dtype_bytes: int) -> int:
     return (matrices * V * C + norms * C) * dtype_bytes
 
 
-def lora_targets(target_modules) -> tuple[str, ...]:
-    """The projections a lora.target_modules setting adapts ("all-linear": all seven, as peft does).
+def lora_targets(target_modules, layers: int = 1) -> tuple[str, ...]:
+    """The projections a lora.target_modules setting adapts in a decoder of `layers` layers, matched
+    as the LoRA layers match it (finetune.lora.select_targets, peft's rules): "all-linear", a regular
+    expression over full names, or a list of names or name suffixes. Saved adapters list full names
+    ("model.layers.0.self_attn.q_proj"), and loading one plans with that list.
 
-    An entry may also be a module's full name: saved adapters (ours and peft's "all-linear") list
-    the adapted layers as "model.layers.0.self_attn.q_proj", and loading one plans with that list.
-    Its projection then counts for every layer, which over-counts only the small LoRA matrices of
-    an adapter that skips some layers.
+    A projection adapted in any layer counts for every layer, which over-counts only the small LoRA
+    matrices of an adapter that skips some layers.
     """
-    if target_modules == "all-linear":
-        return PROJECTIONS
-    names = [target_modules] if isinstance(target_modules, str) else list(target_modules)
-    projections = [name.rsplit(".", 1)[-1] for name in names]
-    unknown = [name for name, projection in zip(names, projections) if projection not in PROJECTIONS]
-    if unknown:
-        raise ConfigError(f"the memory plan knows the projections {', '.join(PROJECTIONS)} (or 'all-linear'), "
-                          f"not lora.target_modules entry {unknown[0]!r}.")
-    return tuple(name for name in PROJECTIONS if name in projections)
+    names = [f"model.layers.{layer}.{'mlp' if name in MLP_PROJECTIONS else 'self_attn'}.{name}"
+             for layer in range(layers) for name in PROJECTIONS]
+    selected = {name.rsplit(".", 1)[-1] for name in select_targets(names, target_modules)}
+    return tuple(name for name in PROJECTIONS if name in selected)
 
 
 def lora_tensor_sizes(arch: dict, r: int, targets) -> list[int]:
@@ -612,7 +609,7 @@ def plan_for_run(cfg: RunConfig, source: ModelSource, impl: ModelImpl, impl_reas
         arch=arch, impl=impl, compute_bytes=compute_bytes,
         dense_bytes=compute_bytes if impl is ModelImpl.native else DTYPE_BYTES[cfg.quant.torch_dtype],
         double_quant=cfg.quant.bnb_4bit_use_double_quant, r=cfg.lora.r,
-        targets=lora_targets(cfg.lora.target_modules),
+        targets=lora_targets(cfg.lora.target_modules, L),
         # The native path's kernels redraw dropout masks from a seed (kernels/lora_dropout.py): none is stored.
         lora_dropout=0.0 if impl is ModelImpl.native and cfg.model.use_kernels else cfg.lora.lora_dropout,
         optimizer=cfg.optim.name,

@@ -79,21 +79,20 @@ def test_lora_count_and_dtype_match_peft_on_the_real_8b_architecture():
     assert {p.dtype for p in lora} == {torch.float32}
 
 
-def test_unknown_lora_target_is_a_config_error():
-    with pytest.raises(ConfigError, match="lm_head"):
-        memory.lora_targets(["q_proj", "lm_head"])
-
-
-def test_an_adapters_full_module_names_plan_like_the_projections_they_name():
-    """A saved adapter lists its layers by full name; loading it on a GPU plans with that list."""
-    layers = range(LLAMA3_8B["num_hidden_layers"])
-    full = [f"model.layers.{i}.{part}.{name}" for i in layers
+def test_targets_are_matched_as_the_lora_layers_match_them():
+    """Full names (what a saved adapter lists: loading one on a GPU plans with them), regular
+    expressions and suffixes, by peft's rules as finetune.lora applies them."""
+    layers = LLAMA3_8B["num_hidden_layers"]
+    full = [f"model.layers.{i}.{part}.{name}" for i in range(layers)
             for part, names in (("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")),
                                 ("mlp", ("gate_proj", "up_proj", "down_proj"))) for name in names]
-    assert memory.lora_targets(full) == memory.lora_targets("all-linear")
-    assert memory.lora_targets(["model.layers.3.self_attn.v_proj", "q_proj"]) == ("q_proj", "v_proj")
-    with pytest.raises(ConfigError, match="lm_head"):
-        memory.lora_targets(["model.layers.3.self_attn.v_proj", "lm_head"])
+    assert memory.lora_targets(full, layers) == memory.lora_targets("all-linear")
+    assert memory.lora_targets(["model.layers.3.self_attn.v_proj", "q_proj"], layers) == ("q_proj", "v_proj")
+    assert memory.lora_targets(r".*\.(q|v)_proj", layers) == ("q_proj", "v_proj")
+    assert memory.lora_targets(r"model\.layers\.(1[0-9])\.mlp\..*", layers) == memory.MLP_PROJECTIONS
+    for unknown in (["model.layers.3.self_attn.v_proj", "lm_head"], r".*lm_head"):
+        with pytest.raises(ConfigError, match="lm_head"):
+            memory.lora_targets(unknown, layers)
 
 
 def test_optimizer_states():
