@@ -52,10 +52,13 @@ def _strip(j: tl.constexpr, gs, Q, K):
 @triton.jit
 def _masked_rows(ptr, stride, rows, row_ok, cols, col_ok, u, p):
     """(BLOCK_ROWS, BLOCK_GROUPS) of a row-major matrix with the dropped elements zeroed."""
-    # Dropped elements are masked out of the load itself: a select between the loaded tile and zeros
-    # that then feeds tl.dot fails Triton 3.7's lowering on sm90.
-    keep = row_ok[:, None] & col_ok[None, :] & (u >= p)
-    return tl.load(ptr + rows[:, None] * stride + cols[None, :], mask=keep, other=0.0)
+    # The keep mask is applied after the load, not as its mask: a per-element load mask makes every
+    # element its own 2-byte load (ptxas for sm90), where a tile bounded by rows and columns alone
+    # is fetched in 16-byte asynchronous copies. A multiply, as torch's dropout does (so an inf that
+    # is dropped gives NaN there too), because a select feeding tl.dot fails Triton 3.7's lowering on
+    # sm90; in fp32, because Triton's CPU interpreter multiplies bf16 by a cast mask wrongly.
+    tile = tl.load(ptr + rows[:, None] * stride + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+    return (tile.to(tl.float32) * (u >= p).to(tl.float32)).to(tile.dtype)
 
 
 @triton.jit
