@@ -3,6 +3,7 @@ transformers, sampling against the formulas written here, stop rules, streaming,
 front (finetune.generation) over the generic path."""
 
 from dataclasses import replace
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -58,6 +59,27 @@ def assert_cached_logits_match_the_full_forward(model, tolerance: float, steps: 
 def test_native_cached_logits_equal_the_full_forward_at_every_step(checkpoints, family):
     # 19 tokens: past Mistral's window of 8.
     assert_cached_logits_match_the_full_forward(with_adapter(native_model(checkpoints(family))), 1e-5)
+
+
+def test_cache_attention_keeps_cudnn_out(checkpoints, monkeypatch):
+    # cuDNN builds a graph for every new key length, one a step as the cache grows (1.6 ms of host
+    # time per layer and step on an H100): decoding must not reach it. The flag is global state
+    # that the CPU can read, while the backend itself only exists on a GPU.
+    from finetune.models.native import decoding
+
+    seen = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def attention(*args, **kwargs):
+        seen.append(torch.backends.cuda.cudnn_sdp_enabled())
+        return sdpa(*args, **kwargs)
+
+    model = native_model(checkpoints("llama"))
+    monkeypatch.setattr(decoding, "F", SimpleNamespace(scaled_dot_product_attention=attention))
+    assert torch.backends.cuda.cudnn_sdp_enabled()
+    assert_cached_logits_match_the_full_forward(model, 1e-5, steps=2)
+    assert seen and not any(seen)
+    assert torch.backends.cuda.cudnn_sdp_enabled()  # the training path's choice is left as it was
 
 
 # bf16 keeps 8 significant bits (relative rounding up to 2^-9 ~ 0.2% a value). The cached and full
