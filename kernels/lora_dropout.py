@@ -53,8 +53,8 @@ def _strip(j: tl.constexpr, gs, Q, K):
 def _masked_rows(ptr, stride, rows, row_ok, cols, col_ok, u, p):
     """(BLOCK_ROWS, BLOCK_GROUPS) of a row-major matrix with the dropped elements zeroed."""
     # The keep mask is applied after the load, not as its mask: a per-element load mask makes every
-    # element its own 2-byte load (ptxas for sm90), where a tile bounded by rows and columns alone
-    # is fetched in 16-byte asynchronous copies. A multiply, as torch's dropout does (so an inf that
+    # element its own 2-byte load (Triton 3.7's PTX for sm90), where a tile bounded by rows and columns
+    # alone is fetched in 16-byte asynchronous copies. A multiply, as torch's dropout does (so an inf that
     # is dropped gives NaN there too), because a select feeding tl.dot fails Triton 3.7's lowering on
     # sm90; in fp32, because Triton's CPU interpreter multiplies bf16 by a cast mask wrongly.
     tile = tl.load(ptr + rows[:, None] * stride + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
