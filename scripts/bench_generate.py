@@ -4,6 +4,9 @@
     python scripts/bench_generate.py --model BASE_DIR --adapter RUN/adapter --batch-sizes 1,16
     python scripts/bench_generate.py --smoke        # a tiny random model on the CPU: checks the script runs
 
+Sides: `ours` (decode steps replayed from CUDA graphs on a GPU), `ours-eager` (the same steps
+launched one kernel at a time: what the graphs save) and `hf`.
+
 Both sides load the same 4-bit base (NF4, double quantization, the adapter's training settings)
 and the same adapter through `finetune.load` (impl=native: ours; impl=hf: transformers' 4-bit
 model with peft's LoRA over it). Without --adapter a random all-linear r=16 adapter is written for
@@ -99,7 +102,9 @@ def bench_side(side: str, adapter: Path, device: torch.device, batch_sizes: list
                new_tokens: int, vocab: int, repeats: int) -> list[dict]:
     import finetune
 
-    model, _ = finetune.load(adapter, device=str(device), impl="native" if side == "ours" else "hf")
+    model, _ = finetune.load(adapter, device=str(device), impl="hf" if side == "hf" else "native")
+    if side == "ours-eager":
+        model.cuda_graph_decoding = False
     if side == "hf":
         model.generation_config.eos_token_id = None  # the model's own default would stop rows early
     rows = []
@@ -111,7 +116,7 @@ def bench_side(side: str, adapter: Path, device: torch.device, batch_sizes: list
         total, tokens = min(run[0] for run in runs), runs[0][1]
         row = dict(side=side, batch=batch, prefill_s=one, total_s=total,
                    decode_tok_s=batch * (new_tokens - 1) / max(total - one, 1e-9), tokens=tokens.cpu())
-        if side == "ours":
+        if side != "hf":
             row["step_bytes"] = decode_bytes(model, batch, prompt_tokens + new_tokens // 2)
         rows.append(row)
     del model
@@ -140,6 +145,10 @@ def table(rows: list[dict], bandwidth_gbs: float | None) -> str:
         lines[-1] += (f"{h['decode_tok_s']:,.1f} | " if h else "- | ") + f"{ratio} | {same} | "
         lines[-1] += (f"{o['prefill_s']:.3f} | " if o else "- | ") + (f"{h['prefill_s']:.3f} | " if h else "- | ")
         lines[-1] += f"{gb} | {bound} | {share} |"
+    for row in rows:
+        if row["side"] not in ("ours", "hf"):
+            lines.append(f"{row['side']}, batch {row['batch']}: {row['decode_tok_s']:,.1f} decode tok/s, "
+                         f"prefill {row['prefill_s']:.3f} s")
     return "\n".join(lines)
 
 

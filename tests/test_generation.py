@@ -42,23 +42,36 @@ def prompts(*lengths: int) -> list[list[int]]:
 
 # ---------------------------------------------------------------- the cache computes what the full forward does
 
-def assert_cached_logits_match_the_full_forward(model, tolerance: float, steps: int = 10, device=torch.device("cpu")):
+def assert_cached_logits_match_the_full_forward(model, tolerance: float, steps: int = 10, device=torch.device("cpu"),
+                                                cuda_graphs: bool = False, width_step: int | None = None):
+    """Prefill two left-padded prompts, then decode step by step (decoding.DecodeSteps, as generate
+    does), each step's logits against the no-cache forward over the whole text so far."""
+    from finetune.models.native.decoding import DecodeSteps
+
     ids, mask = (t.to(device) for t in left_padded(prompts(9, 5)))  # the second row left-padded by 4
     with torch.no_grad():
         cache = model.new_cache(2, ids.shape[1] + steps)
+        decode = DecodeSteps(model, cache, cuda_graphs, width_step)
         cached = model.next_token_logits(ids, mask, cache)
         for _ in range(steps):
             full = model(input_ids=ids, attention_mask=mask).logits[:, -1]
             assert relative_error(cached, full) <= tolerance
             next_token = full.argmax(-1)[:, None]
             ids, mask = torch.cat([ids, next_token], 1), torch.cat([mask, torch.ones_like(next_token)], 1)
-            cached = model.next_token_logits(next_token, None, cache)
+            cached = decode(next_token[:, 0])
 
 
 @pytest.mark.parametrize("family", NATIVE_FAMILIES)
 def test_native_cached_logits_equal_the_full_forward_at_every_step(checkpoints, family):
     # 19 tokens: past Mistral's window of 8.
     assert_cached_logits_match_the_full_forward(with_adapter(native_model(checkpoints(family))), 1e-5)
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral"])
+def test_fixed_width_decode_steps_ignore_the_slots_not_yet_filled(checkpoints, family):
+    """The steps CUDA graphs replay attend to a fixed number of slots (widths 16, then all 19 here),
+    most of them not written yet; the mask must keep them out, the window too (Mistral's 8)."""
+    assert_cached_logits_match_the_full_forward(with_adapter(native_model(checkpoints(family))), 1e-5, width_step=8)
 
 
 def test_cache_attention_keeps_cudnn_out(checkpoints, monkeypatch):
@@ -107,6 +120,36 @@ def test_gpu_cached_logits_with_the_kernels_in_bf16(checkpoints, cuda, family):
     torch.manual_seed(0)  # LoRA A's draw: the bf16 differences depend on it
     model = native_model(model_dir, bf16_config(model_dir), device=cuda, compute_dtype=torch.bfloat16)
     assert_cached_logits_match_the_full_forward(with_adapter(model), BF16_TOLERANCE, device=cuda)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", ["llama", "mistral"])
+def test_gpu_decode_steps_replayed_from_cuda_graphs_compute_the_full_forward(checkpoints, cuda, family):
+    # Widths 16 then 19: a capture each, the replays in between. The graphs' logits against the
+    # full forward's at every step, with BF16_TOLERANCE's reasoning.
+    model_dir = checkpoints(family)
+    torch.manual_seed(0)
+    model = native_model(model_dir, bf16_config(model_dir), device=cuda, compute_dtype=torch.bfloat16)
+    assert_cached_logits_match_the_full_forward(with_adapter(model), BF16_TOLERANCE, device=cuda, cuda_graphs=True,
+                                                width_step=8)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows", [1, 3, 12])  # 12 rows: past the fused 4-bit kernel's, dequantized weights
+def test_gpu_generate_with_cuda_graphs_gives_the_eager_tokens(checkpoints, cuda, rows, monkeypatch):
+    from finetune.models.native import decoding
+
+    monkeypatch.setattr(decoding, "GRAPH_WIDTH_STEP", 16)  # four captures in 40 tokens, replays between
+    model_dir = checkpoints("llama")
+    torch.manual_seed(0)
+    model = with_adapter(native_model(model_dir, bf16_config(model_dir), device=cuda, compute_dtype=torch.bfloat16))
+    ids, mask = (t.to(cuda) for t in left_padded(prompts(*range(3, 3 + rows))))
+    config = GenerationConfig(max_new_tokens=40, do_sample=False, pad_token_id=0)
+    assert model.cuda_graph_decoding
+    graphed = model.generate(ids, mask, generation_config=config)
+    model.cuda_graph_decoding = False
+    eager = model.generate(ids, mask, generation_config=config)
+    assert torch.equal(graphed, eager)
 
 
 def test_generic_cached_logits_equal_the_full_forward_at_every_step(checkpoints):

@@ -386,12 +386,15 @@ class Decoder(nn.Module):
                 linear.keep_dequantized = index < layers
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, cu_seqlens=None,
-                cache: decoding.KVCache | None = None, shared: bool = False):
+                cache: decoding.KVCache | None = None, shared: bool = False, decode_width: int | None = None):
         """`cache`: decoding (decoding.py); the new tokens' keys and values join it, positions follow on
-        (`shared`: one row of tokens that every row of the cache continues with)."""
+        (`shared`: one row of tokens that every row of the cache continues with; `decode_width`: one
+        token per row at the cache's slot, attending to that many slots: KVCache.extend_one)."""
         if cache is None:
             position_ids, layout = plan_attention(input_ids, attention_mask, position_ids, cu_seqlens,
                                                   self.use_varlen)
+        elif decode_width is not None:
+            position_ids = cache.extend_one(decode_width)
         else:
             position_ids = cache.extend(attention_mask, input_ids.shape[1], rows=1 if shared else None)
         angles = position_ids[..., None].float() * self.inv_freq  # (B, T, D/2)
@@ -428,6 +431,7 @@ class NativeCausalLM(nn.Module):
     """The frozen 4-bit decoder plus LoRA; meets `finetune.models.protocol.TrainableModel`."""
 
     takes_packed_boundaries = True
+    cuda_graph_decoding = True  # decoding.DecodeSteps replays graphs on CUDA (False: eager steps, for comparison)
 
     def __init__(self, args: ModelArgs, ops: Ops, device: torch.device, name_or_path: str = ""):
         super().__init__()
@@ -494,6 +498,14 @@ class NativeCausalLM(nn.Module):
         `shared`: input_ids is one row (1, T) that every row of the cache continues with.
         """
         hidden = self.model(input_ids, attention_mask, cache=cache, shared=shared)  # (B, T, C)
+        return self.lm_head(hidden[:, -1])
+
+    @torch.no_grad()
+    def decode_step(self, tokens: torch.Tensor, cache: decoding.KVCache, width: int) -> torch.Tensor:
+        """One token per row (B, 1) into the cache's slot `cache.slot`, attending to its first `width`
+        slots; the logits (B, V). Fixed shapes and no host synchronization: decoding.DecodeSteps
+        captures it as a CUDA graph."""
+        hidden = self.model(tokens, cache=cache, decode_width=width)  # (B, 1, C)
         return self.lm_head(hidden[:, -1])
 
     def fsdp_wrap_policy(self) -> ModuleWrapPolicy:
