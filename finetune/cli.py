@@ -12,7 +12,7 @@ from omegaconf import DictConfig
 from finetune.compose import RECIPES_DIR, compose, to_run_config
 from finetune.config import register_configs
 from finetune.errors import TrainingStopped, UserError
-from finetune.hub_code import keep_hub_code_out
+from finetune.hub_code import switch_off_hub_code
 
 
 def quiet_libraries() -> None:
@@ -46,9 +46,10 @@ register_configs()
 
 @hydra.main(version_base="1.3", config_path=str(RECIPES_DIR), config_name="train")
 def train_main(cfg: DictConfig) -> dict:
-    keep_hub_code_out()
+    # bitsandbytes is imported (guarded) by the recipe right before it builds the model, so that
+    # the checks before that (paths, devices, the model's config) answer without its 5 s import.
+    switch_off_hub_code()
     quiet_libraries()
-    # Only now: the recipe imports bitsandbytes, which must not fetch hub kernels.
     from finetune.recipe import run
 
     try:

@@ -20,8 +20,11 @@ Two pings carry nothing a run needs and are always off (a value the user set win
 local file load, and huggingface_hub sends telemetry.
 
 Every entry point (`train.py`, the merge script, `finetune.train`/`finetune.load`, bench.py)
-calls `keep_hub_code_out()` before anything imports bitsandbytes. Opt in with
-`FINETUNE_HUB_KERNELS=1` in the environment. Importing `finetune` itself changes nothing.
+calls `keep_hub_code_out()` before anything imports bitsandbytes. `train.py` sets the switches
+at once (`switch_off_hub_code`) and leaves the guarded import of bitsandbytes (about 5 s) to the
+recipe, right before it builds the model, so that a mistake found before then is reported without
+waiting for it. Opt in with `FINETUNE_HUB_KERNELS=1` in the environment. Importing `finetune`
+itself changes nothing.
 """
 
 from __future__ import annotations
@@ -49,14 +52,20 @@ def keep_hub_code_out() -> None:
     The libraries read these switches when first imported, so this runs before they are. A
     switch the user set explicitly in the environment is left as it is.
     """
+    switch_off_hub_code()
+    if not hub_kernels_allowed() and "bitsandbytes" not in sys.modules:
+        _import_bitsandbytes_without_hub_kernels()
+
+
+def switch_off_hub_code() -> None:
+    """The environment switches of `keep_hub_code_out`, without importing bitsandbytes: whoever
+    calls this must call `keep_hub_code_out` before anything imports bitsandbytes."""
     for name, value in TELEMETRY_SWITCHES.items():
         os.environ.setdefault(name, value)
     if hub_kernels_allowed():
         return
     for name, value in HUB_CODE_SWITCHES.items():
         os.environ.setdefault(name, value)
-    if "bitsandbytes" not in sys.modules:
-        _import_bitsandbytes_without_hub_kernels()
 
 
 def _import_bitsandbytes_without_hub_kernels() -> None:

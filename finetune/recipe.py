@@ -25,6 +25,7 @@ from finetune.config import ConfigError, ModelImpl, ObjectiveName, RunConfig
 from finetune.errors import TrainingStopped
 from finetune.evaluate import evaluate_loss, evaluate_objective, exact_match, format_metrics, preference_wins
 from finetune.generation import Sampling, chat_replies, pad_id
+from finetune.hub_code import keep_hub_code_out
 from finetune.io import IfExists, atomic_dir
 from finetune.models import LoadedModel, Placement, build_model, choose_impl, load_adapter_weights
 from finetune.models.source import resolve_source
@@ -103,6 +104,7 @@ def load_model(cfg: RunConfig, processes: Processes) -> LoadedModel:
     # the first process's values (sync_module_states) and shards it. No GPU ever holds the whole base.
     first_loads = processes.fsdp and processes.accelerator.state.fsdp_plugin.cpu_ram_efficient_loading
     placement = Placement.device if not first_loads else Placement.host if processes.is_main else Placement.empty
+    keep_hub_code_out()  # the first import of bitsandbytes: train.py's CLI leaves it to here
     loaded = build_model(cfg, processes.device, placement, layout, source, impl)
     for notice in notices + loaded.notices:
         processes.say(f"note: {notice}")

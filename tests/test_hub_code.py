@@ -34,6 +34,14 @@ socket.socket.connect_ex = refuse("connect_ex")
 socket.getaddrinfo = refuse("getaddrinfo")
 socket.create_connection = refuse("create_connection")
 atexit.register(lambda: open(os.environ["NETWORK_LOG"], "w").write(json.dumps(attempts)))
+import sys
+def bitsandbytes_guarded(event, args):
+    # Without consent, bitsandbytes must first be imported while `import kernels` fails (the hub
+    # fetch happens only on AVX512-BF16 CPUs, so the network record alone would not show it here).
+    if (event == "import" and args[0] == "bitsandbytes" and "bitsandbytes" not in sys.modules
+            and os.environ.get("FINETUNE_HUB_KERNELS") != "1" and sys.modules.get("kernels", "absent") is not None):
+        attempts.append(["bitsandbytes imported without the guard", ""])
+sys.addaudithook(bitsandbytes_guarded)
 """
 
 

@@ -1,6 +1,6 @@
 """The one contract every trainable model meets, whichever path built it.
 
-The native decoder (`native.NativeCausalLM`) and peft's LoRA model (`hf.PeftLoRAModel`) both meet
+The native decoder (`native.NativeCausalLM`) and peft's LoRA model (`peft_lora.PeftLoRAModel`) both meet
 it, so the recipe, evaluation, checkpoints and the API never ask which one they hold.
 """
 
