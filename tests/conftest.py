@@ -35,6 +35,20 @@ def demo_base(cache_dir) -> Path:
     return ensure_demo_base(cache_dir)
 
 
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory, cache_dir):
+    """`python train.py` as the README's first command runs it (the demo recipe, all 300 steps, a
+    checkpoint every 100), once a session: (its output directory, the finished process). The
+    tests of its output, and those that need a trained adapter (`demo_run[0] / "adapter"`), share
+    it: each run of the demo costs a minute of the suite."""
+    from runner import run_train
+
+    out = tmp_path_factory.mktemp("demo") / "run"
+    result = run_train(f"output_dir={out}", f"cache_dir={cache_dir}", "train.save_every=100")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out, result
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny models: on a 2-core machine a second OpenMP thread makes every small op slower, not faster.

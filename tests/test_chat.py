@@ -12,20 +12,16 @@ import pytest
 import finetune
 from finetune.demo import SYSTEM_PROMPT
 from finetune.export.merge import merge_adapter
-from runner import REPO, run_train
+from runner import REPO
 
 QUESTIONS = ["Where does the frog live?", "What sound does the owl make?"]
 
 
 @pytest.fixture(scope="module")
-def demo_adapter(tmp_path_factory, cache_dir):
-    """The demo recipe's adapter, trained for a third of its steps: what it answers is beside the
-    point here, only that chat and load answer as the in-process API does."""
-    out = tmp_path_factory.mktemp("chat") / "run"
-    result = run_train(f"output_dir={out}", f"cache_dir={cache_dir}", "train.max_steps=100", "train.eval_every=0",
-                       "train.eval_generate=0", "train.sample_prompts=[]", timeout=1800)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return out / "adapter"
+def demo_adapter(demo_run):
+    """The demo recipe's adapter (conftest's run, shared): what it answers is beside the point here,
+    only that chat and load answer as the in-process API does."""
+    return demo_run[0] / "adapter"
 
 
 def conversation(question: str) -> list[dict]:

@@ -4,21 +4,12 @@ import json
 import subprocess
 import sys
 
-import pytest
 
 from runner import REPO, run_train
 
 
 def read_metrics(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
-
-
-@pytest.fixture(scope="module")
-def demo_run(tmp_path_factory, cache_dir):
-    out = tmp_path_factory.mktemp("demo") / "run"
-    result = run_train(f"output_dir={out}", f"cache_dir={cache_dir}", "train.save_every=100")
-    assert result.returncode == 0, result.stderr[-3000:]
-    return out, result
 
 
 def test_demo_writes_the_output_contract(demo_run):
