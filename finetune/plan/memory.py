@@ -184,6 +184,17 @@ class ActivationSizes:
     model: int  # kept once for all layers: rope tables, the final norm's output, ids and labels
     mlp: int = 0  # the part of `layer` inside the MLP block (native), which model.mlp_chunk_tokens bounds
     mlp_backward: int = 0  # the part of `backward` inside the MLP block (native)
+    # The parts of `layer` that a native layer outside checkpointing rebuilds in backward instead of
+    # keeping (DecoderLayer's `lean`): normed x, and in the MLP block normed h and the SwiGLU output.
+    rebuilt_attention: int = 0
+    rebuilt_mlp: int = 0
+
+    def kept(self, mlp_chunked: bool) -> int:
+        """What a layer outside checkpointing keeps per token, its input included. Under MLP chunks
+        each chunk's MLP is checkpointed on its own and the layer keeps none of the MLP's share (a
+        chunk's input is a view of the residual it keeps anyway)."""
+        mlp = self.mlp if mlp_chunked else self.rebuilt_mlp
+        return self.checkpoint + self.layer - self.rebuilt_attention - mlp
 
 
 def activation_bytes_per_token(arch: dict, dtype_bytes: int, r: int, targets, lora_dropout: float,
@@ -204,6 +215,9 @@ def activation_bytes_per_token(arch: dict, dtype_bytes: int, r: int, targets, lo
     The MLP block's share (native; model.mlp_chunk_tokens holds it to one chunk of tokens): normed
     h, gate/up and the SwiGLU output, b (C + 3F), its 1/rms, its projections' LoRA terms, and in
     backward b 3F.
+    Outside checkpointing a native layer keeps b (C + C + F) less (`rebuilt_attention`, `rebuilt_mlp`):
+    the norms' outputs and the SwiGLU output are rebuilt in backward from the inputs that the norms
+    and SwiGLU keep for their own backward. A recomputed layer keeps them until its backward.
     Attention is counted as a memory-efficient kernel (cuDNN, flash, varlen), linear in the sequence
     length; the generic path's materialized scores are a separate line (HF_ATTENTION_SCORE_BYTES).
     """
@@ -213,8 +227,9 @@ def activation_bytes_per_token(arch: dict, dtype_bytes: int, r: int, targets, lo
     shapes = projection_shapes(arch)
     # LoRA dropout keeps a 1-byte mask per input element of each adapted projection.
     mask = {name: shapes[name][0] if lora_dropout > 0 else 0 for name in targets}
-    mlp = mlp_backward = 0
+    mlp = mlp_backward = rebuilt_attention = rebuilt_mlp = 0
     if impl is ModelImpl.native:
+        rebuilt_attention, rebuilt_mlp = b * C, b * (C + F)
         layer = b * (C + qd + 2 * kvd + qd + C + C + 3 * F) + 4 * heads + 2 * 4
         layer += sum(b * r + mask[name] for name in targets)
         mlp = b * (C + 3 * F) + 4 + sum(b * r + mask[name] for name in targets if name in MLP_PROJECTIONS)
@@ -225,7 +240,7 @@ def activation_bytes_per_token(arch: dict, dtype_bytes: int, r: int, targets, lo
     head_dim = qd // heads
     model = 2 * 4 * head_dim + b * C + 3 * 8  # fp32 cos and sin, the LM head's input, int64 ids/labels/positions
     return ActivationSizes(checkpoint=b * C, layer=layer, backward=b * (3 * F + 2 * C), model=model, mlp=mlp,
-                           mlp_backward=mlp_backward)
+                           mlp_backward=mlp_backward, rebuilt_attention=rebuilt_attention, rebuilt_mlp=rebuilt_mlp)
 
 
 def loss_chunk_tokens(tokens: int, hidden_size: int, vocab_size: int) -> int:
@@ -454,16 +469,15 @@ def _gpu_items(run: _Run, offload: OffloadMode, tokens: int) -> list[LineItem]:
     elif checkpointed:
         items.append(LineItem(f"layer checkpoints, {checkpointed} layers", tokens * checkpointed * acts.checkpoint,
                               f"{tokens:,} tokens x hidden {arch['hidden_size']}"))
-    # With MLP chunking, each chunk's MLP is checkpointed on its own: a layer keeps none of the MLP's
-    # share (a chunk's input is a view of the residual it keeps anyway), and recomputes one chunk at
-    # a time for its backward.
+    # With MLP chunking, each chunk's MLP is checkpointed on its own and recomputed one chunk at a time
+    # for its backward.
     mlp_tokens = min(tokens, run.mlp_chunk_tokens or tokens)
     mlp_saving = (tokens - mlp_tokens) * (acts.mlp + acts.mlp_backward)
     if checkpointed < L:
         kept = L - checkpointed
         chunked = mlp_tokens < tokens
         items.append(LineItem(f"activations, {'all ' if not checkpointed else ''}{kept} layers",
-                              kept * tokens * (acts.checkpoint + acts.layer - (acts.mlp if chunked else 0)),
+                              kept * tokens * acts.kept(chunked),
                               f"{tokens:,} tokens, not checkpointed" + ("; MLP recomputed per chunk" if chunked else "")))
     if checkpointed:
         backward = LineItem("one layer recomputed + its backward", tokens * (acts.layer + acts.backward) - mlp_saving,

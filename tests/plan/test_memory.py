@@ -110,6 +110,9 @@ def test_activation_formula_by_hand():
     # logsumexp 2 heads fp32; 1/rms of both norms fp32; 7 x (xa: 2 bf16); dropout masks: 1 byte per input.
     assert native.layer == 2 * 96 + 4 * 2 + 8 + 7 * 4 + (8 * 3 + 8 + 8 * 2 + 16)
     assert native.checkpoint == 2 * 8
+    # Outside checkpointing: normed x, and normed h with the SwiGLU output, rebuilt in backward.
+    assert (native.rebuilt_attention, native.rebuilt_mlp) == (2 * 8, 2 * (8 + 16))
+    assert native.kept(mlp_chunked=False) == native.checkpoint + native.layer - 2 * (8 + 8 + 16)
     assert native.backward == 2 * (3 * 16 + 2 * 8)
     assert native.model == 2 * 4 * 4 + 2 * 8 + 3 * 8
     generic = memory.activation_bytes_per_token(arch, 2, 2, memory.PROJECTIONS, 0.0, ModelImpl.hf)
@@ -192,9 +195,9 @@ def test_partial_checkpointing_adds_the_unchecked_layers_activations():
     assert "gradient checkpointing on for 24 of 32 layers" in memory.format_plan(plans[1])
     acts = memory.activation_bytes_per_token(LLAMA3_8B, 2, 16, memory.lora_targets("all-linear"), 0.0,
                                              ModelImpl.native)
-    # Eight layers keep everything; fragmentation scales each line item alike.
+    # Eight layers keep everything but what they rebuild in backward; fragmentation scales each line item alike.
     tokens = plans[0].micro_batch_size * 2048
-    expected = tokens * 8 * acts.layer * (1 + memory.FRAGMENTATION)
+    expected = tokens * 8 * (acts.layer - acts.rebuilt_attention - acts.rebuilt_mlp) * (1 + memory.FRAGMENTATION)
     assert abs((part - full) - expected) <= 0.01 * expected
     with pytest.raises(ConfigError, match="checkpoint_layers=40"):
         plan(*args, "model.checkpoint_layers=40")
@@ -204,16 +207,16 @@ def test_auto_checkpointing_recomputes_the_fewest_layers_that_fit():
     args = ("recipe=llama3_8b_qlora", NATIVE, "hardware.offload=none", "data.max_seq_len=2048", "lora.r=16")
     assert plan(*args, "hardware.gpu_memory_gb=80").checkpointed_layers == 0  # room for every activation
     assert plan(*args, "hardware.gpu_memory_gb=9").checkpointed_layers == 32  # no room: all recompute (and it fails)
-    capped = plan(*args, "hardware.gpu_memory_gb=24")
+    capped = plan(*args, "hardware.gpu_memory_gb=16")
     chosen = capped.checkpointed_layers
     assert 0 < chosen < 32 and capped.fits
     # One layer fewer would not fit: the pick is the fewest, checked against the plan with it set by hand.
-    assert not plan(*args, "hardware.gpu_memory_gb=24", f"model.checkpoint_layers={chosen - 1}").fits
-    assert plan(*args, "hardware.gpu_memory_gb=24", f"model.checkpoint_layers={chosen}").gpu_total == capped.gpu_total
+    assert not plan(*args, "hardware.gpu_memory_gb=16", f"model.checkpoint_layers={chosen - 1}").fits
+    assert plan(*args, "hardware.gpu_memory_gb=16", f"model.checkpoint_layers={chosen}").gpu_total == capped.gpu_total
     assert (f"gradient checkpointing on for {chosen} of 32 layers (model.checkpoint_layers=auto"
             in memory.format_plan(capped))
     # Offload left to auto: the cheapest setting that fits, then the fewest layers within it.
-    assert plan(*args[:2], *args[3:], "hardware.gpu_memory_gb=24").offload is OffloadMode.none
+    assert plan(*args[:2], *args[3:], "hardware.gpu_memory_gb=16").offload is OffloadMode.none
     # The generic path checkpoints all layers or none; auto there is all.
     assert plan("recipe=llama3_8b_qlora", "model.impl=hf", "hardware.gpu_memory_gb=80").checkpointed_layers == 32
 
@@ -260,7 +263,7 @@ def test_layers_kept_whole_under_mlp_chunks_keep_none_of_the_mlp_share():
     acts = memory.activation_bytes_per_token(ARCHITECTURES["llama3.1-8b"], 2, 16, memory.lora_targets("all-linear"),
                                              0.0, ModelImpl.native)
     kept = next(item for item in chunked.gpu if item.name == "activations, 5 layers")
-    assert kept.bytes == 5 * 32768 * (acts.checkpoint + acts.layer - acts.mlp)
+    assert kept.bytes == 5 * 32768 * (acts.checkpoint + acts.layer - acts.mlp - acts.rebuilt_attention)
     # Only the recomputed layers' inputs are parked in host memory.
     parked = next(item for item in chunked.host if item.name.startswith("layer checkpoints"))
     assert parked.bytes == 27 * 32768 * acts.checkpoint
