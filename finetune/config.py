@@ -203,7 +203,8 @@ class ModelConfig:
     # Native path, training: run each layer's MLP over at most this many tokens at a time, each
     # chunk recomputed in its backward, so the MLP's intermediates (3 x intermediate_size values
     # per token) exist for one chunk only. For very long sequences (tens of thousands of tokens);
-    # costs about one more MLP forward per step. null: the whole micro-batch at once.
+    # costs about one more MLP forward per step. null: the whole micro-batch at once, unless the
+    # memory plan (CUDA) finds that the step fits only in chunks: then 8,192-token ones, and it says so.
     mlp_chunk_tokens: Optional[int] = None
     # Native path, CUDA: park each checkpointed layer's input in pinned host memory until backward.
     # Needs gradient_checkpointing; trades PCIe traffic for GPU memory on long sequences.

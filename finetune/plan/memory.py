@@ -51,6 +51,9 @@ RUNTIME_BYTES = 1 * GiB
 # be reused for a larger request); 5% above the allocated peak covers a steady training loop.
 FRAGMENTATION = 0.05
 OVERHEAD_ITEMS = ("allocator fragmentation", "CUDA context + workspaces")
+# model.mlp_chunk_tokens unset where nothing fits without chunks: Llama-3.1-8B trained 1 x 131072
+# under a 24 GiB cap in 8,192-token chunks (18.3 GiB on an H100, issue #17).
+AUTO_MLP_CHUNK_TOKENS = 8192
 # With activation offload the GPU still holds two layer inputs: in forward the current input and
 # the output being copied out, in backward the one being recomputed and the next one copied back.
 OFFLOADED_CHECKPOINTS_ON_GPU = 2
@@ -310,7 +313,7 @@ def decide_memory_layout(cfg: RunConfig, source: ModelSource, impl: ModelImpl, i
             notices.append(f"model.checkpoint_layers=auto: all layers under {processes} processes (the memory "
                            "planner plans one process); pass a number of layers to recompute fewer.")
             auto_layers = False
-    planned_layers = None
+    planned_layers = planned_chunks = None
     if mode is OffloadMode.auto or auto_layers:
         plan = plan_for_run(cfg, source, impl, impl_reason)
         planned = f"planned peak {plan.gpu_total / GiB:.1f} GiB of {plan.budget_bytes / GiB:.1f} GiB " \
@@ -322,6 +325,10 @@ def decide_memory_layout(cfg: RunConfig, source: ModelSource, impl: ModelImpl, i
             planned_layers = plan.checkpointed_layers
             notices.append(f"model.checkpoint_layers=auto: recomputing {planned_layers} of "
                            f"{source.config['num_hidden_layers']} layers, {planned}")
+        if cfg.model.mlp_chunk_tokens is None and plan.mlp_chunk_tokens:
+            planned_chunks = plan.mlp_chunk_tokens
+            notices.append(f"model.mlp_chunk_tokens unset: the MLP runs in {planned_chunks:,}-token chunks, "
+                           "without which the step would not fit")
     stream = mode in STREAMS_WEIGHTS
     if stream and processes > 1:
         # DDP keeps one copy of every buffer per GPU and syncs it at start: streamed NF4 buffers
@@ -330,7 +337,8 @@ def decide_memory_layout(cfg: RunConfig, source: ModelSource, impl: ModelImpl, i
                           f"({mode.value}), which runs in one process only: under several processes each GPU "
                           "must hold the 4-bit base. Use hardware.offload=none or activations with a shorter "
                           "data.max_seq_len (train.dry_run=true shows what fits), or one process.")
-    return MemoryLayout(stream, mode in PARKS_ACTIVATIONS or cfg.model.offload_checkpoints, planned_layers)
+    return MemoryLayout(stream, mode in PARKS_ACTIVATIONS or cfg.model.offload_checkpoints, planned_layers,
+                        planned_chunks)
 
 
 # ---------------------------------------------------------------- the plan
@@ -367,6 +375,7 @@ class MemoryPlan:
     seq_len: int
     gradient_checkpointing: bool
     checkpointed_layers: int  # how many layers recompute in backward (model.checkpoint_layers=auto: the plan's pick)
+    mlp_chunk_tokens: int | None  # the MLP's chunk (model.mlp_chunk_tokens, or the plan's where unset); None: whole
     checkpointing_detail: str  # which layers recompute, and MLP chunking, in words
     budget_bytes: int
     budget_source: str
@@ -583,6 +592,16 @@ def gpu_budget(hardware: HardwareConfig) -> tuple[int, str]:
                                           f"your card (default {DEFAULT_GPU_GIB:g})")
 
 
+def _layer_and_offload_choices(run: _Run, choices: list[OffloadMode], auto_layers: bool, tokens: int,
+                               budget: int) -> tuple[dict, dict, list[OffloadMode]]:
+    """Per offload setting: the run (with auto, the fewest recomputed layers that fit it; whether it
+    fits at all is decided with every layer recomputed) and its GPU total; and the settings that fit."""
+    runs = {mode: replace(run, checkpointed_layers=_fewest_checkpointed_layers(run, mode, tokens, budget))
+            if auto_layers else run for mode in choices}
+    totals = {mode: _gpu_total(runs[mode], mode, tokens) for mode in choices}
+    return runs, totals, [mode for mode in choices if totals[mode] <= budget]
+
+
 def _fewest_checkpointed_layers(run: _Run, offload: OffloadMode, tokens: int, budget: int) -> int:
     """model.checkpoint_layers=auto: the fewest layers to recompute for the step to fit `budget`
     (all of them when none fits). Each layer left out trades its activations for a sixth of its matmuls."""
@@ -593,7 +612,7 @@ def _fewest_checkpointed_layers(run: _Run, offload: OffloadMode, tokens: int, bu
     return L
 
 
-def _checkpointing_detail(run: _Run, auto: bool) -> str:
+def _checkpointing_detail(run: _Run, auto: bool, auto_chunks: bool) -> str:
     L = run.arch["num_hidden_layers"]
     words = "off" if not run.checkpointed_layers else "on" if run.checkpointed_layers == L \
         else f"on for {run.checkpointed_layers} of {L} layers"
@@ -601,6 +620,8 @@ def _checkpointing_detail(run: _Run, auto: bool) -> str:
         words += " (model.checkpoint_layers=auto: the fewest recomputed layers that fit)"
     if run.mlp_chunk_tokens:
         words += f"; MLP in {run.mlp_chunk_tokens:,}-token chunks"
+        if auto_chunks:
+            words += " (model.mlp_chunk_tokens unset: the step fits only with them)"
     return words
 
 
@@ -639,14 +660,19 @@ def plan_for_run(cfg: RunConfig, source: ModelSource, impl: ModelImpl, impl_reas
 
     choices = _offload_choices(cfg, impl)
     auto_layers = impl is ModelImpl.native and cfg.model.plans_checkpoint_layers()
-    # With auto, each offload setting gets the fewest recomputed layers that fit it; whether it fits
-    # at all is decided with every layer recomputed.
-    runs = {mode: replace(run, checkpointed_layers=_fewest_checkpointed_layers(run, mode, tokens, budget))
-            if auto_layers else run for mode in choices}
-    totals = {mode: _gpu_total(runs[mode], mode, tokens) for mode in choices}
-    fitting = [mode for mode in choices if totals[mode] <= budget]
+    runs, totals, fitting = _layer_and_offload_choices(run, choices, auto_layers, tokens, budget)
+    # model.mlp_chunk_tokens unset: MLP chunks only where no offload setting fits without them. The
+    # longest sequence is then the one the chunks allow.
+    auto_chunks = impl is ModelImpl.native and cfg.model.mlp_chunk_tokens is None
+    if auto_chunks and tokens > AUTO_MLP_CHUNK_TOKENS and not fitting:
+        chunked = replace(run, mlp_chunk_tokens=AUTO_MLP_CHUNK_TOKENS)
+        chunked_choices = _layer_and_offload_choices(chunked, choices, auto_layers, tokens, budget)
+        if chunked_choices[2]:
+            run, (runs, totals, fitting) = chunked, chunked_choices
     offload = fitting[0] if fitting else choices[-1]
-    longest_run, run = run, runs[offload]
+    # Unset chunks are the plan's to choose: the longest sequence is the one they allow.
+    longest_run = replace(run, mlp_chunk_tokens=AUTO_MLP_CHUNK_TOKENS) if auto_chunks else run
+    run = runs[offload]
     offload_reason = f"hardware.offload={cfg.hardware.offload.value}"
     if len(choices) > 1:
         offload_reason += (" picked the cheapest that fits" if fitting else ": none fits, the most offloaded shown")
@@ -684,7 +710,7 @@ def plan_for_run(cfg: RunConfig, source: ModelSource, impl: ModelImpl, impl_reas
         impl_reason=impl_reason,
         micro_batch_size=cfg.train.micro_batch_size, seq_len=cfg.data.max_seq_len,
         gradient_checkpointing=cfg.model.gradient_checkpointing, checkpointed_layers=run.checkpointed_layers,
-        checkpointing_detail=_checkpointing_detail(run, auto_layers),
+        mlp_chunk_tokens=run.mlp_chunk_tokens, checkpointing_detail=_checkpointing_detail(run, auto_layers, auto_chunks),
         budget_bytes=budget, budget_source=budget_source,
         offload=offload, offload_reason=offload_reason, gpu=_gpu_items(run, offload, tokens),
         host=_host_items(run, offload, tokens), gpu_total=totals[offload], fits=totals[offload] <= budget,

@@ -168,6 +168,12 @@ def test_auto_checkpoint_layers_follow_the_plan_onto_the_model(checkpoints, monk
     for layout, expected in ((MemoryLayout(planned_checkpoint_layers=1), 1), (MemoryLayout(), layers)):
         model = native.build(cfg, source, torch.float32, CPU, layout)
         assert model.model.checkpointed_layers == expected
+    # The plan's MLP chunks reach the layers where model.mlp_chunk_tokens is unset, and only there.
+    for setting, layout, expected in ((None, MemoryLayout(planned_mlp_chunk_tokens=5), 5), (None, MemoryLayout(), None),
+                                      (7, MemoryLayout(planned_mlp_chunk_tokens=5), 7)):
+        cfg.model.mlp_chunk_tokens = setting
+        model = native.build(cfg, source, torch.float32, CPU, layout)
+        assert {layer.mlp_chunk_tokens for layer in model.model.layers} == {expected}
 
 
 def test_several_processes_never_stream(checkpoints, monkeypatch):

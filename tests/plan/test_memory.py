@@ -252,6 +252,22 @@ def test_mlp_chunks_bound_the_mlp_share_of_one_layer():
     assert acts.mlp == 2 * (4096 + 3 * 14336) + 4 + 3 * 2 * 16 and acts.mlp_backward == 2 * 3 * 14336
 
 
+def test_unset_mlp_chunks_are_planned_only_where_the_step_needs_them():
+    """Llama-3.1-8B at 1 x 131072 under 24 GiB fits only in MLP chunks (measured: 18.3 GiB with them;
+    without, the run ran out of memory at 21 GiB); at 1 x 32768 it fits whole."""
+    args = ("recipe=llama3_8b_qlora", NATIVE, "train.micro_batch_size=1", "lora.r=16",
+            "model.name_or_path=meta-llama/Llama-3.1-8B", "hardware.gpu_memory_gb=24")
+    long = plan(*args, "data.max_seq_len=131072")
+    assert long.fits and long.mlp_chunk_tokens == memory.AUTO_MLP_CHUNK_TOKENS
+    assert "model.mlp_chunk_tokens unset: the step fits only with them" in memory.format_plan(long)
+    assert long.longest_seq_len == 131072
+    whole = plan(*args, "data.max_seq_len=32768")
+    assert whole.fits and whole.mlp_chunk_tokens is None and "MLP in" not in memory.format_plan(whole)
+    # Chunks the recipe sets are kept as they are; the longest sequence counts the chunks the plan may pick.
+    assert plan(*args, "data.max_seq_len=131072", "model.mlp_chunk_tokens=4096").mlp_chunk_tokens == 4096
+    assert whole.longest_seq_len > 32768
+
+
 def test_layers_kept_whole_under_mlp_chunks_keep_none_of_the_mlp_share():
     """Each MLP chunk is checkpointed on its own, so a layer that is not recomputed keeps only its
     attention half (1 x 32768 with activation offload measured 14.6 GiB; the plan once counted one
@@ -308,13 +324,14 @@ def test_dry_run_cli_offline(tmp_path, monkeypatch, recipe, expect):
 
 # Peaks measured by scripts/bench.py on one H200 (torch 2.11, 2026-11-26; torch.cuda.max_memory_allocated,
 # random-weight checkpoints, r=16 all-linear, dropout 0, gradient checkpointing of every layer unless
-# the overrides say otherwise; the partial ones on one H100, 2026-12-05, issue #17), with the overrides
+# the overrides say otherwise; the partial ones on one H100, 2026-12-07, with layers outside checkpointing
+# rebuilding their norm and SwiGLU outputs in backward, issue #17), with the overrides
 # that reproduce each run's plan. The planner's tensor estimate must stay within 10% of them: it picks
 # model.checkpoint_layers=auto's layers from the same figures.
 MEASURED_PEAKS = [
     ("meta-llama/Meta-Llama-3-8B", 2, 2048, ["hardware.gpu_memory_gb=139"], 7.90),
-    ("meta-llama/Meta-Llama-3-8B", 2, 2048, ["hardware.gpu_memory_gb=80", "model.checkpoint_layers=16"], 15.2),
-    ("meta-llama/Meta-Llama-3-8B", 2, 2048, ["hardware.gpu_memory_gb=80", "model.checkpoint_layers=0"], 23.3),
+    ("meta-llama/Meta-Llama-3-8B", 2, 2048, ["hardware.gpu_memory_gb=80", "model.checkpoint_layers=16"], 12.58),
+    ("meta-llama/Meta-Llama-3-8B", 2, 2048, ["hardware.gpu_memory_gb=80", "model.checkpoint_layers=0"], 17.94),
     ("meta-llama/Llama-3.1-8B", 1, 131072, ["hardware.gpu_memory_gb=24", "model.mlp_chunk_tokens=8192"], 17.96),
     ("meta-llama/Llama-3.1-70B", 4, 2048, ["hardware.gpu_memory_gb=24"], 12.17),
     ("meta-llama/Llama-3.1-70B", 1, 2048, ["hardware.gpu_memory_gb=24"], 11.88),

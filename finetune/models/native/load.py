@@ -265,6 +265,8 @@ class MemoryLayout:
     park_checkpoints: bool = False  # checkpointed layers' inputs wait in pinned host memory until backward
     # model.checkpoint_layers=auto as planned for this GPU; None: every layer (no plan, or not a GPU)
     planned_checkpoint_layers: int | None = None
+    # model.mlp_chunk_tokens unset, as planned for this GPU: the MLP's chunk where the step needs one
+    planned_mlp_chunk_tokens: int | None = None
 
 
 class Placement(Enum):
@@ -301,7 +303,7 @@ def build(cfg: RunConfig, source: ModelSource, compute_dtype: torch.dtype, devic
     # Pinned host memory needs CUDA; on the CPU the activations are already in host memory.
     model.model.set_checkpointing(cfg.model.checkpointed_layers(args.num_hidden_layers, layout.planned_checkpoint_layers),
                                   layout.park_checkpoints and device.type == "cuda")
-    model.model.set_mlp_chunking(cfg.model.mlp_chunk_tokens)
+    model.model.set_mlp_chunking(cfg.model.mlp_chunk_tokens or layout.planned_mlp_chunk_tokens)
     if stream_weights:
         model.model.stream_weights(device)
     if cfg.model.compile:
