@@ -201,7 +201,7 @@ class ActivationSizes:
 
 
 def activation_bytes_per_token(arch: dict, dtype_bytes: int, r: int, targets, lora_dropout: float,
-                               impl: ModelImpl) -> ActivationSizes:
+                               impl: ModelImpl, compiled: bool = False) -> ActivationSizes:
     """Per-token activation sizes of one training step, derived from what each op saves.
 
     Native layer (finetune.models.native, Triton kernels), beyond its input x:
@@ -220,7 +220,8 @@ def activation_bytes_per_token(arch: dict, dtype_bytes: int, r: int, targets, lo
     backward b 3F.
     Outside checkpointing a native layer keeps b (C + C + F) less (`rebuilt_attention`, `rebuilt_mlp`):
     the norms' outputs and the SwiGLU output are rebuilt in backward from the inputs that the norms
-    and SwiGLU keep for their own backward. A recomputed layer keeps them until its backward.
+    and SwiGLU keep for their own backward. A recomputed layer keeps them until its backward, and so
+    does a compiled one (`compiled`, model.compile: torch.compile does not trace the hooks that rebuild).
     Attention is counted as a memory-efficient kernel (cuDNN, flash, varlen), linear in the sequence
     length; the generic path's materialized scores are a separate line (HF_ATTENTION_SCORE_BYTES).
     """
@@ -231,8 +232,9 @@ def activation_bytes_per_token(arch: dict, dtype_bytes: int, r: int, targets, lo
     # LoRA dropout keeps a 1-byte mask per input element of each adapted projection.
     mask = {name: shapes[name][0] if lora_dropout > 0 else 0 for name in targets}
     mlp = mlp_backward = rebuilt_attention = rebuilt_mlp = 0
-    if impl is ModelImpl.native:
+    if impl is ModelImpl.native and not compiled:
         rebuilt_attention, rebuilt_mlp = b * C, b * (C + F)
+    if impl is ModelImpl.native:
         layer = b * (C + qd + 2 * kvd + qd + C + C + 3 * F) + 4 * heads + 2 * 4
         layer += sum(b * r + mask[name] for name in targets)
         mlp = b * (C + 3 * F) + 4 + sum(b * r + mask[name] for name in targets if name in MLP_PROJECTIONS)
@@ -440,6 +442,7 @@ class _Run:
     chunked_loss: bool
     micro_batch_size: int
     padding_mask: bool  # native path, padded micro-batches: one (B, T, T) bool mask shared by all layers
+    compiled: bool = False  # native path, model.compile: layers keep the outputs others rebuild
 
 
 def _gpu_items(run: _Run, offload: OffloadMode, tokens: int) -> list[LineItem]:
@@ -469,7 +472,8 @@ def _gpu_items(run: _Run, offload: OffloadMode, tokens: int) -> list[LineItem]:
     else:
         items.append(LineItem("one dequantized weight", max(i * o for i, o in shapes) * run.compute_bytes,
                               "the largest projection, while its matmul runs"))
-    acts = activation_bytes_per_token(arch, run.compute_bytes, run.r, run.targets, run.lora_dropout, run.impl)
+    acts = activation_bytes_per_token(arch, run.compute_bytes, run.r, run.targets, run.lora_dropout, run.impl,
+                                      run.compiled)
     checkpointed = run.checkpointed_layers
     if checkpointed and offload in PARKS_ACTIVATIONS:
         on_gpu = min(OFFLOADED_CHECKPOINTS_ON_GPU, checkpointed)
@@ -654,6 +658,7 @@ def plan_for_run(cfg: RunConfig, source: ModelSource, impl: ModelImpl, impl_reas
         chunked_loss=impl is ModelImpl.native and cfg.model.use_kernels,
         micro_batch_size=rows,
         padding_mask=impl is ModelImpl.native and not cfg.data.packing and rows > 1,
+        compiled=impl is ModelImpl.native and cfg.model.compile,
     )
     tokens = rows * cfg.data.max_seq_len
     budget, budget_source = gpu_budget(cfg.hardware)

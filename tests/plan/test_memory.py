@@ -113,6 +113,9 @@ def test_activation_formula_by_hand():
     # Outside checkpointing: normed x, and normed h with the SwiGLU output, rebuilt in backward.
     assert (native.rebuilt_attention, native.rebuilt_mlp) == (2 * 8, 2 * (8 + 16))
     assert native.kept(mlp_chunked=False) == native.checkpoint + native.layer - 2 * (8 + 8 + 16)
+    # Compiled layers do not run the hooks that rebuild: they keep everything.
+    compiled = memory.activation_bytes_per_token(arch, 2, 2, memory.PROJECTIONS, 0.1, ModelImpl.native, compiled=True)
+    assert compiled.kept(mlp_chunked=False) == native.checkpoint + native.layer
     assert native.backward == 2 * (3 * 16 + 2 * 8)
     assert native.model == 2 * 4 * 4 + 2 * 8 + 3 * 8
     generic = memory.activation_bytes_per_token(arch, 2, 2, memory.PROJECTIONS, 0.0, ModelImpl.hf)
@@ -219,6 +222,8 @@ def test_auto_checkpointing_recomputes_the_fewest_layers_that_fit():
     assert plan(*args[:2], *args[3:], "hardware.gpu_memory_gb=16").offload is OffloadMode.none
     # The generic path checkpoints all layers or none; auto there is all.
     assert plan("recipe=llama3_8b_qlora", "model.impl=hf", "hardware.gpu_memory_gb=80").checkpointed_layers == 32
+    # Compiled layers keep more, so auto recomputes more of them.
+    assert plan(*args, "hardware.gpu_memory_gb=16", "model.compile=true").checkpointed_layers > chosen
 
 
 def test_preference_objectives_plan_two_sequences_per_item():
