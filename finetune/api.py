@@ -35,11 +35,14 @@ def load(path: str | Path, device: str = "auto", impl: str = "auto"):
     `impl` picks the model path as training does (auto: native wherever it applies). A model
     directory without an adapter (a merge's output) loads unquantized through transformers.
     """
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        # Before the imports below, which take seconds.
+        raise UserError(f"{path} does not exist: pass a run's adapter directory or a merged model's directory")
     keep_hub_code_out()
     from finetune.config import ModelImpl
     from finetune.training.processes import pick_device
 
-    path = Path(path).expanduser()
     if (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
         return _load_merged(path, pick_device(device))
     try:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
 
@@ -61,6 +62,10 @@ def parse_args(argv: list[str]) -> tuple[ChatConfig, Sampling]:
     config = options_from_args(ChatConfig, argv, " (finetune-chat --help lists the options)")
     if (config.adapter is None) == (config.model is None):
         raise UserError("give exactly one of adapter=PATH (a run's adapter) or model=PATH (a merged model)")
+    key, path = ("adapter", config.adapter) if config.adapter is not None else ("model", config.model)
+    if not Path(path).expanduser().is_dir():
+        # Said before main imports bitsandbytes and the model code, which take seconds.
+        raise UserError(f"{key}={path}: the directory does not exist")
     try:
         sampling = Sampling(max_new_tokens=config.max_new_tokens, temperature=config.temperature,
                             top_k=config.top_k, top_p=config.top_p, repetition_penalty=config.repetition_penalty,

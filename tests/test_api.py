@@ -39,6 +39,8 @@ def test_api_rejects_unknown_keys_naming_them():
 def test_load_refuses_a_non_adapter_directory(tmp_path):
     with pytest.raises(UserError, match="adapter_config.json"):
         finetune.load(tmp_path)
+    with pytest.raises(UserError, match=f"{tmp_path / 'missing'} does not exist: pass a run's adapter directory"):
+        finetune.load(tmp_path / "missing")
 
 
 @pytest.mark.slow

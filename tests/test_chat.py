@@ -97,7 +97,8 @@ def test_chat_errors_are_one_line(demo_adapter, tmp_path, capsys):
     config["base_model_name_or_path"] = str(tmp_path / "gone")
     (orphan / "adapter_config.json").write_text(json.dumps(config))
     cases = {
-        (f"adapter={tmp_path / 'missing'}",): "does not exist",
+        (f"adapter={tmp_path / 'missing'}",): f"adapter={tmp_path / 'missing'}: the directory does not exist",
+        (f"model={tmp_path / 'missing'}",): f"model={tmp_path / 'missing'}: the directory does not exist",
         (f"adapter={orphan}",): "is not a local model directory",
         (): "exactly one of adapter=PATH",
         (f"adapter={demo_adapter}", "temperature=-1"): "temperature",
