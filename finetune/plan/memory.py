@@ -666,8 +666,7 @@ def plan_for_run(cfg: RunConfig, source: ModelSource, impl: ModelImpl, impl_reas
     choices = _offload_choices(cfg, impl)
     auto_layers = impl is ModelImpl.native and cfg.model.plans_checkpoint_layers()
     runs, totals, fitting = _layer_and_offload_choices(run, choices, auto_layers, tokens, budget)
-    # model.mlp_chunk_tokens unset: MLP chunks only where no offload setting fits without them. The
-    # longest sequence is then the one the chunks allow.
+    # model.mlp_chunk_tokens unset: MLP chunks only where no offload setting fits without them.
     auto_chunks = impl is ModelImpl.native and cfg.model.mlp_chunk_tokens is None
     if auto_chunks and tokens > AUTO_MLP_CHUNK_TOKENS and not fitting:
         chunked = replace(run, mlp_chunk_tokens=AUTO_MLP_CHUNK_TOKENS)
