@@ -224,3 +224,24 @@ def test_fsdp_precomputes_a_starting_adapters_reference_like_one_process(tmp_pat
     again = fsdp_dpo(tmp_path, f"output_dir={two}", *common, "train.max_steps=4", "train.resume=auto")
     assert "reference log-probs of 108 training pairs read from" in again.stdout
     assert [r["step"] for r in train_rows(two)] == [1, 2, 3, 4]
+
+
+@pytest.mark.slow
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+@pytest.mark.parametrize("impl, storage", [("native", []), ("hf", ["quant.bnb_4bit_quant_storage=float32"])])
+def test_fsdp_dpo_on_two_gpus_trains_like_one_gpu(tmp_path, starting_adapter, impl, storage):
+    # The shipped recipes/accelerate/fsdp.yaml through accelerate, as users launch it (the CPU tests
+    # above stand FSDP in through fsdp_cpu_recipe.py): DPO from a starting adapter, fp32.
+    common = [*[o for o in FROM_ADAPTER if o != "train.device=cpu"], f"model.adapter={starting_adapter}",
+              f"model.impl={impl}", *storage]
+    one, two = tmp_path / "one", tmp_path / "two"
+    one_process_dpo(one, *common)
+    result = accelerate_launch("fsdp.yaml", "recipe=demo_dpo", f"output_dir={two}", *common,
+                               "train.gradient_accumulation_steps=1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "= 8 pairs per optimizer step, FSDP" in result.stdout
+    assert_same_steps(train_rows(two), train_rows(one))
+    for a, b in zip(train_rows(two), train_rows(one)):
+        assert a["rewards/margins"] == pytest.approx(b["rewards/margins"], abs=1e-5)
+    assert_same_adapter(two / "adapter", one / "adapter")
