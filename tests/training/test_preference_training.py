@@ -131,13 +131,20 @@ def test_ddp_dpo_trains_like_one_process_with_the_same_global_batch(tmp_path):
     one = tmp_path / "one"
     finetune.train("demo_dpo", [f"output_dir={one}", *common, "train.gradient_accumulation_steps=2"])
     two = tmp_path / "two"
-    result = accelerate_launch("cpu.yaml", "recipe=demo_dpo", f"output_dir={two}", *common,
-                               "train.gradient_accumulation_steps=1")
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "= 8 pairs per optimizer step, DDP" in result.stdout
-    assert_same_steps(train_rows(two), train_rows(one))
+    launched_dpo_like_one_process("cpu.yaml", "DDP", two, one, common)
     for a, b in zip(train_rows(two), train_rows(one)):
         assert a["rewards/accuracy"] == b["rewards/accuracy"]
+
+
+def launched_dpo_like_one_process(accelerate_config: str, engine: str, two: Path, one: Path, common: list[str]):
+    """recipe=demo_dpo on two processes through accelerate (half the accumulation of `one`'s run):
+    the same global batch, steps and reward margins as `one`."""
+    result = accelerate_launch(accelerate_config, "recipe=demo_dpo", f"output_dir={two}", *common,
+                               "train.gradient_accumulation_steps=1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"= 8 pairs per optimizer step, {engine}" in result.stdout
+    assert_same_steps(train_rows(two), train_rows(one))
+    for a, b in zip(train_rows(two), train_rows(one)):
         assert a["rewards/margins"] == pytest.approx(b["rewards/margins"], abs=1e-5)
 
 
@@ -237,11 +244,5 @@ def test_fsdp_dpo_on_two_gpus_trains_like_one_gpu(tmp_path, starting_adapter, im
               f"model.impl={impl}", *storage]
     one, two = tmp_path / "one", tmp_path / "two"
     one_process_dpo(one, *common)
-    result = accelerate_launch("fsdp.yaml", "recipe=demo_dpo", f"output_dir={two}", *common,
-                               "train.gradient_accumulation_steps=1")
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "= 8 pairs per optimizer step, FSDP" in result.stdout
-    assert_same_steps(train_rows(two), train_rows(one))
-    for a, b in zip(train_rows(two), train_rows(one)):
-        assert a["rewards/margins"] == pytest.approx(b["rewards/margins"], abs=1e-5)
+    launched_dpo_like_one_process("fsdp.yaml", "FSDP", two, one, common)
     assert_same_adapter(two / "adapter", one / "adapter")
