@@ -456,7 +456,6 @@ class Decoder(nn.Module):
         x = self.embed_tokens(input_ids)  # (B, T, C)
         training = self.training and torch.is_grad_enabled()
         recompute = self.checkpointed_layers if training else 0
-        lean = training and cache is None
         streamer = self.streamer
         for index, layer in enumerate(self.layers):
             if streamer is not None:
@@ -470,7 +469,7 @@ class Decoder(nn.Module):
                         else contextlib.nullcontext():
                     x = checkpoint(layer, x, rope, layout, use_reentrant=False)
             else:
-                x = layer(x, rope, layout if cache is None else cache.layer(index), lean=lean)
+                x = layer(x, rope, layout if cache is None else cache.layer(index), lean=training)
             if streamer is not None:
                 x = streamer.before_backward(x, index)
         return self.norm(x)
