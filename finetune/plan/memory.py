@@ -34,6 +34,7 @@ from finetune.config import (ConfigError, Dtype, HardwareConfig, ModelImpl, Obje
                              RunConfig)
 from finetune.lora import select_targets
 from finetune.models import MemoryLayout, choose_impl
+from finetune.models.native.parking import LAYERS_IN_FLIGHT
 from finetune.models.native.streaming import SLOTS
 from finetune.models.source import ModelSource, locate_source
 from finetune.plan.perf import ASSUMED_MFU, ASSUMED_PEAK_TFLOPS, DEFAULT_HOST_LINK_GBPS
@@ -315,7 +316,7 @@ def decide_memory_layout(cfg: RunConfig, source: ModelSource, impl: ModelImpl, i
             notices.append(f"model.checkpoint_layers=auto: all layers under {processes} processes (the memory "
                            "planner plans one process); pass a number of layers to recompute fewer.")
             auto_layers = False
-    planned_layers = planned_chunks = None
+    planned_layers = planned_chunks = plan = None
     if mode is OffloadMode.auto or auto_layers:
         plan = plan_for_run(cfg, source, impl, impl_reason)
         planned = f"planned peak {plan.gpu_total / GiB:.1f} GiB of {plan.budget_bytes / GiB:.1f} GiB " \
@@ -331,6 +332,10 @@ def decide_memory_layout(cfg: RunConfig, source: ModelSource, impl: ModelImpl, i
             planned_chunks = plan.mlp_chunk_tokens
             notices.append(f"model.mlp_chunk_tokens unset: the MLP runs in {planned_chunks:,}-token chunks, "
                            "without which the step would not fit")
+    if cfg.model.parked_layers:
+        # Parked layers pin their activations (tens of GiB for long sequences): refuse before loading
+        # what this machine's RAM cannot hold, rather than fail inside the first step.
+        check_host_memory(plan or plan_for_run(cfg, source, impl, impl_reason))
     stream = mode in STREAMS_WEIGHTS
     if stream and processes > 1:
         # DDP keeps one copy of every buffer per GPU and syncs it at start: streamed NF4 buffers
@@ -443,6 +448,11 @@ class _Run:
     micro_batch_size: int
     padding_mask: bool  # native path, padded micro-batches: one (B, T, T) bool mask shared by all layers
     compiled: bool = False  # native path, model.compile: layers keep the outputs others rebuild
+    parked_layers: int = 0  # native path: model.parked_layers, of the layers not recomputed
+
+    @property
+    def parked(self) -> int:
+        return min(self.parked_layers, self.arch["num_hidden_layers"] - self.checkpointed_layers)
 
 
 def _gpu_items(run: _Run, offload: OffloadMode, tokens: int) -> list[LineItem]:
@@ -486,10 +496,14 @@ def _gpu_items(run: _Run, offload: OffloadMode, tokens: int) -> list[LineItem]:
     # for its backward.
     mlp_tokens = min(tokens, run.mlp_chunk_tokens or tokens)
     mlp_saving = (tokens - mlp_tokens) * (acts.mlp + acts.mlp_backward)
-    if checkpointed < L:
-        kept = L - checkpointed
-        chunked = mlp_tokens < tokens
-        items.append(LineItem(f"activations, {'all ' if not checkpointed else ''}{kept} layers",
+    chunked = mlp_tokens < tokens
+    if run.parked:
+        on_gpu = min(LAYERS_IN_FLIGHT + 1, run.parked)
+        items.append(LineItem(f"parked activations, {on_gpu} of {run.parked} layers", on_gpu * tokens * acts.kept(chunked),
+                              "copying out or back; the rest in pinned host memory"))
+    if checkpointed + run.parked < L:
+        kept = L - checkpointed - run.parked
+        items.append(LineItem(f"activations, {'all ' if kept == L else ''}{kept} layers",
                               kept * tokens * acts.kept(chunked),
                               f"{tokens:,} tokens, not checkpointed" + ("; MLP recomputed per chunk" if chunked else "")))
     if checkpointed:
@@ -536,6 +550,11 @@ def _host_items(run: _Run, offload: OffloadMode, tokens: int) -> list[LineItem]:
                                                 run.impl).checkpoint
         checkpointed = run.checkpointed_layers
         items.append(LineItem(f"layer checkpoints, {checkpointed} layers", tokens * checkpointed * checkpoint, "pinned"))
+    if run.parked:
+        acts = activation_bytes_per_token(arch, run.compute_bytes, run.r, run.targets, run.lora_dropout, run.impl)
+        chunked = min(tokens, run.mlp_chunk_tokens or tokens) < tokens
+        items.append(LineItem(f"parked activations, {run.parked} layers", run.parked * tokens * acts.kept(chunked),
+                              "pinned"))
     return items
 
 
@@ -659,6 +678,7 @@ def plan_for_run(cfg: RunConfig, source: ModelSource, impl: ModelImpl, impl_reas
         micro_batch_size=rows,
         padding_mask=impl is ModelImpl.native and not cfg.data.packing and rows > 1,
         compiled=impl is ModelImpl.native and cfg.model.compile,
+        parked_layers=cfg.model.parked_layers if impl is ModelImpl.native else 0,
     )
     tokens = rows * cfg.data.max_seq_len
     budget, budget_source = gpu_budget(cfg.hardware)
@@ -736,10 +756,17 @@ def check_fits(plan: MemoryPlan) -> None:
             f"{plan.shortfall / GiB:.1f} GiB more than the {plan.budget_bytes / GiB:.1f} GiB budget "
             f"({plan.budget_source}); at train.micro_batch_size={plan.micro_batch_size} {hint}. "
             "See the whole plan with train.dry_run=true.")
+    check_host_memory(plan)
+
+
+def check_host_memory(plan: MemoryPlan) -> None:
+    """Refuse a run that would pin more host memory than this machine has."""
     if plan.host_total > plan.host_ram_bytes:
         raise ConfigError(
-            f"the run pins {plan.host_total / GiB:.1f} GiB of host memory (hardware.offload={plan.offload.value}) "
-            f"but this machine has {plan.host_ram_bytes / GiB:.1f} GiB; offload less or use a larger machine.")
+            f"the run pins {plan.host_total / GiB:.1f} GiB of host memory ("
+            + ", ".join(f"{item.name}: {item.bytes / GiB:.1f} GiB" for item in plan.host)
+            + f") but this machine has {plan.host_ram_bytes / GiB:.1f} GiB; offload or park less "
+            "(hardware.offload, model.parked_layers), or use a larger machine.")
 
 
 def format_plan(plan: MemoryPlan) -> str:

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from finetune.config import ConfigError, Dtype, LoraConfig, ModelConfig, ModelImpl, QuantConfig, RunConfig
-from finetune.models import choose_impl, hf, native
+from finetune.models import MemoryLayout, choose_impl, hf, native
 from finetune.models.source import ModelSource
 
 CPU = torch.device("cpu")
@@ -78,7 +78,9 @@ def run_config(model_dir, impl: str = "native", torch_dtype: str = "float32", **
 
 def native_model(model_dir, cfg=None, device=CPU, compute_dtype=torch.float32):
     cfg = cfg or run_config(model_dir)
-    return native.build(cfg, ModelSource.from_directory(model_dir), compute_dtype, device)
+    # As the memory plan settles it when model.offload_checkpoints=true (decide_memory_layout).
+    layout = MemoryLayout(park_checkpoints=cfg.model.offload_checkpoints)
+    return native.build(cfg, ModelSource.from_directory(model_dir), compute_dtype, device, layout)
 
 
 def quantized_base(model_dir, cfg=None, device=CPU, compute_dtype=torch.float32):

@@ -1,5 +1,6 @@
 """Weight streaming and the NF4 cache as runs use them: same numbers as a resident model loaded from the checkpoint."""
 
+import os
 import sys
 
 import pytest
@@ -137,6 +138,22 @@ def test_offload_decision_follows_the_setting_and_the_plan(checkpoints):
     assert decide(cfg, model_dir, CPU, []) == (False, False)  # host memory already
     with pytest.raises(ConfigError, match="needs a CUDA device"):
         native.build(cfg, ModelSource.from_directory(model_dir), torch.float32, CPU, MemoryLayout(stream_weights=True))
+
+
+def test_parked_layers_that_would_pin_more_than_the_ram_are_refused_before_loading(checkpoints, monkeypatch):
+    from finetune.config import ConfigError
+    from finetune.plan import memory
+
+    model_dir = checkpoints("llama")
+    cfg = run_config(model_dir)
+    cfg.hardware.gpu_memory_gb = 1000.0
+    cuda = torch.device("cuda")  # only named: with hardware.gpu_memory_gb set nothing asks a GPU
+    page = os.sysconf("SC_PAGE_SIZE")
+    monkeypatch.setattr(memory.os, "sysconf", lambda name: page if name == "SC_PAGE_SIZE" else 16)  # 16 pages of RAM
+    assert decide(cfg, model_dir, cuda, []) == (False, False)  # pins nothing
+    cfg.model.parked_layers = 2
+    with pytest.raises(ConfigError, match=r"pins .*parked activations, 2 layers: .*model.parked_layers"):
+        decide(cfg, model_dir, cuda, [])
 
 
 def test_auto_checkpoint_layers_follow_the_plan_onto_the_model(checkpoints, monkeypatch):

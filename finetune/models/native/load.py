@@ -300,13 +300,13 @@ def build(cfg: RunConfig, source: ModelSource, compute_dtype: torch.dtype, devic
                                 weights_device=host if stream_weights else None)
     args = model.args
     attach_lora(model, cfg.lora)
-    # Pinned host memory needs CUDA; on the CPU the activations are already in host memory.
+    # Pinned host memory needs CUDA; on the CPU the activations are in host memory already (parked
+    # layers keep what they save as it is).
     model.model.set_checkpointing(cfg.model.checkpointed_layers(args.num_hidden_layers, layout.planned_checkpoint_layers),
-                                  layout.park_checkpoints and device.type == "cuda")
+                                  layout.park_checkpoints and device.type == "cuda", cfg.model.parked_layers)
     model.model.set_mlp_chunking(cfg.model.mlp_chunk_tokens or layout.planned_mlp_chunk_tokens)
     if stream_weights:
         model.model.stream_weights(device)
     if cfg.model.compile:
-        for layer in model.model.layers:
-            layer.compile()
+        model.model.compile_layers()
     return model

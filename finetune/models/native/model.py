@@ -34,6 +34,7 @@ from finetune.config import ConfigError, LoraConfig
 from finetune.data.samples import IGNORE_INDEX
 from finetune.lora import QLoRALinear, adapted_layers, linear_layers, project
 from finetune.models.native import decoding, nf4_cache
+from finetune.models.native.parking import ActivationParking
 from finetune.models.native.streaming import WeightStreamer
 from finetune.models.sequence_logps import SequenceLogps, shifted_targets, sum_per_sequence
 from finetune.models.source import checkpoint_files
@@ -324,14 +325,14 @@ class MLP(nn.Module):
         self.down_proj = QLoRALinear(F_, C, bias, ops.dequantize, ops.lora_dropout)
         self.ops = ops
 
-    def forward(self, x, lean: bool = False):
+    def forward(self, x, saving: SavedActivations | None = None):
         gate_up = project(x, (self.gate_proj, self.up_proj))
         hidden = self.ops.swiglu(gate_up)
-        if not lean:
+        if saving is None:
             return self.down_proj(hidden)
         # down_proj's backward gets the SwiGLU output (F wide) from gate_up, which SwiGLU's backward
         # keeps anyway, rather than keeping a copy of its own.
-        with rebuilt_when_saved(hidden, partial(self.ops.swiglu, gate_up)):
+        with saving.rebuilt(hidden, self.ops.swiglu, gate_up):
             return self.down_proj(hidden)
 
 
@@ -344,13 +345,15 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps, ops)
         self.mlp_chunk_tokens: int | None = None  # set by Decoder.set_mlp_chunking
 
-    def forward(self, x, rope, layout: AttentionLayout, lean: bool = False):
-        """`lean` (training, outside activation checkpointing): the projections' backward rebuilds the
-        norms' and SwiGLU's outputs from the inputs those ops keep anyway, instead of keeping them
-        too: about a third less activation memory per layer for three elementwise kernels in backward.
-        Hooks on saved tensors do this, and torch.compile does not trace them: compiled layers keep all."""
-        lean = lean and not torch.compiler.is_compiling()
-        h = x + self._after_norm(self.input_layernorm, x, partial(self.self_attn, rope=rope, layout=layout), lean)
+    def forward(self, x, rope, layout: AttentionLayout, saving: SavedActivations | None = None):
+        """`saving` (training, outside activation checkpointing; its hooks active around the call):
+        the projections' backward rebuilds the norms' and SwiGLU's outputs from the inputs those ops
+        keep anyway, instead of keeping them too: about a third less activation memory per layer for
+        three elementwise kernels in backward. torch.compile does not trace saved-tensor hooks:
+        compiled layers keep all."""
+        if torch.compiler.is_compiling():
+            saving = None
+        h = x + self._after_norm(self.input_layernorm, x, partial(self.self_attn, rope=rope, layout=layout), saving)
         chunk = self.mlp_chunk_tokens
         tokens = h.shape[0] * h.shape[1]
         if chunk and tokens > chunk and self.training and torch.is_grad_enabled():
@@ -359,42 +362,77 @@ class DecoderLayer(nn.Module):
             rows = h.reshape(tokens, h.shape[-1])
             out = torch.cat([checkpoint(self._mlp, part, use_reentrant=False) for part in rows.split(chunk)])
             return h + out.view_as(h)
-        return h + self._mlp(h, lean)
+        return h + self._mlp(h, saving)
 
-    def _mlp(self, h, lean: bool = False):
-        return self._after_norm(self.post_attention_layernorm, h, partial(self.mlp, lean=lean), lean)
+    def _mlp(self, h, saving: SavedActivations | None = None):
+        return self._after_norm(self.post_attention_layernorm, h, partial(self.mlp, saving=saving), saving)
 
     @staticmethod
-    def _after_norm(norm: RMSNorm, x, block: Callable, lean: bool):
+    def _after_norm(norm: RMSNorm, x, block: Callable, saving: SavedActivations | None):
         normed = norm(x)
-        if not lean:
+        if saving is None:
             return block(normed)
-        with rebuilt_when_saved(normed, partial(norm, x)):
+        with saving.rebuilt(normed, norm, x):
             return block(normed)
 
 
-@contextlib.contextmanager
-def rebuilt_when_saved(tensor: torch.Tensor, rebuild: Callable[[], torch.Tensor]):
-    """Ops run inside that save `tensor` for backward keep `rebuild` in its place, which backward
-    calls (without autograd) when it needs the tensor back.
-
-    For a cheap op's output whose inputs are kept anyway: the output's memory is freed after forward.
-    `rebuild` must give the same values (the same op on the same inputs does) and must not hold
-    `tensor`. Not for use under activation checkpointing, whose own hooks these would displace.
+class SavedActivations:
+    """Saved-tensor hooks for one training layer outside activation checkpointing: what ops save
+    for backward is kept, or rebuilt in backward where `rebuilt` says how, or parked in host memory
+    when `park` (ActivationParking.layer's hooks) is given. Not for use under activation
+    checkpointing, whose own hooks these would displace.
     """
-    identity = _view_identity(tensor)
 
-    def pack(saved: torch.Tensor):
-        return _Rebuild(rebuild) if _view_identity(saved) == identity else saved
+    def __init__(self, park: tuple[Callable, Callable] | None = None):
+        self.park = park
+        self.rebuilds: dict[tuple, tuple[Callable, tuple[torch.Tensor, ...]]] = {}
+        # While the layer runs forward, parking: each tensor parked once however many ops save it.
+        # The tensor itself is held too, so that its memory (and identity) cannot pass to another.
+        self.parked: dict[tuple, tuple[torch.Tensor, object]] = {}
 
-    def unpack(packed):
+    @contextlib.contextmanager
+    def hooks(self):
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack):
+                yield
+        finally:
+            self.parked.clear()
+
+    @contextlib.contextmanager
+    def rebuilt(self, tensor: torch.Tensor, op: Callable[..., torch.Tensor], *inputs: torch.Tensor):
+        """Ops run inside that save `tensor` (= op(*inputs)) keep the op and its inputs in its place,
+        and backward runs it again (without autograd) when it needs the tensor back. For a cheap op
+        whose inputs are saved anyway: the output's memory is freed after forward."""
+        identity = _view_identity(tensor)
+        self.rebuilds[identity] = op, inputs
+        try:
+            yield
+        finally:
+            del self.rebuilds[identity]
+
+    def _pack(self, saved: torch.Tensor):
+        rebuild = self.rebuilds.get(_view_identity(saved))
+        if rebuild is not None:
+            op, inputs = rebuild
+            return _Rebuild(op, tuple(self._keep(t) for t in inputs))
+        return self._keep(saved)
+
+    def _keep(self, tensor: torch.Tensor):
+        if self.park is None:
+            return tensor
+        identity = _view_identity(tensor)
+        if identity not in self.parked:
+            self.parked[identity] = tensor, self.park[0](tensor)
+        return self.parked[identity][1]
+
+    def _unpack(self, packed):
         if isinstance(packed, _Rebuild):
             with torch.no_grad():
-                return packed.rebuild()
-        return packed
+                return packed.op(*(self._restore(t) for t in packed.inputs))
+        return self._restore(packed)
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
-        yield
+    def _restore(self, packed) -> torch.Tensor:
+        return packed if self.park is None else self.park[1](packed)
 
 
 def _view_identity(t: torch.Tensor) -> tuple:
@@ -403,7 +441,8 @@ def _view_identity(t: torch.Tensor) -> tuple:
 
 @dataclass(frozen=True)
 class _Rebuild:
-    rebuild: Callable[[], torch.Tensor]
+    op: Callable[..., torch.Tensor]
+    inputs: tuple
 
 
 class Decoder(nn.Module):
@@ -415,8 +454,17 @@ class Decoder(nn.Module):
         self.register_buffer("inv_freq", rope_frequencies(args.head_dim, args.rope).to(device), persistent=False)
         self.use_varlen = False  # set by the loader: CUDA with a 16-bit compute dtype
         self.checkpointed_layers = 0  # the first this many layers recompute in backward: set_checkpointing
-        self.offload_checkpoints = False
+        self.parked_layers = 0  # the next this many keep what they save in host memory: set_checkpointing
+        self.park_checkpoints = False
+        self.parking: ActivationParking | None = None  # when anything parks
+        self.layers_compiled = False  # compile_layers
         self.streamer: WeightStreamer | None = None  # set by stream_weights
+
+    def compile_layers(self) -> None:
+        """torch.compile each decoder layer (model.compile). Compiled layers keep all they save."""
+        for layer in self.layers:
+            layer.compile()
+        self.layers_compiled = True
 
     def set_mlp_chunking(self, tokens: int | None) -> None:
         """Training runs each layer's MLP over at most `tokens` tokens at a time (None: all at once)."""
@@ -430,10 +478,13 @@ class Decoder(nn.Module):
                               "the weights are in host memory already.")
         self.streamer = WeightStreamer(self.layers, device)
 
-    def set_checkpointing(self, layers: int, offload: bool = False) -> None:
+    def set_checkpointing(self, layers: int, offload: bool = False, parked: int = 0) -> None:
         """Recompute the first `layers` decoder layers in backward (ModelConfig.checkpointed_layers says
-        how many, and checks the range); `offload` parks their inputs in host memory."""
-        self.checkpointed_layers, self.offload_checkpoints = layers, offload
+        how many, and checks the range); `offload` parks their inputs in host memory; up to `parked`
+        layers after them are not recomputed and park everything they save (parking.py)."""
+        parked = min(parked, len(self.layers) - layers)
+        self.checkpointed_layers, self.park_checkpoints, self.parked_layers = layers, offload, parked
+        self.parking = ActivationParking() if offload or parked else None
         for index, layer in enumerate(self.layers):
             for linear in linear_layers(layer).values():
                 linear.keep_dequantized = index < layers
@@ -456,6 +507,7 @@ class Decoder(nn.Module):
         x = self.embed_tokens(input_ids)  # (B, T, C)
         training = self.training and torch.is_grad_enabled()
         recompute = self.checkpointed_layers if training else 0
+        parked_until = recompute + self.parked_layers if training else 0
         streamer = self.streamer
         for index, layer in enumerate(self.layers):
             if streamer is not None:
@@ -465,11 +517,18 @@ class Decoder(nn.Module):
             if index < recompute:
                 # A checkpointed layer keeps only its input x; offloading parks it in pinned host
                 # memory (rope and layout are non-tensors, so all layers share their one copy).
-                with torch.autograd.graph.save_on_cpu(pin_memory=True) if self.offload_checkpoints \
-                        else contextlib.nullcontext():
+                if self.park_checkpoints:
+                    with self.parking.layer(index, layer, rope) as park, torch.autograd.graph.saved_tensors_hooks(*park):
+                        x = checkpoint(layer, x, rope, layout, use_reentrant=False)
+                else:
                     x = checkpoint(layer, x, rope, layout, use_reentrant=False)
+            elif training and not self.layers_compiled:
+                with self.parking.layer(index, layer, rope) if index < parked_until else contextlib.nullcontext() as park:
+                    saving = SavedActivations(park)
+                    with saving.hooks():
+                        x = layer(x, rope, layout, saving=saving)
             else:
-                x = layer(x, rope, layout if cache is None else cache.layer(index), lean=training)
+                x = layer(x, rope, layout if cache is None else cache.layer(index))
             if streamer is not None:
                 x = streamer.before_backward(x, index)
         return self.norm(x)
