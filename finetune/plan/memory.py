@@ -545,13 +545,12 @@ def _host_items(run: _Run, offload: OffloadMode, tokens: int) -> list[LineItem]:
     if offload in STREAMS_WEIGHTS:
         items.append(LineItem(f"NF4 linear weights, all {L} layers", nf4_linear_bytes(arch, run.double_quant),
                               "pinned, streamed every micro-batch"))
+    acts = activation_bytes_per_token(arch, run.compute_bytes, run.r, run.targets, run.lora_dropout, run.impl)
     if offload in PARKS_ACTIVATIONS:
-        checkpoint = activation_bytes_per_token(arch, run.compute_bytes, run.r, run.targets, run.lora_dropout,
-                                                run.impl).checkpoint
         checkpointed = run.checkpointed_layers
-        items.append(LineItem(f"layer checkpoints, {checkpointed} layers", tokens * checkpointed * checkpoint, "pinned"))
+        items.append(LineItem(f"layer checkpoints, {checkpointed} layers", tokens * checkpointed * acts.checkpoint,
+                              "pinned"))
     if run.parked:
-        acts = activation_bytes_per_token(arch, run.compute_bytes, run.r, run.targets, run.lora_dropout, run.impl)
         chunked = min(tokens, run.mlp_chunk_tokens or tokens) < tokens
         items.append(LineItem(f"parked activations, {run.parked} layers", run.parked * tokens * acts.kept(chunked),
                               "pinned"))
