@@ -498,9 +498,9 @@ def _gpu_items(run: _Run, offload: OffloadMode, tokens: int) -> list[LineItem]:
     mlp_saving = (tokens - mlp_tokens) * (acts.mlp + acts.mlp_backward)
     chunked = mlp_tokens < tokens
     if run.parked:
-        on_gpu = min(LAYERS_IN_FLIGHT + 1, run.parked)
+        on_gpu = min(LAYERS_IN_FLIGHT, run.parked)
         items.append(LineItem(f"parked activations, {on_gpu} of {run.parked} layers", on_gpu * tokens * acts.kept(chunked),
-                              "copying out or back; the rest in pinned host memory"))
+                              "computing, or copying out or back; the rest in pinned host memory"))
     if checkpointed + run.parked < L:
         kept = L - checkpointed - run.parked
         items.append(LineItem(f"activations, {'all ' if kept == L else ''}{kept} layers",

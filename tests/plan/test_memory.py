@@ -292,8 +292,9 @@ def test_layers_kept_whole_under_mlp_chunks_keep_none_of_the_mlp_share():
 
 
 def test_parked_layers_keep_their_activations_in_host_memory():
-    """model.parked_layers: the GPU holds the layers in flight (LAYERS_IN_FLIGHT copying out, one
-    computing), host memory all of them."""
+    """model.parked_layers: the GPU holds the layers in flight (LAYERS_IN_FLIGHT: the one computing
+    and the one copying out or back), host memory all of them. Llama-3-8B at 1 x 32768 on an H100
+    peaked at 10.7 GiB allocated, against the plan's tensors-alone 11.5."""
     args = ("recipe=llama3_8b_qlora", NATIVE, "hardware.offload=none", "hardware.gpu_memory_gb=80",
             "data.max_seq_len=32768", "train.micro_batch_size=1", "lora.r=16", "lora.lora_dropout=0",
             "model.name_or_path=meta-llama/Llama-3.1-8B", "model.checkpoint_layers=0", "model.mlp_chunk_tokens=8192")
@@ -302,12 +303,12 @@ def test_parked_layers_keep_their_activations_in_host_memory():
                                              0.0, ModelImpl.native)
     layer = 32768 * acts.kept(True)
     on_gpu = next(item for item in parked.gpu if item.name.startswith("parked activations"))
-    assert on_gpu.bytes == (LAYERS_IN_FLIGHT + 1) * layer and "of 32 layers" in on_gpu.name
+    assert on_gpu.bytes == LAYERS_IN_FLIGHT * layer and "of 32 layers" in on_gpu.name
     assert not any(item.name.startswith("activations,") for item in parked.gpu)
     host = next(item for item in parked.host if item.name.startswith("parked activations"))
     assert host.bytes == 32 * layer
     # With the allocator's 5% on what is allocated.
-    assert kept.gpu_total - parked.gpu_total == pytest.approx((32 - LAYERS_IN_FLIGHT - 1) * layer * 1.05, abs=2)
+    assert kept.gpu_total - parked.gpu_total == pytest.approx((32 - LAYERS_IN_FLIGHT) * layer * 1.05, abs=2)
 
 
 def test_longest_sequence_grows_with_budget_and_is_the_boundary():

@@ -33,7 +33,9 @@ from functools import partial
 import torch
 from torch import nn
 
-# Layers whose copies out may still be running while the compute goes on (see the module docstring).
+# Layers whose saved tensors the GPU holds at once: in forward the one computing and the one before
+# it, whose copies may still be running (a layer starts once the copies of the layer two back have
+# run); in backward the one whose backward runs and the one below it, coming back.
 LAYERS_IN_FLIGHT = 2
 
 
