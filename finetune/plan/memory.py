@@ -55,6 +55,12 @@ OVERHEAD_ITEMS = ("allocator fragmentation", "CUDA context + workspaces")
 # model.mlp_chunk_tokens unset where nothing fits without chunks: Llama-3.1-8B trained 1 x 131072
 # under a 24 GiB cap in 8,192-token chunks (18.3 GiB on an H100, issue #17).
 AUTO_MLP_CHUNK_TOKENS = 8192
+# The shortest sequence where parked layers (model.parked_layers, with MLP chunks) were measured to
+# beat recomputing: Llama-3-8B at 1 x 32768 on an H100, 1.11x with all 32 layers parked; at
+# 2 x 2048 the copies outlasted the compute (0.60x). The dry run suggests them from here on.
+PARKING_PAYS_FROM_TOKENS = 32768
+# Pinned memory is locked in RAM: the suggestion keeps to half the machine's, for everything else.
+PARKING_HINT_RAM_SHARE = 0.5
 # With activation offload the GPU still holds two layer inputs: in forward the current input and
 # the output being copied out, in backward the one being recomputed and the next one copied back.
 OFFLOADED_CHECKPOINTS_ON_GPU = 2
@@ -719,6 +725,9 @@ def plan_for_run(cfg: RunConfig, source: ModelSource, impl: ModelImpl, impl_reas
                      "activations are planned as the kernels' and may be underestimated.")
     if cfg.lora.use_dora:
         notes.append("lora.use_dora=true: DoRA's weight-norm activations are not counted.")
+    host_ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if fitting and (hint := _parking_hint(run, offload, tokens, budget, host_ram)):
+        notes.append(hint)
 
     stream = None
     if offload in STREAMS_WEIGHTS:
@@ -741,8 +750,30 @@ def plan_for_run(cfg: RunConfig, source: ModelSource, impl: ModelImpl, impl_reas
         loss_chunk_tokens=loss_chunk_tokens(tokens, arch["hidden_size"], arch["vocab_size"]) if run.chunked_loss
         else None,
         stream=stream, gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
-        host_ram_bytes=os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), notes=notes,
+        host_ram_bytes=host_ram, notes=notes,
     )
+
+
+def _parking_hint(run: _Run, offload: OffloadMode, tokens: int, budget: int, host_ram: int) -> str | None:
+    """For a long sequence that recomputes layers: the most of them that could park instead
+    (model.parked_layers, MLP chunks) within the GPU budget and a share of the RAM, as a suggestion."""
+    seq_len = tokens // run.micro_batch_size
+    if run.impl is not ModelImpl.native or run.compiled or run.parked or not run.checkpointed_layers \
+            or seq_len < PARKING_PAYS_FROM_TOKENS:
+        return None
+    chunk = run.mlp_chunk_tokens or AUTO_MLP_CHUNK_TOKENS
+    for parked in range(run.checkpointed_layers, 0, -1):
+        candidate = replace(run, checkpointed_layers=run.checkpointed_layers - parked, parked_layers=parked,
+                            mlp_chunk_tokens=chunk)
+        host = sum(item.bytes for item in _host_items(candidate, offload, tokens))
+        gpu = _gpu_total(candidate, offload, tokens)
+        if host <= PARKING_HINT_RAM_SHARE * host_ram and gpu <= budget:
+            return (f"model.checkpoint_layers={candidate.checkpointed_layers} model.parked_layers={parked} "
+                    f"model.mlp_chunk_tokens={chunk} would skip {parked} layers' recompute, keeping their "
+                    f"activations in pinned host memory ({host / GiB:.1f} GiB pinned in all, {gpu / GiB:.1f} GiB "
+                    f"on the GPU): Llama-3-8B at 1 x 32768 with all 32 layers parked ran 1.11x recomputing "
+                    f"every layer, on an H100.")
+    return None
 
 
 def check_fits(plan: MemoryPlan) -> None:

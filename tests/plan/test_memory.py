@@ -11,6 +11,7 @@ from finetune.models.architectures import ARCHITECTURES
 from finetune.models.native.parking import LAYERS_IN_FLIGHT
 from finetune.models.source import locate_source
 from finetune.plan import memory
+from finetune.plan.memory import GiB
 
 LLAMA3_8B, LLAMA3_70B = ARCHITECTURES["llama3-8b"], ARCHITECTURES["llama3-70b"]
 
@@ -309,6 +310,24 @@ def test_parked_layers_keep_their_activations_in_host_memory():
     assert host.bytes == 32 * layer
     # With the allocator's 5% on what is allocated.
     assert kept.gpu_total - parked.gpu_total == pytest.approx((32 - LAYERS_IN_FLIGHT) * layer * 1.05, abs=2)
+
+
+@pytest.mark.parametrize("ram_gib, expected", [(128, "model.checkpoint_layers=0 model.parked_layers=32 "),
+                                                 (24, "model.checkpoint_layers=22 model.parked_layers=10 ")])
+def test_the_plan_suggests_parked_layers_for_long_sequences_within_half_the_ram(ram_gib, expected, monkeypatch):
+    page = 4096
+    pages = ram_gib * GiB // page
+    monkeypatch.setattr(memory.os, "sysconf", lambda name: page if name == "SC_PAGE_SIZE" else pages)
+    args = ("recipe=llama3_8b_qlora", NATIVE, "hardware.gpu_memory_gb=24", "train.micro_batch_size=1")
+    long = plan(*args, "data.max_seq_len=32768")
+    (hint,) = [note for note in long.notes if "model.parked_layers" in note]
+    assert hint.startswith(expected) and "model.mlp_chunk_tokens=8192" in hint
+    pinned = float(hint.split(" GiB pinned")[0].split("(")[-1])
+    assert pinned <= ram_gib / 2
+    assert not any("parked_layers" in note for note in plan(*args, "data.max_seq_len=4096").notes)
+    # Asked for already, or nothing recomputed: nothing to suggest.
+    assert not any("parked_layers" in note for note in
+                   plan(*args, "data.max_seq_len=32768", "model.parked_layers=4", "model.checkpoint_layers=28").notes)
 
 
 def test_longest_sequence_grows_with_budget_and_is_the_boundary():
