@@ -349,10 +349,8 @@ class DecoderLayer(nn.Module):
         """`saving` (training, outside activation checkpointing; its hooks active around the call):
         the projections' backward rebuilds the norms' and SwiGLU's outputs from the inputs those ops
         keep anyway, instead of keeping them too: about a third less activation memory per layer for
-        three elementwise kernels in backward. torch.compile does not trace saved-tensor hooks:
-        compiled layers keep all."""
-        if torch.compiler.is_compiling():
-            saving = None
+        three elementwise kernels in backward. torch.compile does not trace saved-tensor hooks: the
+        decoder passes none to compiled layers (Decoder.compile_layers), which keep all."""
         h = x + self._after_norm(self.input_layernorm, x, partial(self.self_attn, rope=rope, layout=layout), saving)
         chunk = self.mlp_chunk_tokens
         tokens = h.shape[0] * h.shape[1]
