@@ -27,8 +27,9 @@ from finetune.evaluate import evaluate_loss, evaluate_objective, exact_match, fo
 from finetune.generation import Sampling, chat_replies, pad_id
 from finetune.hub_code import keep_hub_code_out
 from finetune.io import IfExists, atomic_dir
-from finetune.models import LoadedModel, Placement, build_model, choose_impl, load_adapter_weights
-from finetune.models.source import resolve_source
+from finetune.models import (LoadedModel, MemoryLayout, Placement, build_model, choose_impl, load_adapter_weights,
+                              load_tokenizer)
+from finetune.models.source import ModelSource, resolve_source
 from finetune.plan import memory, perf
 from finetune.tracking import Trackers, open_trackers
 from finetune.training.checkpoint import (TrainerState, gather_trainable_state, optimizer_state_on_cpu,
@@ -59,12 +60,14 @@ def run(cfg: RunConfig) -> RunResult:
     seed_everything(cfg.train.seed)
     processes = start_processes(cfg, run_dir.resumed_state)
     started = time.perf_counter()
-    loaded = load_model(cfg, processes)
-    data = load_data(cfg, loaded.tokenizer, processes)
+    model_plan = plan_model(cfg, processes)
+    tokenizer = load_tokenizer(cfg, model_plan.source)
+    # Before the weights load (minutes for a large base): a mistake in the data stops the run at once.
+    data = load_data(cfg, tokenizer, processes)
     if cfg.data.preview:
-        processes.say(data_lib.preview(data.train_samples[: cfg.data.preview], loaded.tokenizer,
-                                       color=sys.stdout.isatty()))
+        processes.say(data_lib.preview(data.train_samples[: cfg.data.preview], tokenizer, color=sys.stdout.isatty()))
         return RunResult(run_dir.path, adapter_dir=None)
+    loaded = load_model(cfg, processes, model_plan, tokenizer)
     training = Training.set_up(cfg, run_dir, processes, loaded, data, started)
     if training is None:
         return RunResult(run_dir.path, run_dir.path / "adapter")
@@ -89,8 +92,19 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def load_model(cfg: RunConfig, processes: Processes) -> LoadedModel:
-    """The frozen 4-bit base with LoRA attached, on the model path `choose_impl` picks."""
+@dataclass(frozen=True)
+class ModelPlan:
+    """How the model will load, settled from its config before any weight is read."""
+
+    source: ModelSource
+    impl: ModelImpl
+    layout: MemoryLayout
+    placement: Placement
+
+
+def plan_model(cfg: RunConfig, processes: Processes) -> ModelPlan:
+    """The checkpoint found and checked against the run, the model path `choose_impl` picks, and the
+    memory layout; the choices said as notes."""
     with processes.accelerator.main_process_first():  # the first fills the shared caches (demo base, hub files)
         source = resolve_source(cfg.model, cfg.cache_dir)
     source.check_sequence_length(cfg.data.max_seq_len)
@@ -99,14 +113,22 @@ def load_model(cfg: RunConfig, processes: Processes) -> LoadedModel:
     notices = [f"model.impl=auto: the {impl.value} model path ({why.removeprefix('model.impl=auto: ')})."] \
         if cfg.model.impl is ModelImpl.auto else []
     layout = memory.decide_memory_layout(cfg, source, impl, why, processes.device, notices)
+    for notice in notices:
+        processes.say(f"note: {notice}")
     # FSDP with fsdp_cpu_ram_efficient_loading (as the shipped configs): the first process loads the
     # base into host memory, the others build it empty; FSDP moves each unit to the GPU, broadcasts
     # the first process's values (sync_module_states) and shards it. No GPU ever holds the whole base.
     first_loads = processes.fsdp and processes.accelerator.state.fsdp_plugin.cpu_ram_efficient_loading
     placement = Placement.device if not first_loads else Placement.host if processes.is_main else Placement.empty
+    return ModelPlan(source, impl, layout, placement)
+
+
+def load_model(cfg: RunConfig, processes: Processes, plan: ModelPlan | None = None, tokenizer=None) -> LoadedModel:
+    """The frozen 4-bit base with LoRA attached, as `plan` (plan_model's, made here if not given) says."""
+    plan = plan or plan_model(cfg, processes)
     keep_hub_code_out()  # the first import of bitsandbytes: train.py's CLI leaves it to here
-    loaded = build_model(cfg, processes.device, placement, layout, source, impl)
-    for notice in notices + loaded.notices:
+    loaded = build_model(cfg, processes.device, plan.placement, plan.layout, plan.source, plan.impl, tokenizer)
+    for notice in loaded.notices:
         processes.say(f"note: {notice}")
     if cfg.model.adapter:
         start_from_adapter(cfg, loaded, processes)

@@ -104,6 +104,14 @@ def test_machine_rules_are_checked_before_anything_loads(tmp_path):
 
 
 @pytest.mark.slow
+def test_data_is_checked_before_the_weights_load(tmp_path):
+    """A bad data line stops the run before the model's weights are read (minutes for a large base)."""
+    result = run_train(data_path(tmp_path, chat() + "\n{oops\n"), f"output_dir={tmp_path / 'out'}", *FAST)
+    assert result.returncode == 2 and "d.jsonl:2" in result.stderr
+    assert "model:" not in result.stdout, result.stdout
+
+
+@pytest.mark.slow
 def test_unwritable_output_dir(tmp_path):
     if os.geteuid() == 0:
         pytest.skip(reason="root can write to read-only directories, so the case cannot arise")

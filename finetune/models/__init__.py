@@ -55,23 +55,29 @@ def choose_impl(cfg: RunConfig, source: ModelSource) -> tuple[ModelImpl, str]:
     return ModelImpl.hf, f"model.impl=auto: {reason}"
 
 
-def build_model(cfg: RunConfig, device: torch.device, placement: Placement = Placement.device,
-                layout: MemoryLayout = MemoryLayout(), source: ModelSource | None = None,
-                impl: ModelImpl | None = None) -> LoadedModel:
-    """Load the base quantized to 4 bits, attach LoRA, and load its tokenizer.
-
-    The recipe passes the `source` it resolved and the `impl` it chose; other callers (the API,
-    tests) may leave them to `resolve_source` and `choose_impl`. `placement` other than `device`
-    is for FSDP loading through its first process (host memory there, meta elsewhere). The
-    native path only: the generic one loads onto `device` regardless.
-    """
+def load_tokenizer(cfg: RunConfig, source: ModelSource):
+    """The checkpoint's tokenizer (no weights read)."""
     from transformers import AutoTokenizer
 
+    return AutoTokenizer.from_pretrained(source.directory, trust_remote_code=cfg.model.trust_remote_code)
+
+
+def build_model(cfg: RunConfig, device: torch.device, placement: Placement = Placement.device,
+                layout: MemoryLayout = MemoryLayout(), source: ModelSource | None = None,
+                impl: ModelImpl | None = None, tokenizer=None) -> LoadedModel:
+    """Load the base quantized to 4 bits, attach LoRA, and load its tokenizer (unless given).
+
+    The recipe passes the `source` it resolved, the `impl` it chose and the tokenizer it read the
+    data with; other callers (the API, tests) may leave them to `resolve_source`, `choose_impl` and
+    `load_tokenizer`. `placement` other than `device` is for FSDP loading through its first process
+    (host memory there, meta elsewhere). The native path only: the generic one loads onto `device`
+    regardless.
+    """
     source = source or resolve_source(cfg.model, cfg.cache_dir)
     impl = impl or choose_impl(cfg, source)[0]
     compute_dtype, notices = choose_compute_dtype(cfg.quant.bnb_4bit_compute_dtype, device)
     hf.check_causal_lm(source)
-    tokenizer = AutoTokenizer.from_pretrained(source.directory, trust_remote_code=cfg.model.trust_remote_code)
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg, source)
     if impl is ModelImpl.native:
         model = native.build(cfg, source, compute_dtype, device, layout, placement)
     else:
