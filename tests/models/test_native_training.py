@@ -244,6 +244,38 @@ def test_parked_layers_train_like_kept_ones(checkpoints):
                 torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-6, msg=(settings, chunk, name))
 
 
+def test_parked_layers_park_each_storage_once_and_rebuild_its_views(checkpoints, monkeypatch):
+    """Views of one tensor that different ops save (attention's output as the attention op keeps it
+    and as o_proj's input) are parked as one storage. Parking here copies for real (a CPU stand-in
+    for the pinned copy), so every view is rebuilt over the copy, and the gradients are the same."""
+    from finetune.models.native import parking
+
+    packed_storages = []
+
+    class Copied:
+        def __init__(self, tensor):
+            self.copy = tensor.clone()
+
+    def park(self, index, own, tensor):
+        if tensor.untyped_storage().data_ptr() in own:
+            return tensor
+        # Per layer: a layer's tensors are freed after its forward, and the next may reuse their memory.
+        packed_storages.append((index, tensor.untyped_storage().data_ptr()))
+        return Copied(tensor)
+
+    monkeypatch.setattr(parking.ActivationParking, "_park", park)
+    monkeypatch.setattr(parking.ActivationParking, "_unpark", lambda self, index, packed:
+                        packed.copy if isinstance(packed, Copied) else packed)
+    model_dir = checkpoints("llama")
+    ids = random_ids(4, 24, seed=3)
+    kept, *_ = parked_run(model_dir, torch.device("cpu"), torch.float32, ids, gradient_checkpointing=False)
+    grads, *_ = parked_run(model_dir, torch.device("cpu"), torch.float32, ids, gradient_checkpointing=False,
+                           parked_layers=COMMON["num_hidden_layers"])
+    assert packed_storages and len(set(packed_storages)) == len(packed_storages)
+    for name, grad in kept.items():
+        assert torch.equal(grads[name], grad), name
+
+
 def test_parked_layers_are_checked(checkpoints):
     model_dir = checkpoints("llama")
     cfg = run_config(model_dir)

@@ -418,6 +418,17 @@ class SavedActivations:
     def _keep(self, tensor: torch.Tensor):
         if self.park is None:
             return tensor
+        storage = tensor.untyped_storage()
+        whole = ("storage", storage.data_ptr())
+        if whole not in self.parked and 2 * tensor.numel() * tensor.element_size() >= storage.nbytes():
+            # Ops save different views of one tensor (attention's output as its kernel keeps it, and
+            # the same bytes as o_proj's input): its storage is parked once, for all of them. A view
+            # of less than half its storage parks alone.
+            flat = torch.empty(0, dtype=torch.uint8, device=tensor.device).set_(storage)
+            self.parked[whole] = flat, self.park[0](flat)
+        if whole in self.parked:
+            return _ParkedView(self.parked[whole][1], tensor.storage_offset(), tuple(tensor.shape), tensor.stride(),
+                               tensor.dtype)
         identity = _view_identity(tensor)
         if identity not in self.parked:
             self.parked[identity] = tensor, self.park[0](tensor)
@@ -430,7 +441,24 @@ class SavedActivations:
         return self._restore(packed)
 
     def _restore(self, packed) -> torch.Tensor:
-        return packed if self.park is None else self.park[1](packed)
+        if self.park is None:
+            return packed
+        if isinstance(packed, _ParkedView):
+            storage = self.park[1](packed.storage).untyped_storage()
+            return torch.empty(0, dtype=packed.dtype, device=storage.device).set_(storage, packed.offset, packed.shape,
+                                                                                  packed.stride)
+        return self.park[1](packed)
+
+
+@dataclass(frozen=True)
+class _ParkedView:
+    """A saved tensor as a view of its parked storage (a flat byte tensor, as the park hook packed it)."""
+
+    storage: object
+    offset: int
+    shape: tuple
+    stride: tuple
+    dtype: torch.dtype
 
 
 def _view_identity(t: torch.Tensor) -> tuple:
