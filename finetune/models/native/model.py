@@ -384,8 +384,9 @@ class SavedActivations:
     def __init__(self, park: tuple[Callable, Callable] | None = None):
         self.park = park
         self.rebuilds: dict[tuple, tuple[Callable, tuple[torch.Tensor, ...]]] = {}
-        # While the layer runs forward, parking: each tensor parked once however many ops save it.
-        # The tensor itself is held too, so that its memory (and identity) cannot pass to another.
+        # While the layer runs forward, parking: each storage (or a view of under half of one) parked
+        # once however many ops save it, keyed by ("storage", its address) or by the view's identity.
+        # What was parked is held too, so that its memory (and identity) cannot pass to another.
         self.parked: dict[tuple, tuple[torch.Tensor, object]] = {}
 
     @contextlib.contextmanager
