@@ -98,14 +98,17 @@ class QLoRAGroupFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, layers: tuple[QLoRALinear, ...], dropout_p: float, keep_weight: bool, *lora_params):
+    def forward(ctx, x, layers: tuple[QLoRALinear, ...], dropout_p: float, keep_weight: bool, output_unused: bool,
+                *lora_params):
         adapted = [i for i in range(len(layers)) if lora_params[2 * i] is not None]
         ctx.layers, ctx.dropout_p, ctx.keep_weight, ctx.adapted = layers, dropout_p, keep_weight, adapted
         bias = _stacked_bias(layers, x)
+        # output_unused: only what backward reads is made; the output is left unwritten.
+        unwritten = x.new_empty(*x.shape[:-1], sum(layer.out_features for layer in layers)) if output_unused else None
         if not adapted:
-            weight = dequantize_rows(layers, x.dtype)
+            weight = dequantize_rows(layers, x.dtype) if keep_weight or not output_unused else None
             ctx.save_for_backward(*((weight,) if keep_weight else ()))
-            return F.linear(x, weight, bias)
+            return unwritten if output_unused else F.linear(x, weight, bias)
         lora_As = [lora_params[2 * i] for i in adapted]
         ctx.param_dtype = lora_As[0].dtype
         ctx.rows = _slices(layer.out_features for layer in layers)
@@ -137,14 +140,18 @@ class QLoRAGroupFunction(torch.autograd.Function):
             xa = x_rows @ lora_A.T  # (N, R)
         # [x | xa] copies x to spare an add over y: worth it where y is at least as wide as x.
         ctx.fold = layers[0].in_features <= lora_block.shape[0]
-        if ctx.fold:
+        if output_unused:
+            weight = (combined_weight(layers, lora_block) if ctx.fold else dequantize_rows(layers, x.dtype)) \
+                if keep_weight else None
+            y = unwritten
+        elif ctx.fold:
             weight = combined_weight(layers, lora_block)
             y = F.linear(torch.cat([x_rows, xa], -1), weight, bias)  # X' Wc^T + b: (N, sum out)
         else:
             weight = dequantize_rows(layers, x.dtype)
             y = F.linear(x_rows, weight, bias).addmm_(xa, lora_block.T)
         ctx.save_for_backward(*((weight,) if keep_weight else ()), x, xa, lora_A, lora_block, *masks)
-        return y.view(*x.shape[:-1], y.shape[-1])
+        return y if output_unused else y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, grad_y):
@@ -159,11 +166,11 @@ class QLoRAGroupFunction(torch.autograd.Function):
             if needs_x:
                 grad_x = grad_rows @ (weight if weight is not None else dequantize_rows(layers, grad_y.dtype))
                 grad_x = grad_x.view(*grad_y.shape[:-1], grad_x.shape[-1])
-            return grad_x, None, None, None, *grad_params
+            return grad_x, None, None, None, None, *grad_params
         x, xa, lora_A, lora_block, *masks = saved
         x_rows = x.reshape(-1, x.shape[-1])
-        wants_A = {i: ctx.needs_input_grad[4 + 2 * i] for i in adapted}
-        wants_B = {i: ctx.needs_input_grad[5 + 2 * i] for i in adapted}
+        wants_A = {i: ctx.needs_input_grad[5 + 2 * i] for i in adapted}
+        wants_B = {i: ctx.needs_input_grad[6 + 2 * i] for i in adapted}
         # grad_xa: (dy S) (N, R), each layer's s_i dy B_i side by side like xa.
         if needs_x and ctx.fold:
             grads = grad_rows @ (weight if weight is not None else combined_weight(layers, lora_block))
@@ -207,7 +214,7 @@ class QLoRAGroupFunction(torch.autograd.Function):
         if grad_x is not None:
             # Contiguous for the kernels downstream; under dy Wc a copy out of the wider result.
             grad_x = grad_x.contiguous().view(*grad_y.shape[:-1], grad_x.shape[-1])
-        return grad_x, None, None, None, *grad_params
+        return grad_x, None, None, None, None, *grad_params
 
 
 def _slices(sizes: Iterable[int]) -> list[slice]:
@@ -243,11 +250,13 @@ def _scaled(t: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
     return torch.mul(t, scale, out=torch.empty(t.shape, dtype=dtype, device=t.device))
 
 
-def project(x: torch.Tensor, layers: Sequence[QLoRALinear]) -> torch.Tensor:
+def project(x: torch.Tensor, layers: Sequence[QLoRALinear], output_unused: bool = False) -> torch.Tensor:
     """The outputs of layers that all read `x`, side by side on the last dim, as one GEMM.
 
     Split the result with `torch.split` (whose backward concatenates the gradients into the one
-    buffer this group's backward reads) rather than by slicing.
+    buffer this group's backward reads) rather than by slicing. `output_unused`: the caller needs
+    only what backward saves (activation checkpointing's recompute of a layer's last projection,
+    whose output is thrown away), so the GEMM is skipped and the result is uninitialized memory.
     """
     active = [layer.lora_A is not None and layer.adapter_enabled for layer in layers]
     rates = {layer.lora_dropout if layer.training else 0.0 for layer, on in zip(layers, active) if on}
@@ -259,7 +268,7 @@ def project(x: torch.Tensor, layers: Sequence[QLoRALinear]) -> torch.Tensor:
     lora_params = [t for layer, on in zip(layers, active)
                    for t in ((layer.lora_A, layer.lora_B) if on else (None, None))]
     keep_weight = all(layer.keep_dequantized for layer in layers)
-    return QLoRAGroupFunction.apply(x, tuple(layers), dropout_p, keep_weight, *lora_params)
+    return QLoRAGroupFunction.apply(x, tuple(layers), dropout_p, keep_weight, output_unused, *lora_params)
 
 
 # Up to this many token rows (decoding steps), inference multiplies by the 4-bit weights directly

@@ -90,6 +90,34 @@ def test_mlp_chunks_give_the_same_gradients(checkpoints):
             torch.testing.assert_close(other[name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
+@pytest.mark.parametrize("mlp_chunk", [None, 7])
+def test_recompute_skips_the_down_projection(checkpoints, mlp_chunk):
+    """A recomputed layer's output is thrown away: its down_proj GEMM runs in forward only, not again
+    in the recompute, while the gradients match a run without recompute (the first test above)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    model_dir = checkpoints("llama")
+    cfg = run_config(model_dir, lora_dropout=0.1)
+    cfg.model.gradient_checkpointing, cfg.model.mlp_chunk_tokens = True, mlp_chunk
+    model = native_model(model_dir, cfg).train()
+    down = model.model.layers[0].mlp.down_proj
+    products = []
+
+    class Matmuls(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default):
+                products.append(tuple(args[-1].shape))
+            return func(*args, **(kwargs or {}))
+
+    with Matmuls():
+        model(**make_batches()[0]).loss.backward()
+    layers = len(model.model.layers)
+    chunks = 1 if mlp_chunk is None else -(-4 * 24 // mlp_chunk)
+    weight_t = (down.in_features, down.out_features)  # x W^T and, for the adapter's term, xa S^T
+    assert products.count(weight_t) == layers * chunks
+    assert products.count((down.out_features, down.in_features)) == layers * chunks  # backward's dy W
+
+
 def test_layers_outside_checkpointing_rebuild_norm_and_swiglu_outputs_in_backward(checkpoints):
     """Training frees the norms' and SwiGLU's outputs after forward and backward rebuilds them, with
     the same gradients; a grad-enabled forward in eval mode (which keeps everything) is the control."""

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import checkpoint, noop_context_fn
 
 from finetune.adapter_format import copy_qlora_weights, lora_key, save_qlora_adapter
 from finetune.config import ConfigError, LoraConfig
@@ -324,10 +324,16 @@ class MLP(nn.Module):
         self.up_proj = QLoRALinear(C, F_, bias, ops.dequantize, ops.lora_dropout)
         self.down_proj = QLoRALinear(F_, C, bias, ops.dequantize, ops.lora_dropout)
         self.ops = ops
+        self.recomputing = False  # set during DecoderLayer's recompute
 
     def forward(self, x, saving: SavedActivations | None = None):
         gate_up = project(x, (self.gate_proj, self.up_proj))
         hidden = self.ops.swiglu(gate_up)
+        if self.recomputing:
+            # Activation checkpointing throws the recompute's output away, and nothing after
+            # down_proj saves a tensor: its backward needs only what it saves, not its GEMM (a
+            # quarter of a layer's recompute).
+            return project(hidden, (self.down_proj,), output_unused=True)
         if saving is None:
             return self.down_proj(hidden)
         # down_proj's backward gets the SwiGLU output (F wide) from gate_up, which SwiGLU's backward
@@ -344,6 +350,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps, ops)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps, ops)
         self.mlp_chunk_tokens: int | None = None  # set by Decoder.set_mlp_chunking
+        # A compiled layer's recompute must save what its compiled forward saved, so it runs whole.
+        self.recompute_context_fn = self._recompute_contexts  # noop_context_fn once compiled
 
     def forward(self, x, rope, layout: AttentionLayout, saving: SavedActivations | None = None):
         """`saving` (training, outside activation checkpointing; its hooks active around the call):
@@ -358,9 +366,23 @@ class DecoderLayer(nn.Module):
             # Each chunk's MLP is recomputed in its own backward: its gate/up/SwiGLU intermediates
             # live for one chunk, not for the whole (long) sequence.
             rows = h.reshape(tokens, h.shape[-1])
-            out = torch.cat([checkpoint(self._mlp, part, use_reentrant=False) for part in rows.split(chunk)])
+            out = torch.cat([checkpoint(self._mlp, part, use_reentrant=False, context_fn=self.recompute_context_fn)
+                             for part in rows.split(chunk)])
             return h + out.view_as(h)
         return h + self._mlp(h, saving)
+
+    def _recompute_contexts(self):
+        """torch.utils.checkpoint's context_fn for this layer (or its MLP chunks): the recompute tells
+        the MLP that its output is unused."""
+        return contextlib.nullcontext(), self._recomputing()
+
+    @contextlib.contextmanager
+    def _recomputing(self):
+        self.mlp.recomputing = True
+        try:
+            yield
+        finally:
+            self.mlp.recomputing = False
 
     def _mlp(self, h, saving: SavedActivations | None = None):
         return self._after_norm(self.post_attention_layernorm, h, partial(self.mlp, saving=saving), saving)
@@ -491,6 +513,7 @@ class Decoder(nn.Module):
         """torch.compile each decoder layer (model.compile). Compiled layers keep all they save."""
         for layer in self.layers:
             layer.compile()
+            layer.recompute_context_fn = noop_context_fn
         self.layers_compiled = True
 
     def set_mlp_chunking(self, tokens: int | None) -> None:
@@ -546,9 +569,9 @@ class Decoder(nn.Module):
                 # memory (rope and layout are non-tensors, so all layers share their one copy).
                 if self.park_checkpoints:
                     with self.parking.layer(index, layer, rope) as park, torch.autograd.graph.saved_tensors_hooks(*park):
-                        x = checkpoint(layer, x, rope, layout, use_reentrant=False)
+                        x = checkpoint(layer, x, rope, layout, use_reentrant=False, context_fn=layer.recompute_context_fn)
                 else:
-                    x = checkpoint(layer, x, rope, layout, use_reentrant=False)
+                    x = checkpoint(layer, x, rope, layout, use_reentrant=False, context_fn=layer.recompute_context_fn)
             elif training and not self.layers_compiled:
                 with self.parking.layer(index, layer, rope) if index < parked_until else contextlib.nullcontext() as park:
                     saving = SavedActivations(park)
