@@ -12,6 +12,11 @@ since ``d silu / dg = sigma + g * sigma * (1 - sigma)``. Only ``[g | u]`` is sav
 recomputed in the backward rather than stored, trading a cheap exp for a tensor of memory. The
 gradient is written as one ``(..., 2F)`` tensor, the layout the fused projection's backward reads,
 so neither direction splits or concatenates the halves.
+
+With ``overwrite_in_backward`` the backward writes ``[dg | du]`` over the saved ``[g | u]``
+(each element is read before the same program writes its place), so the MLP's backward holds one
+``(..., 2F)`` tensor instead of two at its peak. Only for an input nothing reads after backward:
+the fused gate/up projection's output in a decoder layer. torch.compile traces it out-of-place.
 """
 
 import torch
@@ -50,7 +55,7 @@ def _swiglu_backward_kernel(grad_out_ptr, gate_up_ptr, grad_gate_up_ptr, width, 
 
 class SwiGLUFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, gate_up: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, gate_up: torch.Tensor, overwrite_in_backward: bool) -> torch.Tensor:
         if gate_up.shape[-1] % 2:
             raise ValueError(f"gate_up's last dim holds [gate | up] and must be even, got {tuple(gate_up.shape)}")
         gate_up = gate_up.contiguous()
@@ -59,21 +64,24 @@ class SwiGLUFunction(torch.autograd.Function):
         out = torch.empty(*gate_up.shape[:-1], width, dtype=gate_up.dtype, device=gate_up.device)
         _swiglu_forward_kernel[(rows, triton.cdiv(width, BLOCK_SIZE))](gate_up, out, width, BLOCK_SIZE=BLOCK_SIZE)
         ctx.save_for_backward(gate_up)
+        ctx.overwrite = overwrite_in_backward and not torch.compiler.is_compiling()
         return out
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         (gate_up,) = ctx.saved_tensors
         grad_out = grad_out.contiguous()
-        grad_gate_up = torch.empty_like(gate_up)
+        grad_gate_up = gate_up if ctx.overwrite else torch.empty_like(gate_up)
         width = gate_up.shape[-1] // 2
         rows = gate_up.numel() // gate_up.shape[-1]
         _swiglu_backward_kernel[(rows, triton.cdiv(width, BLOCK_SIZE))](
             grad_out, gate_up, grad_gate_up, width, BLOCK_SIZE=BLOCK_SIZE
         )
-        return grad_gate_up
+        return grad_gate_up, None
 
 
-def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
-    """``silu(g) * u`` for ``gate_up = [g | u]`` (..., 2F): the Llama MLP's ``down_proj`` input."""
-    return SwiGLUFunction.apply(gate_up)
+def swiglu(gate_up: torch.Tensor, overwrite_in_backward: bool = False) -> torch.Tensor:
+    """``silu(g) * u`` for ``gate_up = [g | u]`` (..., 2F): the Llama MLP's ``down_proj`` input.
+
+    ``overwrite_in_backward``: backward leaves the gradient in ``gate_up``'s memory (the module docstring says when)."""
+    return SwiGLUFunction.apply(gate_up, overwrite_in_backward)

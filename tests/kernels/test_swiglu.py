@@ -42,6 +42,22 @@ def test_matches_reference(device, shape, dtype):
     torch.testing.assert_close(got, want, **_tolerances(dtype))
 
 
+@pytest.mark.parametrize("shape", SHAPES)
+def test_overwriting_backward_leaves_the_gradient_in_the_inputs_memory(device, shape):
+    leaf = _inputs(shape, torch.bfloat16, device)
+    gate_up = leaf * 1  # a projection's output: not the leaf, whose values the reference still needs
+    out = swiglu(gate_up, overwrite_in_backward=True)
+    grad_out = torch.randn_like(out)
+    got, = torch.autograd.grad(out, gate_up, grad_out)
+    assert got.data_ptr() == gate_up.data_ptr()  # no second (..., 2F) tensor
+    expected = swiglu_reference(leaf)
+    want, = torch.autograd.grad(expected, leaf, grad_out)
+    # The same kernel arithmetic as the out-of-place backward, read before written: equal bit for bit.
+    plain, = torch.autograd.grad(swiglu(leaf * 1), leaf, grad_out)
+    torch.testing.assert_close(got, plain, rtol=0, atol=0)
+    torch.testing.assert_close(got, want, **_tolerances(torch.bfloat16))
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_matches_transformers_llama_mlp_activation(device, dtype):
     gate_up = _inputs((7, 2 * 67), dtype, device)

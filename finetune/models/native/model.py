@@ -146,7 +146,7 @@ class Ops:
 
     rmsnorm: Callable  # (x, weight, eps) -> y
     rope: Callable  # (q, k, cos, sin) -> (q, k); q, k (B, T, H, D); cos, sin (B, T, D) fp32
-    swiglu: Callable  # [gate | up] (..., 2F) -> silu(gate) * up (..., F)
+    swiglu: Callable  # [gate | up] (..., 2F) -> silu(gate) * up (..., F); may reuse gate_up's memory in backward
     linear_cross_entropy: Callable  # (x, weight, shifted labels, num_items_in_batch=) -> loss
     dequantize: Callable  # (QuantizedWeight, out=None) -> (out, in) in its storage dtype
     lora_dropout: object = None  # finetune_kernels.lora_dropout, or None: masks drawn and stored by torch
@@ -166,7 +166,9 @@ def triton_ops() -> Ops:
     from finetune_kernels.rope import apply_rope
     from finetune_kernels.swiglu import swiglu
 
-    return Ops(rmsnorm, lambda q, k, cos, sin: apply_rope(q, k, cos=cos, sin=sin), swiglu,
+    # The MLP's gate_up is read by nothing after SwiGLU's backward: its gradient may take its memory.
+    return Ops(rmsnorm, lambda q, k, cos, sin: apply_rope(q, k, cos=cos, sin=sin),
+               partial(swiglu, overwrite_in_backward=True),
                fused_linear_cross_entropy, dequantize_triton, lora_dropout)
 
 
