@@ -397,3 +397,24 @@ def test_gpu_compiled_layers_train_like_eager(checkpoints, cuda):
     assert eager[-1] < 0.8 * eager[0]
     # bf16: fused and unfused kernels round differently, ~1e-3 relative per step, compounding.
     assert compiled == pytest.approx(eager, rel=1e-2)
+
+
+def test_parked_layers_are_spread_among_recomputed_ones():
+    """A parked layer's copies run behind recomputed layers' compute, not behind each other's; the
+    last layer, whose backward comes first, recomputes; layers kept on the GPU come last."""
+    from finetune.models.architectures import hf_config
+    from finetune.models.native.model import Decoder, ModelArgs, torch_ops
+
+    decoder = Decoder(ModelArgs.from_hf(hf_config("llama3-8b")), torch_ops(), torch.device("meta"))
+    decoder.set_checkpointing(16, offload=True, parked=8)
+    roles = decoder.layer_roles
+    assert roles[24:] == ["keep"] * 8
+    assert [i for i, role in enumerate(roles) if role == "park"] == [0, 3, 6, 9, 12, 15, 18, 21]
+    decoder.set_checkpointing(20, parked=12)
+    assert roles != decoder.layer_roles and decoder.layer_roles.count("park") == 12
+    assert decoder.layer_roles[-1] == "recompute" and "park, park" not in ", ".join(decoder.layer_roles)
+    decoder.set_checkpointing(0, parked=32)
+    assert decoder.layer_roles == ["park"] * 32
+    keeps = {linear.keep_dequantized for role, layer in zip(decoder.layer_roles, decoder.layers)
+             for linear in layer.modules() if hasattr(linear, "keep_dequantized")}
+    assert keeps == {False}  # only recomputed layers hand their weights to backward

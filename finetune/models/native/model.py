@@ -504,8 +504,9 @@ class Decoder(nn.Module):
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps, ops)
         self.register_buffer("inv_freq", rope_frequencies(args.head_dim, args.rope).to(device), persistent=False)
         self.use_varlen = False  # set by the loader: CUDA with a 16-bit compute dtype
-        self.checkpointed_layers = 0  # the first this many layers recompute in backward: set_checkpointing
-        self.parked_layers = 0  # the next this many keep what they save in host memory: set_checkpointing
+        self.checkpointed_layers = 0  # how many layers recompute in backward: set_checkpointing
+        self.parked_layers = 0  # how many keep what they save in host memory: set_checkpointing
+        self.layer_roles: list[str] = ["keep"] * len(self.layers)  # per layer: "recompute", "park" or "keep"
         self.park_checkpoints = False
         self.parking: ActivationParking | None = None  # when anything parks
         self.layers_compiled = False  # compile_layers
@@ -531,15 +532,26 @@ class Decoder(nn.Module):
         self.streamer = WeightStreamer(self.layers, device)
 
     def set_checkpointing(self, layers: int, offload: bool = False, parked: int = 0) -> None:
-        """Recompute the first `layers` decoder layers in backward (ModelConfig.checkpointed_layers says
-        how many, and checks the range); `offload` parks their inputs in host memory; up to `parked`
-        layers after them are not recomputed and park everything they save (parking.py)."""
+        """Recompute `layers` decoder layers in backward (ModelConfig.checkpointed_layers says how
+        many, and checks the range); `offload` parks their inputs in host memory; up to `parked`
+        other layers are not recomputed and park everything they save (parking.py). The rest keep
+        what they save on the GPU; they come last.
+
+        Parked layers are spread evenly among the recomputed ones, starting with layer 0: a parked
+        layer's copies (a whole layer's activations) then run behind recomputed layers' compute,
+        which moves only an input, instead of queueing behind each other; and the last layer,
+        whose backward comes first, recomputes rather than waiting for its activations to return.
+        """
         parked = min(parked, len(self.layers) - layers)
         self.checkpointed_layers, self.park_checkpoints, self.parked_layers = layers, offload, parked
         self.parking = ActivationParking() if offload or parked else None
-        for index, layer in enumerate(self.layers):
+        spread = layers + parked
+        parked_at = {index * spread // parked for index in range(parked)}
+        self.layer_roles = ["keep" if index >= spread else "park" if index in parked_at else "recompute"
+                            for index in range(len(self.layers))]
+        for role, layer in zip(self.layer_roles, self.layers):
             for linear in linear_layers(layer).values():
-                linear.keep_dequantized = index < layers
+                linear.keep_dequantized = role == "recompute"
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, cu_seqlens=None,
                 cache: decoding.KVCache | None = None, shared: bool = False, decode_width: int | None = None):
@@ -558,15 +570,14 @@ class Decoder(nn.Module):
         rope = angles.cos(), angles.sin()  # (B, T, D) fp32, HF's layout
         x = self.embed_tokens(input_ids)  # (B, T, C)
         training = self.training and torch.is_grad_enabled()
-        recompute = self.checkpointed_layers if training else 0
-        parked_until = recompute + self.parked_layers if training else 0
+        roles = self.layer_roles if training else ["keep"] * len(self.layers)
         streamer = self.streamer
         for index, layer in enumerate(self.layers):
             if streamer is not None:
                 # Decoding runs the layers again right after the last one: start bringing layer 0.
                 upcoming = 0 if cache is not None and index + 1 == len(self.layers) else index + 1
                 streamer.acquire(index, upcoming)
-            if index < recompute:
+            if roles[index] == "recompute":
                 # A checkpointed layer keeps only its input x; offloading parks it in pinned host
                 # memory (rope and layout are non-tensors, so all layers share their one copy).
                 if self.park_checkpoints:
@@ -575,7 +586,7 @@ class Decoder(nn.Module):
                 else:
                     x = checkpoint(layer, x, rope, layout, use_reentrant=False, context_fn=layer.recompute_context_fn)
             elif training and not self.layers_compiled:
-                with self.parking.layer(index, layer, rope) if index < parked_until else contextlib.nullcontext() as park:
+                with self.parking.layer(index, layer, rope) if roles[index] == "park" else contextlib.nullcontext() as park:
                     saving = SavedActivations(park)
                     with saving.hooks():
                         x = layer(x, rope, layout, saving=saving)
