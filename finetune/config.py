@@ -212,9 +212,10 @@ class ModelConfig:
     # 2 x 2048 (7.1 GiB instead of 7.9), 1.00x at 1 x 8192 (7.9 instead of 9.7) and 1.01x at
     # 1 x 32768 (12.9 instead of 20.2) against keeping the inputs on the GPU (H100).
     offload_checkpoints: bool = False
-    # Native path, CUDA: up to this many layers after the recomputed ones (any larger number: all the
+    # Native path, CUDA: up to this many layers besides the recomputed ones (any larger number: all the
     # others) are not recomputed either, and park everything they save for backward in pinned host
-    # memory, copied out and back behind the compute (finetune/models/native/parking.py). For long
+    # memory, copied out and back behind the compute (finetune/models/native/parking.py); they are
+    # spread evenly among the recomputed layers (Decoder.set_checkpointing). For long
     # sequences with MLP chunks, where a layer's compute outlasts its copies: Llama-3-8B at
     # 1 x 32768 with checkpoint_layers=0, parked_layers=32, mlp_chunk_tokens=8192 trained 1.11x
     # faster than recomputing every layer, at 10.7 GiB instead of 20.2 (H100), pinning ~36 GiB of
