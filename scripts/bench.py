@@ -168,6 +168,38 @@ KERNEL_KINDS = [
 ]
 
 
+# Gaps between the compute stream's kernels, by length: launch latency, short host stalls, long ones.
+GAP_BUCKETS_US = (10, 100, 1000)
+
+
+def compute_timeline(activities: list[tuple[str, float, float]], wall_us: float, steps: int) -> list[str]:
+    """Report lines on when the compute stream works, from (name, start us, end us) GPU activities.
+
+    Host-link copies (memcpy: activation parking and weight streaming copy on side streams) are
+    taken apart; the rest are merged into busy spans (cuBLAS and cuDNN may overlap kernels), and
+    what lies between spans is the compute stream waiting, for the host's launches or for a copy.
+    """
+    copies = [(start, end) for name, start, end in activities if name.lower().startswith("memcpy")]
+    spans: list[list[float]] = []
+    for start, end in sorted((start, end) for name, start, end in activities
+                             if not name.lower().startswith("memcpy")):
+        if spans and start <= spans[-1][1]:
+            spans[-1][1] = max(spans[-1][1], end)
+        else:
+            spans.append([start, end])
+    busy = sum(end - start for start, end in spans)
+    gaps = [later[0] - earlier[1] for earlier, later in zip(spans, spans[1:])]
+    bounds = (0, *GAP_BUCKETS_US, float("inf"))
+    lines = [f"compute kernels busy {busy / steps / 1e3:.1f} ms/step, waiting {(wall_us - busy) / steps / 1e3:.1f} "
+             f"ms/step of {wall_us / steps / 1e3:.1f}; host-link copies {sum(e - s for s, e in copies) / steps / 1e3:.1f} "
+             "ms/step beside them", "", "| gap between compute kernels | gaps/step | ms/step |", "|---|---|---|"]
+    for low, high in zip(bounds, bounds[1:]):
+        inside = [g for g in gaps if low <= g < high]
+        label = f">= {low:g} us" if high == float("inf") else f"{low:g}-{high:g} us"
+        lines.append(f"| {label} | {len(inside) / steps:.0f} | {sum(inside) / steps / 1e3:.1f} |")
+    return lines
+
+
 def profile_steps(optimizer_step, path: Path, steps: int = 2) -> None:
     """Where the GPU time of `steps` optimizer steps goes: kernel kinds, top kernels, and idle time."""
     from torch.profiler import ProfilerActivity, profile
@@ -193,6 +225,8 @@ def profile_steps(optimizer_step, path: Path, steps: int = 2) -> None:
              "| kind | ms/step | share of busy | kernels/step |", "|---|---|---|---|"]
     for kind, us in sorted(kinds.items(), key=lambda kv: -kv[1]):
         lines.append(f"| {kind} | {us / steps / 1e3:.1f} | {us / busy_us:.1%} | {counts[kind] // steps} |")
+    activities = [(e.name, e.time_range.start, e.time_range.end) for e in kernels]
+    lines += ["", *compute_timeline(activities, wall_us, steps)]
     lines += ["", prof.key_averages().table(sort_by="self_device_time_total", row_limit=45, max_name_column_width=90)]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines))
