@@ -324,7 +324,8 @@ class QLoRALinear(nn.Module):
         # Keep the dequantized weight from forward for backward. Only for layers under activation
         # checkpointing: the first forward's saved tensors are dropped anyway, and the recompute
         # runs right before this layer's backward, so one layer's weights are held briefly and
-        # each weight is dequantized twice per step instead of three times.
+        # each weight is dequantized twice per step instead of three times (Decoder.set_checkpointing
+        # leaves gate/up out).
         self.keep_dequantized = False
         # False computes the frozen base alone, adapter kept (preference objectives' reference model).
         self.adapter_enabled = True

@@ -483,8 +483,13 @@ def _gpu_items(run: _Run, offload: OffloadMode, tokens: int) -> list[LineItem]:
                           "pages to host under pressure" if run.optimizer is Optimizer.paged_adamw_8bit else ""))
     shapes = projection_shapes(arch).values()
     if run.impl is ModelImpl.native and run.checkpointed_layers:
-        items.append(LineItem("one layer's weights dequantized", sum(i * o for i, o in shapes) * run.compute_bytes,
-                              "kept from the recompute for the backward"))
+        # Attention's and down_proj's kept from the recompute; gate/up are dequantized again for
+        # their own backward, after down_proj's weight is gone (Decoder.set_checkpointing).
+        weights = {name: i * o for name, (i, o) in projection_shapes(arch).items()}
+        attention = sum(size for name, size in weights.items() if name not in MLP_PROJECTIONS)
+        mlp = max(weights["down_proj"], weights["gate_proj"] + weights["up_proj"])
+        items.append(LineItem("one layer's weights dequantized", (attention + mlp) * run.compute_bytes,
+                              "attention's kept from the recompute for the backward, and the MLP's largest"))
     else:
         items.append(LineItem("one dequantized weight", max(i * o for i, o in shapes) * run.compute_bytes,
                               "the largest projection, while its matmul runs"))

@@ -169,9 +169,12 @@ def test_only_checkpointed_layers_keep_their_dequantized_weights(checkpoints):
     cfg = run_config(model_dir)
     cfg.model.gradient_checkpointing, cfg.model.checkpoint_layers = True, 1
     model = native_model(model_dir, cfg).train()
-    keep = [{lin.keep_dequantized for lin in layer.modules() if hasattr(lin, "keep_dequantized")}
-            for layer in model.model.layers]
-    assert keep[0] == {True} and all(k == {False} for k in keep[1:])
+    keep = [{name.rsplit(".", 1)[-1]: lin.keep_dequantized for name, lin in layer.named_modules()
+             if hasattr(lin, "keep_dequantized")} for layer in model.model.layers]
+    # gate/up, the largest, are dequantized again for their backward (the next test counts).
+    assert keep[0] == {"q_proj": True, "k_proj": True, "v_proj": True, "o_proj": True, "gate_proj": False,
+                       "up_proj": False, "down_proj": True}
+    assert all(set(k.values()) == {False} for k in keep[1:])
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
         model(**make_batches()[0]).loss.backward()
@@ -181,6 +184,26 @@ def test_only_checkpointed_layers_keep_their_dequantized_weights(checkpoints):
     # attention and o_proj (under the lean layer's own hooks the rest do not) and the loss. None of
     # them may be a dequantized weight.
     assert saved and not weight_shapes & set(saved)
+
+
+def test_recomputed_layers_dequantize_gate_up_again_for_backward(checkpoints):
+    """Per step, a recomputed layer dequantizes each weight in forward and in the recompute, which
+    hands it to backward; gate/up alone once more in backward, so that they are not held through
+    down_proj's and SwiGLU's backward, where the step's memory peaks."""
+    model_dir = checkpoints("llama")
+    cfg = run_config(model_dir)
+    cfg.model.gradient_checkpointing = True
+    model = native_model(model_dir, cfg).train()
+    calls = {}
+    for name, linear in model.model.layers[0].named_modules():
+        if hasattr(linear, "keep_dequantized"):
+            def counted(weight, out=None, _dequantize=linear.dequantize, _name=name.rsplit(".", 1)[-1]):
+                calls[_name] = calls.get(_name, 0) + 1
+                return _dequantize(weight, out=out)
+            linear.dequantize = counted
+    model(**make_batches()[0]).loss.backward()
+    assert calls == {"q_proj": 2, "k_proj": 2, "v_proj": 2, "o_proj": 2, "gate_proj": 3, "up_proj": 3,
+                     "down_proj": 2}
 
 
 def test_checkpoint_layers_is_checked(checkpoints):

@@ -552,6 +552,10 @@ class Decoder(nn.Module):
         for role, layer in zip(self.layer_roles, self.layers):
             for linear in linear_layers(layer).values():
                 linear.keep_dequantized = role == "recompute"
+            # Except gate/up (2 F x C, the layer's largest): kept, they would be held from the
+            # recompute through down_proj's backward, the step's memory peak (235 MB for an 8B).
+            # Dequantized again for their own backward instead: one more pass over their codes.
+            layer.mlp.gate_proj.keep_dequantized = layer.mlp.up_proj.keep_dequantized = False
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, cu_seqlens=None,
                 cache: decoding.KVCache | None = None, shared: bool = False, decode_width: int | None = None):
