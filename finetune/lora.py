@@ -27,7 +27,9 @@ which is worth it where in <= sum out (q/k/v, gate/up, o_proj); backward there g
 every s_i dy B_i from the one GEMM dy Wc, dx copied out of it to be contiguous. Elsewhere
 (down_proj, whose in is several times its out) forward is y = x W^T + b plus one addmm of
 xa S^T, and backward takes dy W and dy S as two GEMMs: copying the wide dx out of dy Wc would
-cost more than reading dy twice.
+cost more than reading dy twice. There dx may also land in x's own memory once A's gradients have
+read x (project's reuse_input, for an input nothing else reads after: the SwiGLU output), so the
+backward does not hold two tensors that wide.
 
 Backward saves x, xa (N, R: small), the stacked A, S (small) and, unless the layers have fused
 dropout kernels (finetune_kernels.lora_dropout, which redraw each mask from a seed), the dropout
@@ -47,7 +49,7 @@ from __future__ import annotations
 import math
 import re
 from itertools import accumulate
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -98,10 +100,12 @@ class QLoRAGroupFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, layers: tuple[QLoRALinear, ...], dropout_p: float, keep_weight: bool, output_unused: bool,
-                *lora_params):
+    def forward(ctx, x, layers: tuple[QLoRALinear, ...], dropout_p: float, flags: GroupFlags, *lora_params):
+        keep_weight, output_unused = flags.keep_weight, flags.output_unused
         adapted = [i for i in range(len(layers)) if lora_params[2 * i] is not None]
         ctx.layers, ctx.dropout_p, ctx.keep_weight, ctx.adapted = layers, dropout_p, keep_weight, adapted
+        # Compiled code would trace the write into x as a copy: no memory saved, so none is made.
+        ctx.reuse_input = flags.reuse_input and not torch.compiler.is_compiling()
         bias = _stacked_bias(layers, x)
         # output_unused: only what backward reads is made; the output is left unwritten.
         unwritten = x.new_empty(*x.shape[:-1], sum(layer.out_features for layer in layers)) if output_unused else None
@@ -166,44 +170,42 @@ class QLoRAGroupFunction(torch.autograd.Function):
             if needs_x:
                 grad_x = grad_rows @ (weight if weight is not None else dequantize_rows(layers, grad_y.dtype))
                 grad_x = grad_x.view(*grad_y.shape[:-1], grad_x.shape[-1])
-            return grad_x, None, None, None, None, *grad_params
+            return grad_x, None, None, None, *grad_params
         x, xa, lora_A, lora_block, *masks = saved
         x_rows = x.reshape(-1, x.shape[-1])
-        wants_A = {i: ctx.needs_input_grad[5 + 2 * i] for i in adapted}
-        wants_B = {i: ctx.needs_input_grad[6 + 2 * i] for i in adapted}
+        wants_A = {i: ctx.needs_input_grad[4 + 2 * i] for i in adapted}
+        wants_B = {i: ctx.needs_input_grad[5 + 2 * i] for i in adapted}
+        fused, rank, width = layers[0].fused_dropout, ctx.ranks[0].stop, ctx.ranks[-1].stop  # padding excluded
         # grad_xa: (dy S) (N, R), each layer's s_i dy B_i side by side like xa.
         if needs_x and ctx.fold:
             grads = grad_rows @ (weight if weight is not None else combined_weight(layers, lora_block))
             grad_x, grad_xa = grads[:, :x.shape[-1]], grads[:, x.shape[-1]:]
-        elif needs_x:
-            grad_x = grad_rows @ (weight if weight is not None else dequantize_rows(layers, grad_y.dtype))
+        elif needs_x or any(wants_A.values()):
             grad_xa = grad_rows @ lora_block
-        elif any(wants_A.values()):
-            grad_xa = grad_rows @ lora_block
-        if ctx.seed is not None:
-            fused, rank, width = layers[0].fused_dropout, ctx.ranks[0].stop, ctx.ranks[-1].stop  # padding excluded
-            if needs_x:
-                fused.dropout_grad_x(grad_x, grad_xa, lora_A[:width], rank, ctx.seed, p)
-            if any(wants_A.values()):
-                grad_A = fused.dropout_grad_a(grad_xa[:, :width], x_rows, rank, ctx.seed, p).to(ctx.param_dtype)
-                for i, r in zip(adapted, ctx.ranks):
-                    if wants_A[i]:
-                        grad_params[2 * i] = grad_A[r]
-        elif masks:
-            for mask, i, r in zip(masks, adapted, ctx.ranks):
+        # A's gradients first: they are the last to read x, whose memory dx may then take.
+        if any(wants_A.values()):
+            if masks:
                 # Masked and scaled in the compute dtype, in the forward's order.
-                if needs_x:
-                    grad_x.add_((grad_xa[:, r] @ lora_A[r]) * mask / (1 - p))
-                if wants_A[i]:
-                    grad_params[2 * i] = (grad_xa[:, r].T @ (x_rows * mask / (1 - p))).to(ctx.param_dtype)
-        else:
-            if needs_x:
-                grad_x.addmm_(grad_xa, lora_A)
-            if any(wants_A.values()):
-                grad_A = (grad_xa.T @ x_rows).to(ctx.param_dtype)  # (R, in)
+                for mask, i, r in zip(masks, adapted, ctx.ranks):
+                    if wants_A[i]:
+                        grad_params[2 * i] = (grad_xa[:, r].T @ (x_rows * mask / (1 - p))).to(ctx.param_dtype)
+            else:
+                grad_A = (fused.dropout_grad_a(grad_xa[:, :width], x_rows, rank, ctx.seed, p) if ctx.seed is not None
+                          else grad_xa.T @ x_rows).to(ctx.param_dtype)  # (R, in)
                 for i, r in zip(adapted, ctx.ranks):
                     if wants_A[i]:
                         grad_params[2 * i] = grad_A[r]
+        if needs_x and not ctx.fold:
+            base = weight if weight is not None else dequantize_rows(layers, grad_y.dtype)
+            grad_x = torch.mm(grad_rows, base, out=x_rows if ctx.reuse_input else None)
+        if needs_x:
+            if ctx.seed is not None:
+                fused.dropout_grad_x(grad_x, grad_xa, lora_A[:width], rank, ctx.seed, p)
+            elif masks:
+                for mask, r in zip(masks, ctx.ranks):
+                    grad_x.add_((grad_xa[:, r] @ lora_A[r]) * mask / (1 - p))
+            else:
+                grad_x.addmm_(grad_xa, lora_A)
         if any(wants_B.values()):
             # One GEMM rather than one per layer; its off-diagonal blocks (one layer's dy against
             # another's xa) are wasted work, small at LoRA ranks.
@@ -214,7 +216,17 @@ class QLoRAGroupFunction(torch.autograd.Function):
         if grad_x is not None:
             # Contiguous for the kernels downstream; under dy Wc a copy out of the wider result.
             grad_x = grad_x.contiguous().view(*grad_y.shape[:-1], grad_x.shape[-1])
-        return grad_x, None, None, None, None, *grad_params
+        return grad_x, None, None, None, *grad_params
+
+
+class GroupFlags(NamedTuple):
+    """How a group's forward runs (project's keywords): `keep_weight` saves the dequantized weight
+    for backward; `output_unused` makes only what backward reads; `reuse_input` lets backward
+    write dx over the saved x (an input that nothing reads after this group's backward)."""
+
+    keep_weight: bool
+    output_unused: bool
+    reuse_input: bool
 
 
 def _slices(sizes: Iterable[int]) -> list[slice]:
@@ -250,13 +262,16 @@ def _scaled(t: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
     return torch.mul(t, scale, out=torch.empty(t.shape, dtype=dtype, device=t.device))
 
 
-def project(x: torch.Tensor, layers: Sequence[QLoRALinear], output_unused: bool = False) -> torch.Tensor:
+def project(x: torch.Tensor, layers: Sequence[QLoRALinear], output_unused: bool = False,
+            reuse_input: bool = False) -> torch.Tensor:
     """The outputs of layers that all read `x`, side by side on the last dim, as one GEMM.
 
     Split the result with `torch.split` (whose backward concatenates the gradients into the one
     buffer this group's backward reads) rather than by slicing. `output_unused`: the caller needs
     only what backward saves (activation checkpointing's recompute of a layer's last projection,
     whose output is thrown away), so the GEMM is skipped and the result is uninitialized memory.
+    `reuse_input`: nothing reads `x` after this group's backward, which may then write x's gradient
+    over it (where x is wider than the output, as down_proj's input: its backward peaks lower).
     """
     active = [layer.lora_A is not None and layer.adapter_enabled for layer in layers]
     rates = {layer.lora_dropout if layer.training else 0.0 for layer, on in zip(layers, active) if on}
@@ -268,7 +283,8 @@ def project(x: torch.Tensor, layers: Sequence[QLoRALinear], output_unused: bool 
     lora_params = [t for layer, on in zip(layers, active)
                    for t in ((layer.lora_A, layer.lora_B) if on else (None, None))]
     keep_weight = all(layer.keep_dequantized for layer in layers)
-    return QLoRAGroupFunction.apply(x, tuple(layers), dropout_p, keep_weight, output_unused, *lora_params)
+    return QLoRAGroupFunction.apply(x, tuple(layers), dropout_p, GroupFlags(keep_weight, output_unused, reuse_input),
+                                    *lora_params)
 
 
 # Up to this many token rows (decoding steps), inference multiplies by the 4-bit weights directly

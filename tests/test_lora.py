@@ -170,6 +170,35 @@ def test_input_without_gradient_still_trains_the_adapters(outs):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)  # fp32, summation order only
 
 
+@pytest.mark.parametrize("outs,adapted", [(GROUPS["no_fold_alone"], (True,)), (GROUPS["no_fold"], (True, False, True)),
+                                          (GROUPS["no_fold_alone"], (False,)), (GROUPS["fold"], (True, True, True))],
+                         ids=["no_fold_alone", "no_fold", "no_fold_frozen", "fold"])
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_reused_input_takes_its_gradient_with_the_same_bits(outs, adapted, dropout):
+    """reuse_input: where the input is wider than the output (down_proj) and saved, backward writes
+    dx over it (one input-sized tensor less at the MLP's backward peak), after A's gradients have
+    read it; dx and every adapter gradient equal the plain backward's bit for bit. A group that
+    folds (dx copied out of dy [W | S]) or saves no input (no adapter) computes as before."""
+    layers = make_group(outs, bias=True, dropout=dropout, adapted=adapted)
+    leaf = torch.randn(2, 5, IN, requires_grad=True)
+    grad_y = torch.randn(2, 5, sum(outs))
+    params = [p for layer in layers for p in (layer.lora_A, layer.lora_B) if p is not None]
+    results = []
+    for reuse in (False, True):
+        x = leaf * 1  # a computed input, as the SwiGLU output is
+        seen = []
+        x.register_hook(lambda grad: seen.append(grad.data_ptr()))
+        torch.manual_seed(7)
+        y = project(x, layers, reuse_input=reuse)
+        results.append(torch.autograd.grad(y, [leaf, *params], grad_y))
+        results.append(seen[0] == x.data_ptr())
+    plain, plain_reused, grads, reused = results
+    writes_over = any(adapted) and IN > sum(outs)
+    assert (plain_reused, reused) == (False, writes_over)
+    for got, want in zip(grads, plain):
+        assert torch.equal(got, want)
+
+
 @pytest.mark.parametrize("outs", [GROUPS["fold"], GROUPS["no_fold"]], ids=["fold", "no_fold"])
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
 def test_kept_weight_gives_the_same_gradients(outs, dropout):

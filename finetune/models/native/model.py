@@ -335,13 +335,15 @@ class MLP(nn.Module):
             # Activation checkpointing throws the recompute's output away, and nothing after
             # down_proj saves a tensor: its backward needs only what it saves, not its GEMM (a
             # quarter of a layer's recompute).
-            return project(hidden, (self.down_proj,), output_unused=True)
+            return project(hidden, (self.down_proj,), output_unused=True, reuse_input=True)
+        # Nothing reads the SwiGLU output after down_proj's backward (SwiGLU's reads gate_up), so
+        # its gradient (F wide, like it) may take its memory there.
         if saving is None:
-            return self.down_proj(hidden)
+            return project(hidden, (self.down_proj,), reuse_input=True)
         # down_proj's backward gets the SwiGLU output (F wide) from gate_up, which SwiGLU's backward
         # keeps anyway, rather than keeping a copy of its own.
         with saving.rebuilt(hidden, self.ops.swiglu, gate_up):
-            return self.down_proj(hidden)
+            return project(hidden, (self.down_proj,), reuse_input=True)
 
 
 class DecoderLayer(nn.Module):
