@@ -42,7 +42,7 @@ from finetune.training.processes import (Processes, check_model_path, memory_lin
                                          reset_peak_memory, start_processes, synchronize, wrap_for_processes)
 from finetune.training.run_dir import RunDir, logged_evals, plan_run_dir, start_run_dir
 from finetune.training.signals import StopRequests
-from finetune.training.step import StepResult, train_step
+from finetune.training.step import StepResult, steady_heap, train_step
 
 
 @dataclass
@@ -364,7 +364,7 @@ class Training:
         progress = tqdm(range(self.state.step + 1, cfg.train.max_steps + 1), desc="train", unit="step",
                         dynamic_ncols=True, initial=self.state.step, total=cfg.train.max_steps,
                         disable=not (processes.is_main and sys.stderr.isatty()))
-        with StopRequests() as stop, progress:
+        with StopRequests() as stop, progress, steady_heap():
             for step in progress:
                 step_batches = [next(self.data.batches)
                                 for _ in range(cfg.train.gradient_accumulation_steps * processes.world)]

@@ -21,6 +21,7 @@ the bf16 matmul rate measured on the card in the same run.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -135,19 +136,23 @@ def measure(args) -> dict:
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
 
-    for _ in range(args.warmup):
-        optimizer_step()
-    torch.cuda.synchronize()
-    if args.profile:
-        # Variants of ours get files of their own, named after their overrides.
-        overrides = "".join(f"-{re.sub(r'[^A-Za-z0-9_.=]', '_', o)}" for o in args.ours_override) \
-            if args.side == "ours" else ""
-        profile_steps(optimizer_step, args.profile / f"{args.side}{overrides}-bs{batch}x{seq}.txt")
-    start = time.perf_counter()
-    for _ in range(args.steps):
-        optimizer_step()
-    torch.cuda.synchronize()
-    elapsed = time.perf_counter() - start
+    # Ours steps as train.py's loop does, under steady_heap (hf and liger as their users would run them).
+    from finetune.training.step import steady_heap
+
+    with steady_heap() if args.side == "ours" else contextlib.nullcontext():
+        for _ in range(args.warmup):
+            optimizer_step()
+        torch.cuda.synchronize()
+        if args.profile:
+            # Variants of ours get files of their own, named after their overrides.
+            overrides = "".join(f"-{re.sub(r'[^A-Za-z0-9_.=]', '_', o)}" for o in args.ours_override) \
+                if args.side == "ours" else ""
+            profile_steps(optimizer_step, args.profile / f"{args.side}{overrides}-bs{batch}x{seq}.txt")
+        start = time.perf_counter()
+        for _ in range(args.steps):
+            optimizer_step()
+        torch.cuda.synchronize()
+        elapsed = time.perf_counter() - start
     return {"side": args.side, "batch": batch, "seq": seq, "tokens_per_s": batch * seq * args.steps / elapsed,
             "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "losses": losses, "load_s": load_s,
             "cap_gib": args.cap_gib, "overrides": args.ours_override if args.side == "ours" else [],
