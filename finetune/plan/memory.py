@@ -481,11 +481,12 @@ def _gpu_items(run: _Run, offload: OffloadMode, tokens: int) -> list[LineItem]:
     items.append(LineItem("LoRA gradients (fp32)", lora))
     items.append(LineItem(f"optimizer states ({run.optimizer.value})", optimizer_state_bytes(sizes, run.optimizer),
                           "pages to host under pressure" if run.optimizer is Optimizer.paged_adamw_8bit else ""))
-    shapes = projection_shapes(arch).values()
+    projections = projection_shapes(arch)
+    shapes = projections.values()
     if run.impl is ModelImpl.native and run.checkpointed_layers:
         # Attention's and down_proj's kept from the recompute; gate/up are dequantized again for
         # their own backward, after down_proj's weight is gone (Decoder.set_checkpointing).
-        weights = {name: i * o for name, (i, o) in projection_shapes(arch).items()}
+        weights = {name: i * o for name, (i, o) in projections.items()}
         attention = sum(size for name, size in weights.items() if name not in MLP_PROJECTIONS)
         mlp = max(weights["down_proj"], weights["gate_proj"] + weights["up_proj"])
         items.append(LineItem("one layer's weights dequantized", (attention + mlp) * run.compute_bytes,

@@ -22,7 +22,8 @@ def steady_heap():
     thousands) frozen out of Python's cyclic garbage collector, which still collects what the steps
     leave. A full collection walks every tracked object: on a 2-core CPU with a small 32-layer
     model it stopped the host for 0.4 s every ~30 steps (and young-generation passes took 12 ms a
-    step), while the GPU's queue, a few layers deep, ran dry. Frozen: 1.4 ms a step, none over 1.1 ms."""
+    step): time in which a GPU's queue, a few layers deep, can run dry. Frozen: 1.4 ms a step,
+    none over 1.1 ms."""
     gc.collect()
     gc.freeze()
     try:
