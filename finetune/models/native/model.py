@@ -331,19 +331,14 @@ class MLP(nn.Module):
     def forward(self, x, saving: SavedActivations | None = None):
         gate_up = project(x, (self.gate_proj, self.up_proj))
         hidden = self.ops.swiglu(gate_up)
-        if self.recomputing:
-            # Activation checkpointing throws the recompute's output away, and nothing after
-            # down_proj saves a tensor: its backward needs only what it saves, not its GEMM (a
-            # quarter of a layer's recompute).
-            return project(hidden, (self.down_proj,), output_unused=True, reuse_input=True)
-        # Nothing reads the SwiGLU output after down_proj's backward (SwiGLU's reads gate_up), so
-        # its gradient (F wide, like it) may take its memory there.
-        if saving is None:
-            return project(hidden, (self.down_proj,), reuse_input=True)
         # down_proj's backward gets the SwiGLU output (F wide) from gate_up, which SwiGLU's backward
-        # keeps anyway, rather than keeping a copy of its own.
-        with saving.rebuilt(hidden, self.ops.swiglu, gate_up):
-            return project(hidden, (self.down_proj,), reuse_input=True)
+        # keeps anyway, rather than keeping a copy of its own. In a recompute (which activation
+        # checkpointing runs without `saving`) its output is thrown away and nothing after it saves a
+        # tensor: only what it saves is made, not its GEMM (a quarter of a layer's recompute).
+        # Nothing reads the SwiGLU output after down_proj's backward (SwiGLU's reads gate_up), so its
+        # gradient (F wide, like it) may take its memory there.
+        with saving.rebuilt(hidden, self.ops.swiglu, gate_up) if saving is not None else contextlib.nullcontext():
+            return project(hidden, (self.down_proj,), output_unused=self.recomputing, reuse_input=True)
 
 
 class DecoderLayer(nn.Module):
