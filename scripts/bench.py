@@ -21,6 +21,7 @@ the bf16 matmul rate measured on the card in the same run.
 from __future__ import annotations
 
 import argparse
+import bisect
 import contextlib
 import json
 import os
@@ -128,12 +129,17 @@ def measure(args) -> dict:
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     losses = []
+    host_s = []
 
     def optimizer_step():
+        began = time.perf_counter()
         loss = step(ids)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        # Until here the host only queues work (or waits inside the step, on a copy): close to the whole
+        # step means the host, not the GPU, sets the pace.
+        host_s.append(time.perf_counter() - began)
         losses.append(loss.item())
 
     # Ours steps as train.py's loop does, under steady_heap (hf and liger as their users would run them).
@@ -154,6 +160,7 @@ def measure(args) -> dict:
         torch.cuda.synchronize()
         elapsed = time.perf_counter() - start
     return {"side": args.side, "batch": batch, "seq": seq, "tokens_per_s": batch * seq * args.steps / elapsed,
+            "step_ms": elapsed / args.steps * 1e3, "host_ms": sum(host_s[-args.steps:]) / args.steps * 1e3,
             "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "losses": losses, "load_s": load_s,
             "cap_gib": args.cap_gib, "overrides": args.ours_override if args.side == "ours" else [],
             **getattr(model, "plan", {})}
@@ -177,22 +184,34 @@ KERNEL_KINDS = [
 GAP_BUCKETS_US = (10, 100, 1000)
 
 
+def _host_link(name: str) -> bool:
+    """A copy between host and GPU memory (CUPTI names them "Memcpy HtoD ...", "Memcpy DtoH ...")."""
+    name = name.lower()
+    return name.startswith("memcpy") and ("htod" in name or "dtoh" in name)
+
+
+def _busy_spans(activities: list[tuple]) -> list[list]:
+    """Compute kernels (not host-link copies) merged into [start, end, first activity] spans:
+    cuBLAS and cuDNN may overlap kernels, and a span's first activity is what ended the wait before it."""
+    spans: list[list] = []
+    for activity in sorted((a for a in activities if not _host_link(a[0])), key=lambda a: a[1]):
+        if spans and activity[1] <= spans[-1][1]:
+            spans[-1][1] = max(spans[-1][1], activity[2])
+        else:
+            spans.append([activity[1], activity[2], activity])
+    return spans
+
+
 def compute_timeline(activities: list[tuple[str, float, float]], wall_us: float, steps: int) -> list[str]:
     """Report lines on when the compute stream works, from (name, start us, end us) GPU activities.
 
     Host-link copies (memcpy: activation parking and weight streaming copy on side streams) are
-    taken apart; the rest are merged into busy spans (cuBLAS and cuDNN may overlap kernels), and
-    what lies between spans is the compute stream waiting, for the host's launches or for a copy.
+    taken apart; the rest are merged into busy spans, and what lies between spans is the compute
+    stream waiting, for the host's launches or for a copy.
     """
-    copies = [(start, end) for name, start, end in activities if name.lower().startswith("memcpy")]
-    spans: list[list[float]] = []
-    for start, end in sorted((start, end) for name, start, end in activities
-                             if not name.lower().startswith("memcpy")):
-        if spans and start <= spans[-1][1]:
-            spans[-1][1] = max(spans[-1][1], end)
-        else:
-            spans.append([start, end])
-    busy = sum(end - start for start, end in spans)
+    copies = [(start, end) for name, start, end, *_ in activities if _host_link(name)]
+    spans = _busy_spans(activities)
+    busy = sum(end - start for start, end, _ in spans)
     gaps = [later[0] - earlier[1] for earlier, later in zip(spans, spans[1:])]
     bounds = (0, *GAP_BUCKETS_US, float("inf"))
     lines = [f"compute kernels busy {busy / steps / 1e3:.1f} ms/step, waiting {(wall_us - busy) / steps / 1e3:.1f} "
@@ -202,6 +221,60 @@ def compute_timeline(activities: list[tuple[str, float, float]], wall_us: float,
         inside = [g for g in gaps if low <= g < high]
         label = f">= {low:g} us" if high == float("inf") else f"{low:g}-{high:g} us"
         lines.append(f"| {label} | {len(inside) / steps:.0f} | {sum(inside) / steps / 1e3:.1f} |")
+    return lines
+
+
+# Gaps shorter than this are kernels queued back to back (launch latency), not waiting.
+WAIT_US = 10
+
+
+def wait_causes(kernels: list[tuple[str, float, float, int]], launches: dict[int, tuple[float, float]],
+                host_calls: list[tuple[str, float, float]], steps: int, top: int = 8) -> list[str]:
+    """Report lines on why the compute stream waited, gap by gap (gaps of WAIT_US or more).
+
+    `kernels`: (name, start us, end us, correlation id) GPU activities; `launches`: correlation id
+    -> host (start us, end us) of the runtime call that queued that activity; `host_calls`:
+    (name, start us, end us) of every CUDA runtime or driver call. The kernel that ends a gap was
+    either queued after the GPU had gone idle (its launch call still running when the gap began:
+    the host was late, from launch work or a host-side stall) or before (it waited on the device,
+    for another stream: a parked tensor coming back, a copy's slot). For the host-late waits, the
+    runtime calls running on the host meanwhile (a synchronize there is a stall; launches alone
+    mean the host's own pace), and per cause the kernels the GPU waited longest before.
+    """
+    spans = _busy_spans(kernels)
+    causes: dict[str, list[float]] = {"host late": [], "on the device": [], "launch not in the trace": []}
+    before: dict[tuple[str, str], float] = {}
+    host_windows = []
+    for earlier, later in zip(spans, spans[1:]):
+        gap_start, gap = earlier[1], later[0] - earlier[1]
+        if gap < WAIT_US:
+            continue
+        name, _, _, correlation = later[2]
+        launch = launches.get(correlation)
+        cause = "launch not in the trace" if launch is None else "host late" if launch[1] > gap_start \
+            else "on the device"
+        causes[cause].append(gap)
+        before[cause, name] = before.get((cause, name), 0.0) + gap
+        if cause == "host late":
+            host_windows.append((gap_start, min(launch[0], later[0])))
+    lines = [f"| why the compute stream waited (gaps >= {WAIT_US} us) | gaps/step | ms/step |", "|---|---|---|"]
+    lines += [f"| {cause} | {len(gaps) / steps:.0f} | {sum(gaps) / steps / 1e3:.1f} |" for cause, gaps in causes.items()]
+    overlap: dict[str, float] = {}
+    host_windows.sort()
+    starts = [start for start, _ in host_windows]
+    for call, start, end in host_calls:
+        for window_start, window_end in host_windows[max(0, bisect.bisect_right(starts, start) - 1):]:
+            if window_start >= end:
+                break
+            shared = min(end, window_end) - max(start, window_start)
+            if shared > 0:
+                overlap[call] = overlap.get(call, 0.0) + shared
+    ranked = sorted(overlap.items(), key=lambda kv: -kv[1])[:top]
+    lines += ["", "host calls running while the GPU waited for the host (ms/step): "
+              + (", ".join(f"{call} {us / steps / 1e3:.1f}" for call, us in ranked) or "none")]
+    lines += ["", "| kernel the GPU waited before | cause | ms/step |", "|---|---|---|"]
+    for (cause, name), us in sorted(before.items(), key=lambda kv: -kv[1])[:top]:
+        lines.append(f"| {name[:80]} | {cause} | {us / steps / 1e3:.1f} |")
     return lines
 
 
@@ -230,8 +303,15 @@ def profile_steps(optimizer_step, path: Path, steps: int = 2) -> None:
              "| kind | ms/step | share of busy | kernels/step |", "|---|---|---|---|"]
     for kind, us in sorted(kinds.items(), key=lambda kv: -kv[1]):
         lines.append(f"| {kind} | {us / steps / 1e3:.1f} | {us / busy_us:.1%} | {counts[kind] // steps} |")
-    activities = [(e.name, e.time_range.start, e.time_range.end) for e in kernels]
-    lines += ["", *compute_timeline(activities, wall_us, steps)]
+    # Kineto's own records: a kernel and the runtime call that launched it share a correlation id.
+    events = prof.profiler.kineto_results.events()
+    device = [(e.name(), e.start_ns() / 1e3, e.end_ns() / 1e3, e.correlation_id()) for e in events
+              if e.device_type() == torch.autograd.DeviceType.CUDA]
+    runtime = [e for e in events if e.device_type() == torch.autograd.DeviceType.CPU
+               and e.activity_type() in ("cuda_runtime", "cuda_driver")]
+    launches = {e.correlation_id(): (e.start_ns() / 1e3, e.end_ns() / 1e3) for e in runtime}
+    host_calls = [(e.name(), e.start_ns() / 1e3, e.end_ns() / 1e3) for e in runtime]
+    lines += ["", *compute_timeline(device, wall_us, steps), "", *wait_causes(device, launches, host_calls, steps)]
     lines += ["", prof.key_averages().table(sort_by="self_device_time_total", row_limit=45, max_name_column_width=90)]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines))
@@ -356,12 +436,12 @@ def report(results: list[dict], peak_tflops: float, link_gbps: float, config, in
     lines = [f"card: {info['card']}; bf16 matmul peak measured {peak_tflops:.0f} TFLOP/s; "
              f"host link (pinned host-to-GPU copies) {link_gbps:.1f} GB/s; "
              + ", ".join(f"{k} {v}" for k, v in info.items() if k != "card"),
-             "", "| setting | side | tok/s | vs hf | vs hf-kbit | vs ours | MFU | peak GiB |",
-             "|---|---|---|---|---|---|---|---|"]
+             "", "| setting | side | tok/s | vs hf | vs hf-kbit | vs ours | MFU | peak GiB | step ms (host) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         setting = f"bs{r['batch']} x {r['seq']}"
         if "error" in r:
-            lines.append(f"| {setting} | {r['side']} | failed: {r['error']} | | | | | |")
+            lines.append(f"| {setting} | {r['side']} | failed: {r['error']} | | | | | | |")
             continue
         ratios = []
         for baseline in ("hf", "hf-kbit", "ours"):
@@ -369,8 +449,10 @@ def report(results: list[dict], peak_tflops: float, link_gbps: float, config, in
                          and b["seq"] == r["seq"] and "error" not in b), None)
             ratios.append(f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base else "n/a")
         mfu = useful_flops_per_token(config, r["seq"]) * r["tokens_per_s"] / (peak_tflops * 1e12)
+        # The host's share of a step: raw-loop sides only (train.py logs no such figure).
+        timing = f"{r['step_ms']:.0f} ({r['host_ms']:.0f})" if "host_ms" in r else ""
         lines.append(f"| {setting} | {r['side']} | {r['tokens_per_s']:,.0f} | {' | '.join(ratios)} | {mfu:.1%} "
-                     f"| {r['peak_gib']:.1f} |")
+                     f"| {r['peak_gib']:.2f} | {timing} |")
     return "\n".join(lines)
 
 
