@@ -307,8 +307,8 @@ def profile_steps(optimizer_step, path: Path, steps: int = 2) -> None:
     events = prof.profiler.kineto_results.events()
     device = [(e.name(), e.start_ns() / 1e3, e.end_ns() / 1e3, e.correlation_id()) for e in events
               if e.device_type() == torch.autograd.DeviceType.CUDA]
-    runtime = [e for e in events if e.device_type() == torch.autograd.DeviceType.CPU
-               and e.activity_type() in ("cuda_runtime", "cuda_driver")]
+    # CUDA runtime and driver calls (cudaLaunchKernel, cuLaunchKernel for Triton, cudaEventSynchronize...).
+    runtime = [e for e in events if e.device_type() == torch.autograd.DeviceType.CPU and e.name().startswith("cu")]
     launches = {e.correlation_id(): (e.start_ns() / 1e3, e.end_ns() / 1e3) for e in runtime}
     host_calls = [(e.name(), e.start_ns() / 1e3, e.end_ns() / 1e3) for e in runtime]
     lines += ["", *compute_timeline(device, wall_us, steps), "", *wait_causes(device, launches, host_calls, steps)]
