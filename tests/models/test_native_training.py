@@ -77,6 +77,31 @@ def test_gradient_checkpointing_gives_the_same_gradients(checkpoints):
             torch.testing.assert_close(other[name], grad, msg=name)
 
 
+def test_a_recomputed_layers_first_pass_records_no_graph(checkpoints):
+    """Forward records one node per recomputed layer and nothing of what runs inside it (its
+    projections, norms, attention): those are recorded by the recompute, in backward."""
+    model_dir = checkpoints("llama")
+    cfg = run_config(model_dir, lora_dropout=0.1)
+    cfg.model.gradient_checkpointing, cfg.model.checkpoint_layers = True, 1
+    model = native_model(model_dir, cfg).train()
+    loss = model(**make_batches()[0]).loss
+    nodes, seen, stack = [], set(), [loss.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        nodes.append(type(node).__name__)
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    # Layer 0 recomputes; layer 1 keeps its graph (its four projection groups).
+    assert nodes.count("RecomputedLayerBackward") == 1
+    assert nodes.count("QLoRAGroupFunctionBackward") == 4
+    loss.backward()  # and the recompute's nested backward still reaches layer 0's adapters (B: A's is 0 at B = 0)
+    adapters = [module for name, module in model.named_modules()
+                if name.startswith("model.layers.0.") and getattr(module, "lora_B", None) is not None]
+    assert len(adapters) == 7 and all(module.lora_B.grad.abs().sum() > 0 for module in adapters)
+
+
 def test_mlp_chunks_give_the_same_gradients(checkpoints):
     """model.mlp_chunk_tokens=7 (uneven chunks of 4 x 24 tokens), with and without checkpointing.
 
@@ -177,12 +202,13 @@ def test_only_checkpointed_layers_keep_their_dequantized_weights(checkpoints):
     assert all(set(k.values()) == {False} for k in keep[1:])
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
-        model(**make_batches()[0]).loss.backward()
+        loss = model(**make_batches()[0]).loss
+    loss.backward()
     weight_shapes = {(lin.out_features, lin.in_features) for lin in model.model.layers[0].modules()
                      if hasattr(lin, "keep_dequantized")}
-    # Only tensors saved outside the checkpoint's own hooks reach this one: the unchecked layer's
-    # attention and o_proj (under the lean layer's own hooks the rest do not) and the loss. None of
-    # them may be a dequantized weight.
+    # What forward saves reaches this hook unless an inner one takes it: the recomputed layer's
+    # input, the unchecked layer's attention and o_proj (under the lean layer's own hooks the rest
+    # do not) and the loss. None of them may be a dequantized weight.
     assert saved and not weight_shapes & set(saved)
 
 

@@ -26,7 +26,10 @@ from runner import REPO
 
 FAST = ["train.eval_generate=0", "train.sample_prompts=[]", "train.eval_every=0", "train.log_every=1"]
 FP32 = ["quant.bnb_4bit_compute_dtype=float32", "quant.torch_dtype=float32"]
-STEPS = ["train.max_steps=3", "train.micro_batch_size=4"]
+# Every layer recomputed (the native path's own checkpointing runs its backward nested in the step's,
+# which each process's DDP hooks and FSDP's units must see through).
+STEPS = ["train.max_steps=3", "train.micro_batch_size=4", "model.gradient_checkpointing=true",
+         "model.checkpoint_layers=all"]
 ONE = [*FAST, *FP32, *STEPS, "train.gradient_accumulation_steps=2"]  # one process
 TWO = [*FAST, *FP32, *STEPS, "train.gradient_accumulation_steps=1"]  # each of two processes
 TOLERANCE = 1e-5

@@ -361,18 +361,22 @@ class DecoderLayer(nn.Module):
         h = x + self._after_norm(self.input_layernorm, x, partial(self.self_attn, rope=rope, layout=layout), saving)
         chunk = self.mlp_chunk_tokens
         tokens = h.shape[0] * h.shape[1]
-        if chunk and tokens > chunk and self.training and torch.is_grad_enabled():
-            # Each chunk's MLP is recomputed in its own backward: its gate/up/SwiGLU intermediates
-            # live for one chunk, not for the whole (long) sequence.
+        if chunk and tokens > chunk and self.training:
+            # The MLP a chunk at a time: its gate/up/SwiGLU intermediates live for one chunk, not for
+            # the whole (long) sequence. Under autograd each chunk is recomputed in its own backward;
+            # without (a recomputed layer's first pass) nothing is kept anyway.
             rows = h.reshape(tokens, h.shape[-1])
-            out = torch.cat([checkpoint(self._mlp, part, use_reentrant=False, context_fn=self.recompute_context_fn)
-                             for part in rows.split(chunk)])
-            return h + out.view_as(h)
+            if torch.is_grad_enabled():
+                parts = [checkpoint(self._mlp, part, use_reentrant=False, context_fn=self.recompute_context_fn)
+                         for part in rows.split(chunk)]
+            else:
+                parts = [self._mlp(part) for part in rows.split(chunk)]
+            return h + torch.cat(parts).view_as(h)
         return h + self._mlp(h, saving)
 
     def _recompute_contexts(self):
-        """torch.utils.checkpoint's context_fn for this layer (or its MLP chunks): the recompute tells
-        the MLP that its output is unused."""
+        """(first pass, recompute) contexts, as torch.utils.checkpoint's context_fn, for this layer
+        (RecomputedLayer) or its MLP chunks: the recompute tells the MLP that its output is unused."""
         return contextlib.nullcontext(), self._recomputing()
 
     @contextlib.contextmanager
@@ -393,6 +397,58 @@ class DecoderLayer(nn.Module):
             return block(normed)
         with saving.rebuilt(normed, norm, x):
             return block(normed)
+
+
+class RecomputedLayer(torch.autograd.Function):
+    """A decoder layer under activation checkpointing: run without autograd in forward, keeping only
+    its input x, and run again with autograd in backward, whose gradients then flow through it.
+
+    The first pass builds no autograd graph and saves nothing but x, so the host queues it with
+    less work than torch.utils.checkpoint's non-reentrant form, which records the whole graph and
+    runs a pack hook for every tensor an op saves (CPU harness: a 32-layer model with tiny dims,
+    every layer recomputed, ~20% less host time a step); the recompute's own backward runs nested
+    in the step's (the reentrant form). Gradients reach the layer's adapters through that nested
+    backward, so the step must be a `.backward()`, not `torch.autograd.grad` (as in training), and
+    under DDP each layer runs once a backward (as every objective here does). `rng`: the CPU and
+    device generator states before the first pass (_rng_states), replayed for the recompute when
+    the layer draws random numbers (LoRA dropout); None when it draws none.
+    """
+
+    @staticmethod
+    def forward(ctx, x, anchor, layer, rope, layout, rng):
+        ctx.layer, ctx.rope, ctx.layout, ctx.rng = layer, rope, layout, rng
+        ctx.save_for_backward(x)
+        with torch.no_grad():
+            return layer(x, rope, layout)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        (x,) = ctx.saved_tensors
+        x = x.detach().requires_grad_(ctx.needs_input_grad[0])
+        _, recompute = ctx.layer.recompute_context_fn()
+        with _replayed(ctx.rng), torch.enable_grad(), recompute:
+            y = ctx.layer(x, ctx.rope, ctx.layout)
+        if y.requires_grad:
+            torch.autograd.backward(y, grad_y)
+        return x.grad, None, None, None, None, None
+
+
+def _rng_states(device: torch.device) -> tuple:
+    return torch.get_rng_state(), device, torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+
+@contextlib.contextmanager
+def _replayed(rng: tuple | None):
+    """The generators set back to `rng` (_rng_states) inside, and to their state on entry after."""
+    if rng is None:
+        yield
+        return
+    cpu, device, device_state = rng
+    with torch.random.fork_rng(devices=[device] if device_state is not None else []):
+        torch.set_rng_state(cpu)
+        if device_state is not None:
+            torch.cuda.set_rng_state(device_state, device)
+        yield
 
 
 class SavedActivations:
@@ -505,6 +561,9 @@ class Decoder(nn.Module):
         self.parked_layers = 0  # how many keep what they save in host memory: set_checkpointing
         self.layer_roles: list[str] = ["keep"] * len(self.layers)  # per layer: "recompute", "park" or "keep"
         self.park_checkpoints = False
+        # An input of every RecomputedLayer that needs a gradient, so that a layer whose input does
+        # not (the first: embeddings are frozen) still has an output that does, for its adapters.
+        self.recompute_anchor = torch.empty(0, requires_grad=True)
         self.parking: ActivationParking | None = None  # when anything parks
         self.layers_compiled = False  # compile_layers
         self.streamer: WeightStreamer | None = None  # set by stream_weights
@@ -572,6 +631,10 @@ class Decoder(nn.Module):
         x = self.embed_tokens(input_ids)  # (B, T, C)
         training = self.training and torch.is_grad_enabled()
         roles = self.layer_roles if training else ["keep"] * len(self.layers)
+        # Recomputed layers replay the random draws of their first pass (LoRA dropout) in the recompute.
+        draws_random = training and "recompute" in roles and any(
+            linear.lora_dropout > 0 and linear.lora_A is not None and linear.adapter_enabled
+            for linear in linear_layers(self).values())
         streamer = self.streamer
         for index, layer in enumerate(self.layers):
             if streamer is not None:
@@ -579,13 +642,13 @@ class Decoder(nn.Module):
                 upcoming = 0 if cache is not None and index + 1 == len(self.layers) else index + 1
                 streamer.acquire(index, upcoming)
             if roles[index] == "recompute":
-                # A checkpointed layer keeps only its input x; offloading parks it in pinned host
-                # memory (rope and layout are non-tensors, so all layers share their one copy).
+                # A checkpointed layer keeps only its input x; offloading parks it in pinned host memory.
+                run = (x, self.recompute_anchor, layer, rope, layout, _rng_states(x.device) if draws_random else None)
                 if self.park_checkpoints:
-                    with self.parking.layer(index, layer, rope) as park, torch.autograd.graph.saved_tensors_hooks(*park):
-                        x = checkpoint(layer, x, rope, layout, use_reentrant=False, context_fn=layer.recompute_context_fn)
+                    with self.parking.layer(index) as park, torch.autograd.graph.saved_tensors_hooks(*park):
+                        x = RecomputedLayer.apply(*run)
                 else:
-                    x = checkpoint(layer, x, rope, layout, use_reentrant=False, context_fn=layer.recompute_context_fn)
+                    x = RecomputedLayer.apply(*run)
             elif training and not self.layers_compiled:
                 with self.parking.layer(index, layer, rope) if roles[index] == "park" else contextlib.nullcontext() as park:
                     saving = SavedActivations(park)

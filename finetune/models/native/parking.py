@@ -60,15 +60,17 @@ class ActivationParking:
         self.copied_out: dict[int, torch.cuda.Event] = {}  # per layer: its last copy out has run
 
     @contextlib.contextmanager
-    def layer(self, index: int, module: nn.Module, shared: tuple[torch.Tensor, ...] = ()):
+    def layer(self, index: int, module: nn.Module | None = None, shared: tuple[torch.Tensor, ...] = ()):
         """While layer `index` (`module`) runs forward: the (pack, unpack) hooks that park what it
         saves, except its own parameters and buffers and the `shared` tensors (views of them too),
-        which every layer reads: the rope tables."""
+        which every layer reads: the rope tables. Without `module`, everything saved is parked (a
+        recomputed layer saves only its input)."""
         held = self.copied_out.pop(index - LAYERS_IN_FLIGHT, None)
         if held is not None:
             held.synchronize()
         self.latest[index] = []
-        own = {t.untyped_storage().data_ptr() for t in (*module.parameters(), *module.buffers(), *shared)}
+        kept = (*module.parameters(), *module.buffers(), *shared) if module is not None else shared
+        own = {t.untyped_storage().data_ptr() for t in kept}
         yield partial(self._park, index, own), partial(self._unpark, index)
         if self.copy_stream is not None:
             self.copied_out[index] = self.copy_stream.record_event()
