@@ -564,6 +564,7 @@ class Decoder(nn.Module):
         # An input of every RecomputedLayer that needs a gradient, so that a layer whose input does
         # not (the first: embeddings are frozen) still has an output that does, for its adapters.
         self.recompute_anchor = torch.empty(0, requires_grad=True)
+        self.linears: list[QLoRALinear] | None = None  # every layer's projections, listed on first use
         self.parking: ActivationParking | None = None  # when anything parks
         self.layers_compiled = False  # compile_layers
         self.streamer: WeightStreamer | None = None  # set by stream_weights
@@ -632,9 +633,10 @@ class Decoder(nn.Module):
         training = self.training and torch.is_grad_enabled()
         roles = self.layer_roles if training else ["keep"] * len(self.layers)
         # Recomputed layers replay the random draws of their first pass (LoRA dropout) in the recompute.
+        if self.linears is None:
+            self.linears = list(linear_layers(self).values())
         draws_random = training and "recompute" in roles and any(
-            linear.lora_dropout > 0 and linear.lora_A is not None and linear.adapter_enabled
-            for linear in linear_layers(self).values())
+            linear.lora_dropout > 0 and linear.lora_A is not None and linear.adapter_enabled for linear in self.linears)
         streamer = self.streamer
         for index, layer in enumerate(self.layers):
             if streamer is not None:
