@@ -405,8 +405,8 @@ class RecomputedLayer(torch.autograd.Function):
 
     The first pass builds no autograd graph and saves nothing but x, so the host queues it with
     less work than torch.utils.checkpoint's non-reentrant form, which records the whole graph and
-    runs a pack hook for every tensor an op saves (CPU harness: a 32-layer model with tiny dims,
-    every layer recomputed, ~20% less host time a step); the recompute's own backward runs nested
+    runs a pack hook for every tensor an op saves (CPU stand-in: a 32-layer model with tiny dims,
+    every layer recomputed, 15-28% less host time a step); the recompute's own backward runs nested
     in the step's (the reentrant form). Gradients reach the layer's adapters through that nested
     backward, so the step must be a `.backward()`, not `torch.autograd.grad` (as in training), and
     under DDP each layer runs once a backward (as every objective here does). `rng`: the CPU and
