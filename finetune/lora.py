@@ -49,7 +49,7 @@ from __future__ import annotations
 import math
 import re
 from itertools import accumulate
-from typing import Callable, Iterable, NamedTuple, Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -91,21 +91,29 @@ def combined_weight(layers: Sequence[QLoRALinear], lora_block: torch.Tensor) -> 
     return combined
 
 
+# Where lora_params start among forward's arguments (needs_input_grad's indices).
+_FIRST_PARAM = 6
+
+
 class QLoRAGroupFunction(torch.autograd.Function):
     """x (..., in) -> the group's outputs side by side (..., sum out); lora_params = A1, B1, A2, B2, ...
 
     (A_i, B_i) is (None, None) for a layer without an adapter. A and B are cast to the compute
     dtype once per forward (A stacked, B scaled into S), and those copies (not the fp32
-    parameters) are what backward reads.
+    parameters) are what backward reads. The flags are project's keywords: `keep_weight` saves the
+    dequantized weight for backward; `output_unused` makes only what backward reads; `reuse_input`
+    lets backward write dx over the saved x (an input that nothing reads after this group's
+    backward). They are separate arguments, not one tuple: torch 2.11's dynamo passes a NamedTuple
+    argument of an autograd.Function to it wrongly (compiled layers failed with it).
     """
 
     @staticmethod
-    def forward(ctx, x, layers: tuple[QLoRALinear, ...], dropout_p: float, flags: GroupFlags, *lora_params):
-        keep_weight, output_unused = flags.keep_weight, flags.output_unused
+    def forward(ctx, x, layers: tuple[QLoRALinear, ...], dropout_p: float, keep_weight: bool, output_unused: bool,
+                reuse_input: bool, *lora_params):
         adapted = [i for i in range(len(layers)) if lora_params[2 * i] is not None]
         ctx.layers, ctx.dropout_p, ctx.keep_weight, ctx.adapted = layers, dropout_p, keep_weight, adapted
         # Compiled code would trace the write into x as a copy: no memory saved, so none is made.
-        ctx.reuse_input = flags.reuse_input and not torch.compiler.is_compiling()
+        ctx.reuse_input = reuse_input and not torch.compiler.is_compiling()
         bias = _stacked_bias(layers, x)
         # output_unused: only what backward reads is made; the output is left unwritten.
         unwritten = x.new_empty(*x.shape[:-1], sum(layer.out_features for layer in layers)) if output_unused else None
@@ -170,11 +178,11 @@ class QLoRAGroupFunction(torch.autograd.Function):
             if needs_x:
                 grad_x = grad_rows @ (weight if weight is not None else dequantize_rows(layers, grad_y.dtype))
                 grad_x = grad_x.view(*grad_y.shape[:-1], grad_x.shape[-1])
-            return grad_x, None, None, None, *grad_params
+            return grad_x, None, None, None, None, None, *grad_params
         x, xa, lora_A, lora_block, *masks = saved
         x_rows = x.reshape(-1, x.shape[-1])
-        wants_A = {i: ctx.needs_input_grad[4 + 2 * i] for i in adapted}
-        wants_B = {i: ctx.needs_input_grad[5 + 2 * i] for i in adapted}
+        wants_A = {i: ctx.needs_input_grad[_FIRST_PARAM + 2 * i] for i in adapted}
+        wants_B = {i: ctx.needs_input_grad[_FIRST_PARAM + 1 + 2 * i] for i in adapted}
         fused, rank, width = layers[0].fused_dropout, ctx.ranks[0].stop, ctx.ranks[-1].stop  # padding excluded
         # grad_xa: (dy S) (N, R), each layer's s_i dy B_i side by side like xa.
         if needs_x and ctx.fold:
@@ -216,17 +224,7 @@ class QLoRAGroupFunction(torch.autograd.Function):
         if grad_x is not None:
             # Contiguous for the kernels downstream; under dy Wc a copy out of the wider result.
             grad_x = grad_x.contiguous().view(*grad_y.shape[:-1], grad_x.shape[-1])
-        return grad_x, None, None, None, *grad_params
-
-
-class GroupFlags(NamedTuple):
-    """How a group's forward runs (project's keywords): `keep_weight` saves the dequantized weight
-    for backward; `output_unused` makes only what backward reads; `reuse_input` lets backward
-    write dx over the saved x (an input that nothing reads after this group's backward)."""
-
-    keep_weight: bool
-    output_unused: bool
-    reuse_input: bool
+        return grad_x, None, None, None, None, None, *grad_params
 
 
 def _slices(sizes: Iterable[int]) -> list[slice]:
@@ -283,7 +281,7 @@ def project(x: torch.Tensor, layers: Sequence[QLoRALinear], output_unused: bool 
     lora_params = [t for layer, on in zip(layers, active)
                    for t in ((layer.lora_A, layer.lora_B) if on else (None, None))]
     keep_weight = all(layer.keep_dequantized for layer in layers)
-    return QLoRAGroupFunction.apply(x, tuple(layers), dropout_p, GroupFlags(keep_weight, output_unused, reuse_input),
+    return QLoRAGroupFunction.apply(x, tuple(layers), dropout_p, keep_weight, output_unused, reuse_input,
                                     *lora_params)
 
 
