@@ -124,6 +124,25 @@ def _token_table(table: torch.Tensor, token_shape: torch.Size, head_dim: int) ->
     return table.expand(*token_shape, head_dim).reshape(-1, head_dim)[:, : head_dim // 2].contiguous()
 
 
+def token_tables(angles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of ``angles`` (``...``, D / 2), position times inv_freq, as the kernel reads them:
+    one contiguous fp32 row of D / 2 per token. A model makes them once per forward and passes them
+    to every layer's ``apply_rope_tables``, instead of each call converting HF's (``...``, D) tables."""
+    rows = angles.reshape(-1, angles.shape[-1]).float()
+    return rows.cos(), rows.sin()
+
+
+def apply_rope_tables(q: torch.Tensor, k: torch.Tensor, cos_rows: torch.Tensor,
+                      sin_rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``apply_rope`` with ``token_tables``' rows: q (``...``, Hq, D), k (``...``, Hk, D), one row per token."""
+    tokens, head_dim = q.numel() // (q.shape[-2] * q.shape[-1]), q.shape[-1]
+    if cos_rows.shape != (tokens, head_dim // 2) or sin_rows.shape != cos_rows.shape or not cos_rows.is_contiguous() \
+            or not sin_rows.is_contiguous() or k.shape[:-2] != q.shape[:-2] or k.shape[-1] != head_dim or head_dim % 2:
+        raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)} need contiguous ({tokens}, {head_dim // 2}) "
+                         f"tables, got {tuple(cos_rows.shape)} and {tuple(sin_rows.shape)}")
+    return RoPEFunction.apply(q, k, cos_rows, sin_rows)
+
+
 def apply_rope(
     q: torch.Tensor,
     k: torch.Tensor,

@@ -5,7 +5,7 @@ pytest.importorskip("triton")
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb  # noqa: E402
 
 from finetune_kernels.reference import rope_cos_sin_reference, rope_reference  # noqa: E402
-from finetune_kernels.rope import apply_rope  # noqa: E402
+from finetune_kernels.rope import apply_rope, apply_rope_tables, token_tables  # noqa: E402
 
 # (batch, tokens, q heads, kv heads, head dim): GQA head counts and half-dims that are not
 # powers of two.
@@ -147,3 +147,25 @@ def test_launch_asks_for_a_power_of_two_warps():
             for half in powers[2:]:
                 warps = _num_warps(q_heads, k_heads, half)
                 assert 1 <= warps <= 8 and warps & (warps - 1) == 0, (q_heads, k_heads, half, warps)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_tables_made_once_rotate_as_positions_do(device, shape, dtype):
+    # The native model makes token_tables once per forward for all layers: the same fp32 angles and
+    # kernel as the position_ids path, so forward and backward agree bit for bit.
+    batch, tokens, *_, head_dim = shape
+    q, k = _qk(*shape, dtype, device)
+    position_ids = torch.randint(0, 4096, (batch, tokens), device=device)
+    inv_freq = _inv_freq(head_dim, device)
+    from_positions = apply_rope(q, k, position_ids=position_ids, inv_freq=inv_freq)
+    from_tables = apply_rope_tables(q, k, *token_tables(position_ids[..., None].float() * inv_freq))
+    grads_out = [torch.randn_like(t) for t in from_positions]
+    for got, want in zip((*from_tables, *torch.autograd.grad(from_tables, (q, k), grads_out)),
+                         (*from_positions, *torch.autograd.grad(from_positions, (q, k), grads_out))):
+        assert torch.equal(got, want)
+    cos_rows, sin_rows = token_tables(position_ids[..., None].float() * inv_freq)
+    with pytest.raises(ValueError, match="tables"):
+        apply_rope_tables(q, k, cos_rows[1:], sin_rows[1:])
+    with pytest.raises(ValueError, match="tables"):
+        apply_rope_tables(q, k, cos_rows.T.contiguous().T, sin_rows)

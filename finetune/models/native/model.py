@@ -145,7 +145,9 @@ class Ops:
     """The numerical building blocks, swapped as one set."""
 
     rmsnorm: Callable  # (x, weight, eps) -> y
-    rope: Callable  # (q, k, cos, sin) -> (q, k); q, k (B, T, H, D); cos, sin (B, T, D) fp32
+    # angles (B, T, D/2) fp32, position times inv_freq -> the tables `rope` takes, made once per forward
+    rope_tables: Callable
+    rope: Callable  # (q, k, *tables) -> (q, k); q, k (B, T, H, D)
     swiglu: Callable  # [gate | up] (..., 2F) -> silu(gate) * up (..., F); may reuse gate_up's memory in backward
     linear_cross_entropy: Callable  # (x, weight, shifted labels, num_items_in_batch=) -> loss
     dequantize: Callable  # (QuantizedWeight, out=None) -> (out, in) in its storage dtype
@@ -155,21 +157,28 @@ class Ops:
 def torch_ops() -> Ops:
     from finetune_kernels import reference
 
-    return Ops(reference.rmsnorm_reference, reference.rope_reference, reference.swiglu_reference,
-               reference.linear_cross_entropy_reference, dequantize_bnb)
+    return Ops(rmsnorm=reference.rmsnorm_reference, rope_tables=_hf_rope_tables, rope=reference.rope_reference,
+               swiglu=reference.swiglu_reference, linear_cross_entropy=reference.linear_cross_entropy_reference,
+               dequantize=dequantize_bnb)
+
+
+def _hf_rope_tables(angles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin (B, T, D) fp32 in transformers' layout: both halves hold the D/2 angles' values."""
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos(), angles.sin()
 
 
 def triton_ops() -> Ops:
     from finetune_kernels import lora_dropout
     from finetune_kernels.fused_linear_ce import fused_linear_cross_entropy
     from finetune_kernels.rmsnorm import rmsnorm
-    from finetune_kernels.rope import apply_rope
+    from finetune_kernels.rope import apply_rope_tables, token_tables
     from finetune_kernels.swiglu import swiglu
 
     # The MLP's gate_up is read by nothing after SwiGLU's backward: its gradient may take its memory.
-    return Ops(rmsnorm, lambda q, k, cos, sin: apply_rope(q, k, cos=cos, sin=sin),
-               partial(swiglu, overwrite_in_backward=True),
-               fused_linear_cross_entropy, dequantize_triton, lora_dropout)
+    return Ops(rmsnorm=rmsnorm, rope_tables=token_tables, rope=apply_rope_tables,
+               swiglu=partial(swiglu, overwrite_in_backward=True), linear_cross_entropy=fused_linear_cross_entropy,
+               dequantize=dequantize_triton, lora_dropout=lora_dropout)
 
 
 @dataclass
@@ -554,6 +563,7 @@ class Decoder(nn.Module):
         super().__init__()
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size, device="meta")
         self.layers = nn.ModuleList(DecoderLayer(args, window, ops) for window in args.windows)
+        self.ops = ops
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps, ops)
         self.register_buffer("inv_freq", rope_frequencies(args.head_dim, args.rope).to(device), persistent=False)
         self.use_varlen = False  # set by the loader: CUDA with a 16-bit compute dtype
@@ -626,9 +636,7 @@ class Decoder(nn.Module):
             position_ids = cache.extend_one(decode_width)
         else:
             position_ids = cache.extend(attention_mask, input_ids.shape[1], rows=1 if shared else None)
-        angles = position_ids[..., None].float() * self.inv_freq  # (B, T, D/2)
-        angles = torch.cat([angles, angles], dim=-1)
-        rope = angles.cos(), angles.sin()  # (B, T, D) fp32, HF's layout
+        rope = self.ops.rope_tables(position_ids[..., None].float() * self.inv_freq)  # from angles (B, T, D/2)
         x = self.embed_tokens(input_ids)  # (B, T, C)
         training = self.training and torch.is_grad_enabled()
         roles = self.layer_roles if training else ["keep"] * len(self.layers)
