@@ -124,12 +124,18 @@ def _token_table(table: torch.Tensor, token_shape: torch.Size, head_dim: int) ->
     return table.expand(*token_shape, head_dim).reshape(-1, head_dim)[:, : head_dim // 2].contiguous()
 
 
-def token_tables(angles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of ``angles`` (``...``, D / 2), position times inv_freq, as the kernel reads them:
-    one contiguous fp32 row of D / 2 per token. A model makes them once per forward and passes them
-    to every layer's ``apply_rope_tables``, instead of each call converting HF's (``...``, D) tables."""
-    rows = angles.reshape(-1, angles.shape[-1]).float()
-    return rows.cos(), rows.sin()
+def token_tables(position_ids: torch.Tensor, inv_freq: torch.Tensor,
+                 attention_scaling: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``a * cos`` and ``a * sin`` of the angles ``position * inv_freq`` (fp32, like HF's rotary
+    embedding) at ``position_ids`` (``...``), as the kernel reads them: one contiguous row of D / 2
+    per token. A model makes them once per forward and passes them to every layer's
+    ``apply_rope_tables``, instead of each call converting HF's (``...``, D) tables."""
+    # cos/sin of large angles need the accurate library.
+    angles = position_ids.reshape(-1, 1).float() * inv_freq.float().reshape(1, -1)
+    cos_rows, sin_rows = angles.cos(), angles.sin()
+    if attention_scaling != 1.0:
+        cos_rows, sin_rows = cos_rows * attention_scaling, sin_rows * attention_scaling
+    return cos_rows, sin_rows
 
 
 def apply_rope_tables(q: torch.Tensor, k: torch.Tensor, cos_rows: torch.Tensor,
@@ -167,10 +173,7 @@ def apply_rope(
     if position_ids is not None:
         if position_ids.shape != token_shape:
             raise ValueError(f"position_ids shape {tuple(position_ids.shape)} != token shape {tuple(token_shape)}")
-        # fp32 angles like HF's rotary embedding; cos/sin of large angles need the accurate library.
-        angles = position_ids.reshape(-1, 1).float() * inv_freq.float().reshape(1, -1)
-        cos_rows = (angles.cos() * attention_scaling).contiguous()
-        sin_rows = (angles.sin() * attention_scaling).contiguous()
+        cos_rows, sin_rows = token_tables(position_ids, inv_freq, attention_scaling)
     else:
         if cos.requires_grad or sin.requires_grad:
             raise ValueError("apply_rope gives no gradient to cos/sin")

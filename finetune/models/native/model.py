@@ -145,8 +145,7 @@ class Ops:
     """The numerical building blocks, swapped as one set."""
 
     rmsnorm: Callable  # (x, weight, eps) -> y
-    # angles (B, T, D/2) fp32, position times inv_freq -> the tables `rope` takes, made once per forward
-    rope_tables: Callable
+    rope_tables: Callable  # (position_ids (B, T), inv_freq (D/2,)) -> the tables `rope` takes, once per forward
     rope: Callable  # (q, k, *tables) -> (q, k); q, k (B, T, H, D)
     swiglu: Callable  # [gate | up] (..., 2F) -> silu(gate) * up (..., F); may reuse gate_up's memory in backward
     linear_cross_entropy: Callable  # (x, weight, shifted labels, num_items_in_batch=) -> loss
@@ -157,15 +156,9 @@ class Ops:
 def torch_ops() -> Ops:
     from finetune_kernels import reference
 
-    return Ops(rmsnorm=reference.rmsnorm_reference, rope_tables=_hf_rope_tables, rope=reference.rope_reference,
-               swiglu=reference.swiglu_reference, linear_cross_entropy=reference.linear_cross_entropy_reference,
-               dequantize=dequantize_bnb)
-
-
-def _hf_rope_tables(angles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin (B, T, D) fp32 in transformers' layout: both halves hold the D/2 angles' values."""
-    angles = torch.cat([angles, angles], dim=-1)
-    return angles.cos(), angles.sin()
+    return Ops(rmsnorm=reference.rmsnorm_reference, rope_tables=reference.rope_cos_sin_reference,
+               rope=reference.rope_reference, swiglu=reference.swiglu_reference,
+               linear_cross_entropy=reference.linear_cross_entropy_reference, dequantize=dequantize_bnb)
 
 
 def triton_ops() -> Ops:
@@ -636,7 +629,7 @@ class Decoder(nn.Module):
             position_ids = cache.extend_one(decode_width)
         else:
             position_ids = cache.extend(attention_mask, input_ids.shape[1], rows=1 if shared else None)
-        rope = self.ops.rope_tables(position_ids[..., None].float() * self.inv_freq)  # from angles (B, T, D/2)
+        rope = self.ops.rope_tables(position_ids, self.inv_freq)
         x = self.embed_tokens(input_ids)  # (B, T, C)
         training = self.training and torch.is_grad_enabled()
         roles = self.layer_roles if training else ["keep"] * len(self.layers)
