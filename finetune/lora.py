@@ -126,14 +126,23 @@ class QLoRAGroupFunction(torch.autograd.Function):
         ctx.rows = _slices(layer.out_features for layer in layers)
         ctx.ranks = _slices(A.shape[0] for A in lora_As)
         x_rows = x.reshape(-1, x.shape[-1])
-        # Zero ranks up to a multiple of 8 keep the rows of [x | xa], Wc and dy Wc 16-byte aligned,
-        # which cuBLAS's tensor-core GEMMs want (r=4 on q/k/v would make in + 12 columns).
-        pad = -ctx.ranks[-1].stop % 8
-        if pad:
-            lora_As = [*lora_As, lora_As[0].new_zeros(pad, x.shape[-1])]
-        lora_A = (torch.cat(lora_As) if len(lora_As) > 1 else lora_As[0]).to(x.dtype)  # (R + pad, in)
-        lora_block = _lora_block(layers, adapted, lora_params[1::2], ctx.rows, ctx.ranks, lora_A.shape[0],
-                                 x.dtype)  # S
+        shared = layers[0].shared_operands
+        ctx.shared = shared if shared is not None and shared.enabled else None
+        made = ctx.shared.entries.get(layers) if ctx.shared is not None else None
+        if made is not None and made[0].dtype == x.dtype:
+            lora_A, lora_block = made
+        else:
+            # Zero ranks up to a multiple of 8 keep the rows of [x | xa], Wc and dy Wc 16-byte aligned,
+            # which cuBLAS's tensor-core GEMMs want (r=4 on q/k/v would make in + 12 columns).
+            pad = -ctx.ranks[-1].stop % 8
+            if pad:
+                lora_As = [*lora_As, lora_As[0].new_zeros(pad, x.shape[-1])]
+            lora_A = (torch.cat(lora_As) if len(lora_As) > 1 else lora_As[0]).to(x.dtype)  # (R + pad, in)
+            lora_block = _lora_block(layers, adapted, lora_params[1::2], ctx.rows, ctx.ranks, lora_A.shape[0],
+                                     x.dtype)  # S
+            if ctx.shared is not None:
+                ctx.shared.entries[layers] = lora_A, lora_block
+        pad = lora_A.shape[0] - ctx.ranks[-1].stop
         masks, ctx.seed = [], None
         fused = layers[0].fused_dropout
         if dropout_p > 0 and fused is not None and len({r.stop - r.start for r in ctx.ranks}) == 1:
@@ -180,6 +189,9 @@ class QLoRAGroupFunction(torch.autograd.Function):
                 grad_x = grad_x.view(*grad_y.shape[:-1], grad_x.shape[-1])
             return grad_x, None, None, None, None, None, *grad_params
         x, xa, lora_A, lora_block, *masks = saved
+        if ctx.shared is not None:
+            # This backward is the operands' last reader in the step.
+            ctx.shared.entries.pop(layers, None)
         x_rows = x.reshape(-1, x.shape[-1])
         wants_A = {i: ctx.needs_input_grad[_FIRST_PARAM + 2 * i] for i in adapted}
         wants_B = {i: ctx.needs_input_grad[_FIRST_PARAM + 1 + 2 * i] for i in adapted}
@@ -225,6 +237,28 @@ class QLoRAGroupFunction(torch.autograd.Function):
             # Contiguous for the kernels downstream; under dy Wc a copy out of the wider result.
             grad_x = grad_x.contiguous().view(*grad_y.shape[:-1], grad_x.shape[-1])
         return grad_x, None, None, None, None, None, *grad_params
+
+
+class SharedOperands:
+    """Each group's LoRA operands in the compute dtype (the stacked, padded A and the block S), made
+    by the group's first forward and reused by its later ones until its backward: a recomputed
+    layer runs forward twice a step (the first pass and the recompute), so this spares the
+    recompute a cast, a concatenation and a block of small kernels per group (~770 launches a
+    step for an 8B with every layer recomputed) for holding them meanwhile (~4 MB a layer at r=16).
+
+    Entries are keyed by the group (its tuple of layers). The owner calls `start` before each forward of
+    the model: the adapters may have changed since the last one, and whether they did cannot be
+    read off the parameters (bitsandbytes' optimizers write them through raw pointers, which bump
+    no version counter).
+    """
+
+    def __init__(self):
+        self.entries: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.enabled = False
+
+    def start(self, enabled: bool) -> None:
+        self.entries.clear()
+        self.enabled = enabled
 
 
 def _slices(sizes: Iterable[int]) -> list[slice]:
@@ -343,6 +377,8 @@ class QLoRALinear(nn.Module):
         self.keep_dequantized = False
         # False computes the frozen base alone, adapter kept (preference objectives' reference model).
         self.adapter_enabled = True
+        # Set on a group's first layer whose forward runs more than once a step (a recomputed layer's).
+        self.shared_operands: SharedOperands | None = None
 
     @property
     def scaling(self) -> float:

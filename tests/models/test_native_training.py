@@ -232,6 +232,49 @@ def test_recomputed_layers_dequantize_gate_up_again_for_backward(checkpoints):
                      "down_proj": 2}
 
 
+def test_recomputed_layers_make_their_lora_operands_once(checkpoints, monkeypatch):
+    """A recomputed layer's recompute reuses the LoRA operands (stacked A, block S) its first pass
+    made, held until each group's backward; a layer outside recompute makes its own and shares none.
+    The next forward starts afresh, so an adapter update between forwards that bumps no version
+    counter (bitsandbytes' optimizers write through raw pointers; `.data` here) is seen."""
+    import finetune.lora
+
+    model_dir = checkpoints("llama")
+    cfg = run_config(model_dir)
+    cfg.model.gradient_checkpointing, cfg.model.checkpoint_layers = True, 1
+    model = native_model(model_dir, cfg).train()
+    made = []
+    make_block = finetune.lora._lora_block
+    monkeypatch.setattr(finetune.lora, "_lora_block", lambda layers, *rest: made.append(layers) or make_block(layers, *rest))
+    batch = make_batches()[0]
+    attention, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
+    groups = {(attention.q_proj, attention.k_proj, attention.v_proj), (attention.o_proj,),
+              (mlp.gate_proj, mlp.up_proj), (mlp.down_proj,)}
+
+    loss = model(**batch).loss  # a forward whose backward never runs: its operands stay behind
+    shared = model.model.shared_operands
+    assert set(shared.entries) == groups
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("lora_B"):
+                param.data.normal_(std=0.1)
+    fresh = native_model(model_dir, cfg).train()
+    fresh.load_state_dict(model.state_dict())
+
+    made.clear()
+    loss = model(**batch).loss
+    loss.backward()
+    # Layer 0: 4 groups in the first pass, none in the recompute; layer 1: 4.
+    assert len(made) == 8 and not shared.entries
+    fresh_loss = fresh(**batch).loss
+    fresh_loss.backward()
+    assert torch.equal(loss, fresh_loss)
+    grads = dict(fresh.named_parameters())
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            assert torch.equal(param.grad, grads[name].grad), name
+
+
 def test_checkpoint_layers_is_checked(checkpoints):
     from finetune.config import ConfigError
 

@@ -32,7 +32,7 @@ from torch.utils.checkpoint import checkpoint, noop_context_fn
 from finetune.adapter_format import copy_qlora_weights, lora_key, save_qlora_adapter
 from finetune.config import ConfigError, LoraConfig
 from finetune.data.samples import IGNORE_INDEX
-from finetune.lora import QLoRALinear, adapted_layers, linear_layers, project
+from finetune.lora import QLoRALinear, SharedOperands, adapted_layers, linear_layers, project
 from finetune.models.native import decoding, nf4_cache
 from finetune.models.native.parking import ActivationParking
 from finetune.models.native.streaming import WeightStreamer
@@ -571,6 +571,8 @@ class Decoder(nn.Module):
         self.parking: ActivationParking | None = None  # when anything parks
         self.layers_compiled = False  # compile_layers
         self.streamer: WeightStreamer | None = None  # set by stream_weights
+        # LoRA operands a recomputed layer's first pass makes for its recompute (lora.SharedOperands).
+        self.shared_operands = SharedOperands()
 
     def compile_layers(self) -> None:
         """torch.compile each decoder layer (model.compile). Compiled layers keep all they save."""
@@ -616,6 +618,8 @@ class Decoder(nn.Module):
             # recompute through down_proj's backward, the step's memory peak (235 MB for an 8B).
             # Dequantized again for their own backward instead: one more pass over their codes.
             layer.mlp.gate_proj.keep_dequantized = layer.mlp.up_proj.keep_dequantized = False
+            for first in (layer.self_attn.q_proj, layer.self_attn.o_proj, layer.mlp.gate_proj, layer.mlp.down_proj):
+                first.shared_operands = self.shared_operands if role == "recompute" else None
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, cu_seqlens=None,
                 cache: decoding.KVCache | None = None, shared: bool = False, decode_width: int | None = None):
@@ -638,6 +642,11 @@ class Decoder(nn.Module):
             self.linears = list(linear_layers(self).values())
         draws_random = training and "recompute" in roles and any(
             linear.lora_dropout > 0 and linear.lora_A is not None and linear.adapter_enabled for linear in self.linears)
+        # Not for compiled layers (a dict read inside them would break their graphs), weight streaming
+        # (whose memory is too tight to hold more) or FSDP units (DecoderLayer wrapped), whose LoRA
+        # weights are gathered per use.
+        self.shared_operands.start(enabled=training and "recompute" in roles and not self.layers_compiled
+                                   and self.streamer is None and type(self.layers[0]) is DecoderLayer)
         streamer = self.streamer
         for index, layer in enumerate(self.layers):
             if streamer is not None:
