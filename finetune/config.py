@@ -212,6 +212,12 @@ class ModelConfig:
     # 2 x 2048 (7.1 GiB instead of 7.9), 1.00x at 1 x 8192 (7.9 instead of 9.7) and 1.01x at
     # 1 x 32768 (12.9 instead of 20.2) against keeping the inputs on the GPU (H100).
     offload_checkpoints: bool = False
+    # Native path, with offload_checkpoints (or hardware.offload parking activations), rows of 4,096
+    # tokens or more: a recomputed layer parks attention's output and log-sum-exp and its residual
+    # beside its input, so that its recompute runs neither attention's forward nor o_proj's GEMM
+    # (models/native/kept_attention.py). Costs pinned host memory and, on the GPU, two more
+    # hidden-sized tensors for each of the two layers in flight. false: recompute them.
+    keep_attention: bool = True
     # Native path, CUDA: up to this many layers besides the recomputed ones (any larger number: all the
     # others) are not recomputed either, and park everything they save for backward in pinned host
     # memory, copied out and back behind the compute (finetune/models/native/parking.py); they are

@@ -34,6 +34,7 @@ from finetune.config import (ConfigError, Dtype, HardwareConfig, ModelImpl, Obje
                              RunConfig)
 from finetune.lora import select_targets
 from finetune.models import MemoryLayout, choose_impl
+from finetune.models.native.kept_attention import MIN_ROW_TOKENS as KEPT_ATTENTION_MIN_ROW_TOKENS
 from finetune.models.native.parking import LAYERS_IN_FLIGHT
 from finetune.models.native.streaming import SLOTS
 from finetune.models.source import ModelSource, locate_source
@@ -102,6 +103,22 @@ def projection_shapes(arch: dict) -> dict[str, tuple[int, int]]:
     qd, kvd = _attention_dims(arch)
     return {"q_proj": (C, qd), "k_proj": (C, kvd), "v_proj": (C, kvd), "o_proj": (qd, C),
             "gate_proj": (C, F), "up_proj": (C, F), "down_proj": (F, C)}
+
+
+# The native decoder's projection groups, which share one input and one set of LoRA operands.
+PROJECTION_GROUPS = (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",))
+
+
+def lora_operand_bytes(arch: dict, r: int, targets, dtype_bytes: int) -> int:
+    """One layer's LoRA operands in the compute dtype (lora.SharedOperands): per group the stacked A
+    (R, in) and the block S (sum out, R), R the group's ranks padded to a multiple of 8."""
+    shapes, total = projection_shapes(arch), 0
+    for group in PROJECTION_GROUPS:
+        ranks = r * sum(name in targets for name in group)
+        if ranks:
+            ranks += -ranks % 8
+            total += ranks * (shapes[group[0]][0] + sum(shapes[name][1] for name in group))
+    return total * dtype_bytes
 
 
 def _attention_dims(arch: dict) -> tuple[int, int]:
@@ -455,6 +472,7 @@ class _Run:
     padding_mask: bool  # native path, padded micro-batches: one (B, T, T) bool mask shared by all layers
     compiled: bool = False  # native path, model.compile: layers keep the outputs others rebuild
     parked_layers: int = 0  # native path: model.parked_layers, of the layers not recomputed
+    keep_attention: bool = False  # native path: model.keep_attention
 
     @property
     def parked(self) -> int:
@@ -497,9 +515,14 @@ def _gpu_items(run: _Run, offload: OffloadMode, tokens: int) -> list[LineItem]:
     acts = activation_bytes_per_token(arch, run.compute_bytes, run.r, run.targets, run.lora_dropout, run.impl,
                                       run.compiled)
     checkpointed = run.checkpointed_layers
+    if checkpointed and run.impl is ModelImpl.native and not run.compiled and offload not in STREAMS_WEIGHTS:
+        items.append(LineItem(f"LoRA operands, {checkpointed} recomputed layers",
+                              checkpointed * lora_operand_bytes(arch, run.r, run.targets, run.compute_bytes),
+                              "made in forward, reused by the recompute"))
     if checkpointed and offload in PARKS_ACTIVATIONS:
         on_gpu = min(OFFLOADED_CHECKPOINTS_ON_GPU, checkpointed)
-        items.append(LineItem(f"layer checkpoints, {on_gpu} of {checkpointed}", tokens * on_gpu * acts.checkpoint,
+        items.append(LineItem(f"layer checkpoints, {on_gpu} of {checkpointed}",
+                              tokens * on_gpu * _parked_checkpoint_bytes(run, acts, tokens),
                               "the rest in pinned host memory"))
     elif checkpointed:
         items.append(LineItem(f"layer checkpoints, {checkpointed} layers", tokens * checkpointed * acts.checkpoint,
@@ -560,13 +583,23 @@ def _host_items(run: _Run, offload: OffloadMode, tokens: int) -> list[LineItem]:
     acts = activation_bytes_per_token(arch, run.compute_bytes, run.r, run.targets, run.lora_dropout, run.impl)
     if offload in PARKS_ACTIVATIONS:
         checkpointed = run.checkpointed_layers
-        items.append(LineItem(f"layer checkpoints, {checkpointed} layers", tokens * checkpointed * acts.checkpoint,
-                              "pinned"))
+        items.append(LineItem(f"layer checkpoints, {checkpointed} layers",
+                              tokens * checkpointed * _parked_checkpoint_bytes(run, acts, tokens), "pinned"))
     if run.parked:
         chunked = min(tokens, run.mlp_chunk_tokens or tokens) < tokens
         items.append(LineItem(f"parked activations, {run.parked} layers", run.parked * tokens * acts.kept(chunked),
                               "pinned"))
     return items
+
+
+def _parked_checkpoint_bytes(run: _Run, acts: ActivationSizes, tokens: int) -> int:
+    """Per token, what a recomputed layer parks: its input, and on the native path from rows of
+    KEPT_ATTENTION_MIN_ROW_TOKENS on also attention's output and log-sum-exp and the layer's residual
+    (kept_attention.py; packed rows of shorter samples keep none, so this may overcount)."""
+    if not run.keep_attention or run.compiled or tokens // run.micro_batch_size < KEPT_ATTENTION_MIN_ROW_TOKENS:
+        return acts.checkpoint
+    qd, _ = _attention_dims(run.arch)
+    return acts.checkpoint + run.compute_bytes * (qd + run.arch["hidden_size"]) + 4 * run.arch["num_attention_heads"]
 
 
 def _gpu_total(run: _Run, offload: OffloadMode, tokens: int) -> int:
@@ -690,6 +723,7 @@ def plan_for_run(cfg: RunConfig, source: ModelSource, impl: ModelImpl, impl_reas
         padding_mask=impl is ModelImpl.native and not cfg.data.packing and rows > 1,
         compiled=impl is ModelImpl.native and cfg.model.compile,
         parked_layers=cfg.model.parked_layers if impl is ModelImpl.native else 0,
+        keep_attention=impl is ModelImpl.native and cfg.model.keep_attention,
     )
     tokens = rows * cfg.data.max_seq_len
     budget, budget_source = gpu_budget(cfg.hardware)

@@ -200,9 +200,12 @@ def test_partial_checkpointing_adds_the_unchecked_layers_activations():
     assert "gradient checkpointing on for 24 of 32 layers" in memory.format_plan(plans[1])
     acts = memory.activation_bytes_per_token(LLAMA3_8B, 2, 16, memory.lora_targets("all-linear"), 0.0,
                                              ModelImpl.native)
-    # Eight layers keep everything but what they rebuild in backward; fragmentation scales each line item alike.
+    # Eight layers keep everything but what they rebuild in backward, and hold no LoRA operands for a
+    # recompute; fragmentation scales each line item alike.
     tokens = plans[0].micro_batch_size * 2048
-    expected = tokens * 8 * (acts.layer - acts.rebuilt_attention - acts.rebuilt_mlp) * (1 + memory.FRAGMENTATION)
+    operands = memory.lora_operand_bytes(LLAMA3_8B, 16, memory.lora_targets("all-linear"), 2)
+    expected = (tokens * 8 * (acts.layer - acts.rebuilt_attention - acts.rebuilt_mlp) - 8 * operands) \
+        * (1 + memory.FRAGMENTATION)
     assert abs((part - full) - expected) <= 0.01 * expected
     with pytest.raises(ConfigError, match="checkpoint_layers=40"):
         plan(*args, "model.checkpoint_layers=40")
@@ -287,9 +290,32 @@ def test_layers_kept_whole_under_mlp_chunks_keep_none_of_the_mlp_share():
                                              0.0, ModelImpl.native)
     kept = next(item for item in chunked.gpu if item.name == "activations, 5 layers")
     assert kept.bytes == 5 * 32768 * (acts.checkpoint + acts.layer - acts.mlp - acts.rebuilt_attention)
-    # Only the recomputed layers' inputs are parked in host memory.
+    # Only the recomputed layers' inputs are parked in host memory, with attention's output (4096
+    # wide) and log-sum-exp (32 heads, fp32) and the residual (4096) that they keep.
     parked = next(item for item in chunked.host if item.name.startswith("layer checkpoints"))
-    assert parked.bytes == 27 * 32768 * acts.checkpoint
+    assert parked.bytes == 27 * 32768 * (acts.checkpoint + 2 * (4096 + 4096) + 4 * 32)
+    unkept = next(item for item in plan(*args, "model.mlp_chunk_tokens=8192", "model.keep_attention=false").host
+                  if item.name.startswith("layer checkpoints"))
+    assert unkept.bytes == 27 * 32768 * acts.checkpoint
+
+
+def test_recomputed_layers_hold_their_lora_operands_and_kept_attention_in_flight():
+    """Recomputed layers hold their LoRA operands (lora.SharedOperands: 3.75 MiB a layer for an 8B at
+    r=16, bf16) from forward to backward; with offload, rows of 4,096 tokens or more also keep two
+    more hidden-sized tensors and the fp32 log-sum-exp per layer in flight (kept_attention.py)."""
+    assert memory.lora_operand_bytes(LLAMA3_8B, 16, memory.lora_targets("all-linear"), 2) == 3.75 * 2**20
+    args = ("recipe=llama3_8b_qlora", NATIVE, "hardware.offload=activations", "hardware.gpu_memory_gb=80",
+            "train.micro_batch_size=1", "lora.r=16", "lora.lora_dropout=0", "model.checkpoint_layers=all")
+
+    def checkpoints_on_gpu(seq, *extra):
+        planned = plan(*args, f"data.max_seq_len={seq}", *extra)
+        operands = next(item for item in planned.gpu if item.name.startswith("LoRA operands"))
+        assert operands.bytes == 32 * 3.75 * 2**20
+        return next(item for item in planned.gpu if item.name.startswith("layer checkpoints")).bytes
+
+    assert checkpoints_on_gpu(8192) - checkpoints_on_gpu(8192, "model.keep_attention=false") \
+        == 2 * 8192 * (2 * (4096 + 4096) + 4 * 32)
+    assert checkpoints_on_gpu(2048) == checkpoints_on_gpu(2048, "model.keep_attention=false")
 
 
 def test_parked_layers_keep_their_activations_in_host_memory():
@@ -377,7 +403,9 @@ MEASURED_PEAKS = [
     ("meta-llama/Meta-Llama-3-8B", 2, 2048, ["hardware.gpu_memory_gb=139"], 7.90),
     ("meta-llama/Meta-Llama-3-8B", 2, 2048, ["hardware.gpu_memory_gb=80", "model.checkpoint_layers=16"], 12.58),
     ("meta-llama/Meta-Llama-3-8B", 2, 2048, ["hardware.gpu_memory_gb=80", "model.checkpoint_layers=0"], 17.94),
-    ("meta-llama/Llama-3.1-8B", 1, 131072, ["hardware.gpu_memory_gb=24", "model.mlp_chunk_tokens=8192"], 17.96),
+    # Measured before recomputed layers kept attention (model.keep_attention).
+    ("meta-llama/Llama-3.1-8B", 1, 131072, ["hardware.gpu_memory_gb=24", "model.mlp_chunk_tokens=8192",
+                                           "model.keep_attention=false"], 17.96),
     ("meta-llama/Llama-3.1-70B", 4, 2048, ["hardware.gpu_memory_gb=24"], 12.17),
     ("meta-llama/Llama-3.1-70B", 1, 2048, ["hardware.gpu_memory_gb=24"], 11.88),
     ("meta-llama/Llama-3.1-70B", 1, 2048, ["hardware.gpu_memory_gb=48"], 42.23),

@@ -305,6 +305,7 @@ def build(cfg: RunConfig, source: ModelSource, compute_dtype: torch.dtype, devic
     model.model.set_checkpointing(cfg.model.checkpointed_layers(args.num_hidden_layers, layout.planned_checkpoint_layers),
                                   layout.park_checkpoints and device.type == "cuda", cfg.model.parked_layers)
     model.model.set_mlp_chunking(cfg.model.mlp_chunk_tokens or layout.planned_mlp_chunk_tokens)
+    model.model.keep_attention = cfg.model.keep_attention
     if stream_weights:
         model.model.stream_weights(device)
     if cfg.model.compile:

@@ -34,6 +34,7 @@ from finetune.config import ConfigError, LoraConfig
 from finetune.data.samples import IGNORE_INDEX
 from finetune.lora import QLoRALinear, SharedOperands, adapted_layers, linear_layers, project
 from finetune.models.native import decoding, nf4_cache
+from finetune.models.native.kept_attention import MIN_ROW_TOKENS, KeptAttention
 from finetune.models.native.parking import ActivationParking
 from finetune.models.native.streaming import WeightStreamer
 from finetune.models.sequence_logps import SequenceLogps, shifted_targets, sum_per_sequence
@@ -184,15 +185,17 @@ class AttentionLayout:
     # A packed row of this many samples of one length, which fill it: attended as that many rows.
     equal_samples: int = 0
 
-    def attend(self, q, k, v, window: int | None) -> torch.Tensor:
-        """q (B, T, Hq, D), k and v (B, T, Hkv, D) -> (B, T, Hq, D)."""
+    def attend(self, q, k, v, window: int | None, kept: KeptAttention | None = None) -> torch.Tensor:
+        """q (B, T, Hq, D), k and v (B, T, Hkv, D) -> (B, T, Hq, D). `kept`: a recomputed layer's
+        attention results, recorded in its first pass and replayed in its recompute, where the
+        attention is plain causal (kept_attention.py)."""
         T = q.shape[1]
         if self.equal_samples:
             # Plain causal attention per sample is the same computation, and SDPA's cuDNN kernel runs it
             # about twice as fast as the varlen kernel (shared/BENCH.md), with no block-diagonal mask
             # off the GPU.
             rows = [t.reshape(self.equal_samples, T // self.equal_samples, *t.shape[2:]) for t in (q, k, v)]
-            return AttentionLayout().attend(*rows, window).reshape(q.shape)
+            return AttentionLayout().attend(*rows, window, kept).reshape(q.shape)
         if self.cu_seqlens is not None:
             from torch.nn.attention.varlen import varlen_attn
 
@@ -219,7 +222,9 @@ class AttentionLayout:
             allowed = _causal(T, q.device) if allowed is None else allowed
             allowed = allowed & _window(T, window, q.device)
         with sdpa_kernel(SDPA_PRIORITY, set_priority=True):
-            if allowed is None:
+            if allowed is None and kept is not None and kept.applies(q):
+                y = kept.attend(q, k, v)
+            elif allowed is None:
                 y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
             else:
                 # Not every kernel that takes a mask takes enable_gqa: share the kv heads explicitly.
@@ -305,7 +310,7 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(D, args.rms_norm_eps, ops) if args.qk_norm else None
         self.k_norm = RMSNorm(D, args.rms_norm_eps, ops) if args.qk_norm else None
 
-    def forward(self, x, rope, layout: AttentionLayout):
+    def forward(self, x, rope, layout: AttentionLayout, kept: KeptAttention | None = None):
         B, T, _ = x.shape
         qkv = project(x, (self.q_proj, self.k_proj, self.v_proj))
         q, k, v = qkv.split([self.q_proj.out_features, self.k_proj.out_features, self.v_proj.out_features], -1)
@@ -316,8 +321,10 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.ops.rope(q, k, *rope)
-        y = layout.attend(q, k, v, self.window)  # (B, T, Hq, D)
-        return self.o_proj(y.reshape(B, T, -1))
+        # (B, T, Hq, D); a decoding cache's layout (decoding.LayerCache) keeps nothing for a recompute.
+        y = layout.attend(q, k, v, self.window) if kept is None else layout.attend(q, k, v, self.window, kept)
+        # Replaying kept results, the layer's residual is kept too: only what o_proj saves is made.
+        return project(y.reshape(B, T, -1), (self.o_proj,), output_unused=kept is not None and kept.replaying)
 
 
 class MLP(nn.Module):
@@ -354,13 +361,22 @@ class DecoderLayer(nn.Module):
         # A compiled layer's recompute must save what its compiled forward saved, so it runs whole.
         self.recompute_context_fn = self._recompute_contexts  # noop_context_fn once compiled
 
-    def forward(self, x, rope, layout: AttentionLayout, saving: SavedActivations | None = None):
-        """`saving` (training, outside activation checkpointing; its hooks active around the call):
+    def forward(self, x, rope, layout: AttentionLayout, saving: SavedActivations | None = None,
+                kept: KeptAttention | None = None):
+        """`kept`: a recomputed layer's attention results and residual (kept_attention.py).
+        `saving` (training, outside activation checkpointing; its hooks active around the call):
         the projections' backward rebuilds the norms' and SwiGLU's outputs from the inputs those ops
         keep anyway, instead of keeping them too: about a third less activation memory per layer for
         three elementwise kernels in backward. torch.compile does not trace saved-tensor hooks: the
         decoder passes none to compiled layers (Decoder.compile_layers), which keep all."""
-        h = x + self._after_norm(self.input_layernorm, x, partial(self.self_attn, rope=rope, layout=layout), saving)
+        attention = self._after_norm(self.input_layernorm, x,
+                                     partial(self.self_attn, rope=rope, layout=layout, kept=kept), saving)
+        if kept is not None and kept.replaying:
+            h = kept.residual(x, attention)
+        else:
+            h = x + attention
+            if kept is not None:
+                kept.keep_residual(h)
         chunk = self.mlp_chunk_tokens
         tokens = h.shape[0] * h.shape[1]
         if chunk and tokens > chunk and self.training:
@@ -413,26 +429,33 @@ class RecomputedLayer(torch.autograd.Function):
     backward, so the step must be a `.backward()`, not `torch.autograd.grad` (as in training), and
     under DDP each layer runs once a backward (as every objective here does). `rng`: the CPU and
     device generator states before the first pass (_rng_states), replayed for the recompute when
-    the layer draws random numbers (LoRA dropout); None when it draws none.
+    the layer draws random numbers (LoRA dropout); None when it draws none. `keep_attention`: the
+    first pass also keeps attention's output and log-sum-exp and the layer's residual, saved beside
+    x, so that the recompute runs neither attention's forward nor o_proj's GEMM (kept_attention.py).
     """
 
     @staticmethod
-    def forward(ctx, x, anchor, layer, rope, layout, rng):
+    def forward(ctx, x, anchor, layer, rope, layout, rng, keep_attention):
         ctx.layer, ctx.rope, ctx.layout, ctx.rng = layer, rope, layout, rng
-        ctx.save_for_backward(x)
+        kept = KeptAttention() if keep_attention else None
         with torch.no_grad():
-            return layer(x, rope, layout)
+            y = layer(x, rope, layout, kept=kept)
+        kept_tensors, ctx.extras = kept.to_save() if kept is not None else ((), ())
+        ctx.backward_kernel = kept.backward_kernel if kept is not None else None
+        ctx.save_for_backward(x, *kept_tensors)
+        return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        (x,) = ctx.saved_tensors
+        x, *kept_tensors = ctx.saved_tensors
+        kept = KeptAttention.replay(kept_tensors, ctx.extras, ctx.backward_kernel) if kept_tensors else None
         x = x.detach().requires_grad_(ctx.needs_input_grad[0])
         _, recompute = ctx.layer.recompute_context_fn()
         with _replayed(ctx.rng), torch.enable_grad(), recompute:
-            y = ctx.layer(x, ctx.rope, ctx.layout)
+            y = ctx.layer(x, ctx.rope, ctx.layout, kept=kept)
         if y.requires_grad:
             torch.autograd.backward(y, grad_y)
-        return x.grad, None, None, None, None, None
+        return x.grad, None, None, None, None, None, None
 
 
 def _rng_states(device: torch.device) -> tuple:
@@ -564,6 +587,8 @@ class Decoder(nn.Module):
         self.parked_layers = 0  # how many keep what they save in host memory: set_checkpointing
         self.layer_roles: list[str] = ["keep"] * len(self.layers)  # per layer: "recompute", "park" or "keep"
         self.park_checkpoints = False
+        # Recomputed layers keep attention's results where their inputs are parked (kept_attention.py).
+        self.keep_attention = True
         # An input of every RecomputedLayer that needs a gradient, so that a layer whose input does
         # not (the first: embeddings are frozen) still has an output that does, for its adapters.
         self.recompute_anchor = torch.empty(0, requires_grad=True)
@@ -648,6 +673,11 @@ class Decoder(nn.Module):
         self.shared_operands.start(enabled=training and "recompute" in roles and not self.layers_compiled
                                    and self.streamer is None and type(self.layers[0]) is DecoderLayer)
         streamer = self.streamer
+        # Attention's results are kept where they wait in host memory and attention is a large share
+        # of the recompute (kept_attention.py); compiled layers always recompute whole.
+        span = input_ids.shape[1] // (layout.equal_samples or 1) if cache is None else 0
+        keep_attention = (self.keep_attention and self.park_checkpoints and span >= MIN_ROW_TOKENS
+                          and not self.layers_compiled)
         for index, layer in enumerate(self.layers):
             if streamer is not None:
                 # Decoding runs the layers again right after the last one: start bringing layer 0.
@@ -655,7 +685,8 @@ class Decoder(nn.Module):
                 streamer.acquire(index, upcoming)
             if roles[index] == "recompute":
                 # A checkpointed layer keeps only its input x; offloading parks it in pinned host memory.
-                run = (x, self.recompute_anchor, layer, rope, layout, _rng_states(x.device) if draws_random else None)
+                run = (x, self.recompute_anchor, layer, rope, layout, _rng_states(x.device) if draws_random else None,
+                       keep_attention)
                 if self.park_checkpoints:
                     with self.parking.layer(index) as park, torch.autograd.graph.saved_tensors_hooks(*park):
                         x = RecomputedLayer.apply(*run)

@@ -1,0 +1,168 @@
+"""Attention that a recomputed layer runs once, not twice.
+
+A recomputed layer (model.RecomputedLayer) runs forward without autograd, then again in backward
+only so that each op's backward gets what it saves. Causal attention, per query row i over keys
+j <= i (a kv head shared by Hq / Hkv query heads),
+
+    out_i = sum_j p_ij v_j,   p_ij = exp(q_i . k_j / sqrt(D) - lse_i),   lse_i = log sum_j exp(q_i . k_j / sqrt(D))
+
+saves q, k, v, out and the fp32 row statistics lse; its backward rebuilds p from q, k and lse.
+q, k and v come out of the recompute anyway (the projections before attention are recomputed
+for their own backward), so keeping only out and lse from the first pass spares attention's
+forward in the recompute: a fifth of the GPU's work at 8,192 tokens for an 8B. The layer's
+residual h = x + o_proj(out) is kept too, so that o_proj runs in the recompute only for what its
+backward saves, without its GEMM (as down_proj already does).
+
+Those are SDPA's own kernels called through their private ops, which return lse (the public
+function does not): cuDNN's or flash's on CUDA, the flash kernel on the CPU. Their outputs are
+the public function's bit for bit where it picks the same kernel. For plain causal attention only
+(whole rows, or packed rows of equal samples); masks, windows shorter than the rows and varlen
+batches are recomputed as before.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Shortest rows that keep attention: below, attention is a small share of a layer's work (a
+# sixtieth of the recompute at 2,048 tokens for an 8B) and the kept tensors, two per layer as wide
+# as the hidden state, would cost more memory in flight than they save time.
+MIN_ROW_TOKENS = 4096
+
+
+def _cudnn_forward(q, k, v):
+    out, lse, cum_q, cum_k, max_q, max_k, seed, offset, _ = torch.ops.aten._scaled_dot_product_cudnn_attention(
+        q, k, v, None, True, 0.0, True, False)
+    return out, lse, (cum_q, cum_k, max_q, max_k, seed, offset)
+
+
+def _cudnn_backward(grad, q, k, v, out, lse, extras):
+    cum_q, cum_k, max_q, max_k, seed, offset = extras
+    no_bias = q.new_empty(0)
+    return torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
+        grad, q, k, v, out, lse, seed, offset, no_bias, cum_q, cum_k, max_q, max_k, 0.0, True)
+
+
+def _flash_forward(q, k, v):
+    out, lse, cum_q, cum_k, max_q, max_k, seed, offset, _ = torch.ops.aten._scaled_dot_product_flash_attention(
+        q, k, v, 0.0, True, False)
+    return out, lse, (cum_q, cum_k, max_q, max_k, seed, offset)
+
+
+def _flash_backward(grad, q, k, v, out, lse, extras):
+    cum_q, cum_k, max_q, max_k, seed, offset = extras
+    return torch.ops.aten._scaled_dot_product_flash_attention_backward(
+        grad, q, k, v, out, lse, cum_q, cum_k, max_q, max_k, 0.0, True, seed, offset)
+
+
+def _cpu_forward(q, k, v):
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, True)
+    return out, lse, ()
+
+
+def _cpu_backward(grad, q, k, v, out, lse, extras):
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(grad, q, k, v, out, lse, 0.0, True)
+
+
+def kernels(device: torch.device) -> tuple:
+    """(forward, backward) for `device`: cuDNN's where SDPA may use it (model.SDPA_PRIORITY puts it
+    first), else flash's; the CPU's flash kernel."""
+    if device.type == "cpu":
+        return _cpu_forward, _cpu_backward
+    if torch.backends.cuda.cudnn_sdp_enabled():
+        return _cudnn_forward, _cudnn_backward
+    return _flash_forward, _flash_backward
+
+
+def _inverse(order) -> list[int]:
+    inverse = [0] * len(order)
+    for position, dim in enumerate(order):
+        inverse[dim] = position
+    return inverse
+
+
+class _ReplayedAttention(torch.autograd.Function):
+    """q, k, v -> the kept `out`, with attention's backward (the first pass's lse) and no forward."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, kept: KeptAttention):
+        ctx.backward_kernel, ctx.extras = kept.backward_kernel, kept.extras
+        ctx.save_for_backward(q, k, v, kept.out, kept.lse)
+        return kept.out.view_as(kept.out)
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, v, out, lse = ctx.saved_tensors
+        # The kernels want the output gradient in the output's layout.
+        if grad.stride() != out.stride():
+            grad = torch.empty_like(out).copy_(grad)
+        grad_q, grad_k, grad_v = ctx.backward_kernel(grad, q, k, v, out, lse, ctx.extras)[:3]
+        return grad_q, grad_k, grad_v, None
+
+
+class _KeptResidual(torch.autograd.Function):
+    """x + block, whose sum was kept: its value comes back, its gradient goes to both terms."""
+
+    @staticmethod
+    def forward(ctx, x, block, kept_sum):
+        return kept_sum.view_as(kept_sum)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, grad, None
+
+
+class KeptAttention:
+    """One recomputed layer's attention results, from its first pass to its recompute.
+
+    Recording (made empty, in the first pass): `attend` runs attention by a kernel that returns
+    lse too and keeps out and lse; the layer keeps its residual through `keep_residual`.
+    Replaying (made from what was kept, in the recompute): `attend` returns the kept out behind
+    attention's backward, `residual` the kept h behind the add's. `to_save` gives what to save between
+    the two, nothing when attention did not qualify (a mask, a short window): the recompute then runs
+    all of it again (`to_save` gives nothing).
+    """
+
+    def __init__(self, out=None, lse=None, h=None, extras: tuple = (), backward_kernel=None):
+        self.out, self.lse, self.h, self.extras, self.backward_kernel = out, lse, h, extras, backward_kernel
+        self.replaying = out is not None
+
+    @classmethod
+    def replay(cls, tensors: tuple[torch.Tensor, ...], extras: tuple, backward_kernel) -> KeptAttention:
+        """From `kept` and the `extras` and `backward_kernel` of the recording."""
+        out, lse, h = tensors
+        *extras, order = extras
+        # The kernels' output layout again ((B, T, H, D) memory for a (B, H, T, D) tensor), whatever
+        # layout the tensor travelled in.
+        return cls(out.permute(_inverse(order)), lse, h, tuple(extras), backward_kernel)
+
+    def to_save(self) -> tuple[tuple[torch.Tensor, ...], tuple]:
+        """What to save until the recompute, and the extras `replay` takes with it: out (in its
+        memory order, contiguous, so that parking's copy keeps its layout), lse and h; nothing when
+        nothing was recorded."""
+        if self.h is None:
+            return (), ()
+        order = tuple(sorted(range(self.out.dim()), key=lambda dim: -self.out.stride(dim)))
+        return (self.out.permute(order), self.lse, self.h), (*self.extras, order)
+
+    def applies(self, q: torch.Tensor) -> bool:
+        """Whether the kernels take q (B, Hq, T, D): any dtype on the CPU; on CUDA 16-bit with heads
+        of at most 128 (the widest that cuDNN's and flash's kernels both take on every card here)."""
+        if self.replaying or q.device.type == "cpu":
+            return True
+        return q.dtype in (torch.bfloat16, torch.float16) and q.shape[-1] <= 128
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Causal attention over q (B, Hq, T, D), k and v (B, Hkv, T, D) -> (B, Hq, T, D)."""
+        if self.replaying:
+            return _ReplayedAttention.apply(q, k, v, self)
+        forward, self.backward_kernel = kernels(q.device)
+        self.out, self.lse, self.extras = forward(q, k, v)
+        return self.out
+
+    def keep_residual(self, h: torch.Tensor) -> None:
+        if self.out is not None:
+            self.h = h
+
+    def residual(self, x: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
+        return _KeptResidual.apply(x, block, self.h)
