@@ -137,6 +137,30 @@ def test_kept_attention_only_where_inputs_are_parked(checkpoints):
     assert ops.attention_forwards == 4
 
 
+@pytest.mark.parametrize("refusing", ["forward", "backward"])
+def test_a_refusing_kernel_falls_back_to_recomputing(checkpoints, monkeypatch, refusing):
+    """Private kernels change between torch versions: one that refuses a call (an error raised before
+    it runs) is not tried again, and attention is recomputed as without keeping: the same numbers."""
+    from finetune.models.native import kept_attention
+
+    model_dir = checkpoints("llama")
+    _, full_grads, _, _ = step(model_dir, whole_rows(), keep_from=25)
+
+    def refuse(*args):
+        raise RuntimeError("no such overload")
+
+    monkeypatch.setattr(kept_attention, "_refused", set())
+    monkeypatch.setattr(kept_attention, f"_cpu_{refusing}", refuse)
+    with pytest.warns(UserWarning, match="attention is recomputed"):
+        _, grads, ops, _ = step(model_dir, whole_rows(), keep_from=24)
+    for name, grad in full_grads.items():
+        torch.testing.assert_close(grads[name], grad, rtol=0, atol=0, msg=name)
+    # Refused in forward: nothing kept, attention's forward twice a layer; refused in backward (the
+    # first layer's): forward once, then once more in each backward (by autograd's SDPA).
+    assert ops.attention_forwards == 4
+    assert kept_attention._refused == {refuse}
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("rows", ["whole", "equal_samples"])
 def test_gpu_kept_attention_gives_the_same_numbers(checkpoints, cuda, rows):

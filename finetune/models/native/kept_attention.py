@@ -22,7 +22,10 @@ batches are recomputed as before.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
+import torch.nn.functional as F
 
 # Shortest rows that keep attention: below, attention is a small share of a layer's work (a
 # sixtieth of the recompute at 2,048 tokens for an 8B) and the kept tensors, two per layer as wide
@@ -64,14 +67,34 @@ def _cpu_backward(grad, q, k, v, out, lse, extras):
     return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(grad, q, k, v, out, lse, 0.0, True)
 
 
-def kernels(device: torch.device) -> tuple:
+# Kernels that refused a call here (private ops change between torch versions; a card may lack
+# one): not tried again in this process; attention is recomputed instead, as without keeping.
+_refused: set = set()
+
+
+def kernels(device: torch.device) -> tuple | None:
     """(forward, backward) for `device`: cuDNN's where SDPA may use it (model.SDPA_PRIORITY puts it
-    first), else flash's; the CPU's flash kernel."""
+    first), else flash's; the CPU's flash kernel. None when those refused a call before."""
     if device.type == "cpu":
-        return _cpu_forward, _cpu_backward
-    if torch.backends.cuda.cudnn_sdp_enabled():
-        return _cudnn_forward, _cudnn_backward
-    return _flash_forward, _flash_backward
+        pairs = [(_cpu_forward, _cpu_backward)]
+    else:
+        pairs = [(_cudnn_forward, _cudnn_backward)] if torch.backends.cuda.cudnn_sdp_enabled() else []
+        pairs.append((_flash_forward, _flash_backward))
+    return next((pair for pair in pairs if not _refused & set(pair)), None)
+
+
+def _refuse(kernel, error: Exception) -> None:
+    _refused.add(kernel)
+    warnings.warn(f"model.keep_attention: {kernel.__name__.strip('_')} refused ({error}); attention is recomputed "
+                  "instead of kept where no other kernel takes it", stacklevel=3)
+
+
+def _recomputed_gradients(grad, q, k, v):
+    """Attention's input gradients by running it again under autograd: the backward kernel's stand-in."""
+    with torch.enable_grad():
+        q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        return torch.autograd.grad(out, (q, k, v), grad)
 
 
 def _inverse(order) -> list[int]:
@@ -96,7 +119,13 @@ class _ReplayedAttention(torch.autograd.Function):
         # The kernels want the output gradient in the output's layout.
         if grad.stride() != out.stride():
             grad = torch.empty_like(out).copy_(grad)
-        grad_q, grad_k, grad_v = ctx.backward_kernel(grad, q, k, v, out, lse, ctx.extras)[:3]
+        if ctx.backward_kernel in _refused:
+            return *_recomputed_gradients(grad, q, k, v), None
+        try:
+            grad_q, grad_k, grad_v = ctx.backward_kernel(grad, q, k, v, out, lse, ctx.extras)[:3]
+        except (RuntimeError, TypeError) as error:  # a refusal, raised before the kernel runs
+            _refuse(ctx.backward_kernel, error)
+            grad_q, grad_k, grad_v = _recomputed_gradients(grad, q, k, v)
         return grad_q, grad_k, grad_v, None
 
 
@@ -152,12 +181,21 @@ class KeptAttention:
             return True
         return q.dtype in (torch.bfloat16, torch.float16) and q.shape[-1] <= 128
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Causal attention over q (B, Hq, T, D), k and v (B, Hkv, T, D) -> (B, Hq, T, D)."""
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor | None:
+        """Causal attention over q (B, Hq, T, D), k and v (B, Hkv, T, D) -> (B, Hq, T, D); None
+        where no kernel takes it (the caller attends as usual, and nothing is kept)."""
         if self.replaying:
             return _ReplayedAttention.apply(q, k, v, self)
-        forward, self.backward_kernel = kernels(q.device)
-        self.out, self.lse, self.extras = forward(q, k, v)
+        pair = kernels(q.device)
+        if pair is None:
+            return None
+        forward, backward = pair
+        try:
+            self.out, self.lse, self.extras = forward(q, k, v)
+        except (RuntimeError, TypeError) as error:  # a refusal, raised before the kernel runs
+            _refuse(forward, error)
+            return self.attend(q, k, v)
+        self.backward_kernel = backward
         return self.out
 
     def keep_residual(self, h: torch.Tensor) -> None:

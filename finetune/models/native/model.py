@@ -222,11 +222,10 @@ class AttentionLayout:
             allowed = _causal(T, q.device) if allowed is None else allowed
             allowed = allowed & _window(T, window, q.device)
         with sdpa_kernel(SDPA_PRIORITY, set_priority=True):
-            if allowed is None and kept is not None and kept.applies(q):
-                y = kept.attend(q, k, v)
-            elif allowed is None:
+            y = kept.attend(q, k, v) if allowed is None and kept is not None and kept.applies(q) else None
+            if y is None and allowed is None:
                 y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-            else:
+            elif y is None:
                 # Not every kernel that takes a mask takes enable_gqa: share the kv heads explicitly.
                 repeat = q.shape[1] // k.shape[1]
                 k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
