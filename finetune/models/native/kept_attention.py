@@ -41,9 +41,8 @@ def _cudnn_forward(q, k, v):
 
 def _cudnn_backward(grad, q, k, v, out, lse, extras):
     cum_q, cum_k, max_q, max_k, seed, offset = extras
-    no_bias = q.new_empty(0)
     return torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
-        grad, q, k, v, out, lse, seed, offset, no_bias, cum_q, cum_k, max_q, max_k, 0.0, True)
+        grad, q, k, v, out, lse, seed, offset, None, cum_q, cum_k, max_q, max_k, 0.0, True)
 
 
 def _flash_forward(q, k, v):
