@@ -213,10 +213,11 @@ class ModelConfig:
     # 1 x 32768 (12.9 instead of 20.2) against keeping the inputs on the GPU (H100).
     offload_checkpoints: bool = False
     # Native path, with offload_checkpoints (or hardware.offload parking activations), rows of 4,096
-    # tokens or more: a recomputed layer parks attention's output and log-sum-exp and its residual
-    # beside its input, so that its recompute runs neither attention's forward nor o_proj's GEMM
-    # (models/native/kept_attention.py). Costs pinned host memory and, on the GPU, two more
-    # hidden-sized tensors for each of the two layers in flight. false: recompute them.
+    # tokens or more: a recomputed layer parks its q/k/v projections, attention's output and
+    # log-sum-exp and its residual beside its input, so that its recompute runs neither attention's
+    # forward nor the q/k/v and o_proj GEMMs (models/native/kept_attention.py). Costs pinned host
+    # memory and, on the GPU, those tensors for each of the two layers in flight (Llama-3-8B: 28 KiB
+    # a token each). false: recompute them.
     keep_attention: bool = True
     # Native path, CUDA: up to this many layers besides the recomputed ones (any larger number: all the
     # others) are not recomputed either, and park everything they save for backward in pinned host

@@ -594,12 +594,14 @@ def _host_items(run: _Run, offload: OffloadMode, tokens: int) -> list[LineItem]:
 
 def _parked_checkpoint_bytes(run: _Run, acts: ActivationSizes, tokens: int) -> int:
     """Per token, what a recomputed layer parks: its input, and on the native path from rows of
-    KEPT_ATTENTION_MIN_ROW_TOKENS on also attention's output and log-sum-exp and the layer's residual
-    (kept_attention.py; packed rows of shorter samples keep none, so this may overcount)."""
+    KEPT_ATTENTION_MIN_ROW_TOKENS on also its q/k/v projections, attention's output and log-sum-exp
+    and the layer's residual (kept_attention.py; packed rows of shorter samples keep none, so this
+    may overcount)."""
     if not run.keep_attention or run.compiled or tokens // run.micro_batch_size < KEPT_ATTENTION_MIN_ROW_TOKENS:
         return acts.checkpoint
-    qd, _ = _attention_dims(run.arch)
-    return acts.checkpoint + run.compute_bytes * (qd + run.arch["hidden_size"]) + 4 * run.arch["num_attention_heads"]
+    qd, kvd = _attention_dims(run.arch)
+    kept = (qd + 2 * kvd) + qd + run.arch["hidden_size"]
+    return acts.checkpoint + run.compute_bytes * kept + 4 * run.arch["num_attention_heads"]
 
 
 def _gpu_total(run: _Run, offload: OffloadMode, tokens: int) -> int:

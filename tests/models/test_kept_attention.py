@@ -73,7 +73,7 @@ def whole_rows():
 def test_kept_attention_gives_the_same_numbers_without_attention_forward_in_the_recompute(checkpoints, family):
     """Loss and gradients bit for bit those of the full recompute (the CPU's flash kernel is the one
     SDPA picks there), LoRA dropout replayed; attention's forward runs once a layer, not twice, and
-    o_proj's forward GEMM once (the first pass) instead of twice."""
+    so do the q/k/v and o_proj forward GEMMs (in the first pass only)."""
     model_dir = checkpoints(family)
     loss, grads, ops, model = step(model_dir, whole_rows(), keep_from=24)
     full_loss, full_grads, full_ops, _ = step(model_dir, whole_rows(), keep_from=25)
@@ -84,9 +84,12 @@ def test_kept_attention_gives_the_same_numbers_without_attention_forward_in_the_
     assert full_ops.attention_forwards == 2 * layers and ops.attention_forwards == layers
     assert ops.attention_backwards == full_ops.attention_backwards == layers
     if family == "llama":  # o_proj's GEMM has a shape of its own there (in qwen3, down_proj's too)
-        o_proj = model.model.layers[0].self_attn.o_proj
-        o_forward = (o_proj.in_features + 8, o_proj.out_features)  # [x | xa] Wc^T: r=8 needs no padding
-        assert full_ops.products.count(o_forward) == 2 * layers and ops.products.count(o_forward) == layers
+        attention = model.model.layers[0].self_attn
+        # [x | xa] Wc^T: ranks 3 x 8 and 8 need no padding.
+        qkv_forward = (attention.q_proj.in_features + 24, 2 * attention.q_proj.out_features)
+        o_forward = (attention.o_proj.in_features + 8, attention.o_proj.out_features)
+        for shape in (qkv_forward, o_forward):
+            assert full_ops.products.count(shape) == 2 * layers and ops.products.count(shape) == layers
 
 
 def test_kept_attention_with_mlp_chunks(checkpoints):

@@ -290,10 +290,11 @@ def test_layers_kept_whole_under_mlp_chunks_keep_none_of_the_mlp_share():
                                              0.0, ModelImpl.native)
     kept = next(item for item in chunked.gpu if item.name == "activations, 5 layers")
     assert kept.bytes == 5 * 32768 * (acts.checkpoint + acts.layer - acts.mlp - acts.rebuilt_attention)
-    # Only the recomputed layers' inputs are parked in host memory, with attention's output (4096
-    # wide) and log-sum-exp (32 heads, fp32) and the residual (4096) that they keep.
+    # Only the recomputed layers' inputs are parked in host memory, with the q/k/v projections
+    # (4096 + 2 x 1024 wide), attention's output (4096) and log-sum-exp (32 heads, fp32) and the
+    # residual (4096) that they keep.
     parked = next(item for item in chunked.host if item.name.startswith("layer checkpoints"))
-    assert parked.bytes == 27 * 32768 * (acts.checkpoint + 2 * (4096 + 4096) + 4 * 32)
+    assert parked.bytes == 27 * 32768 * (acts.checkpoint + 2 * (6144 + 4096 + 4096) + 4 * 32)
     unkept = next(item for item in plan(*args, "model.mlp_chunk_tokens=8192", "model.keep_attention=false").host
                   if item.name.startswith("layer checkpoints"))
     assert unkept.bytes == 27 * 32768 * acts.checkpoint
@@ -301,8 +302,9 @@ def test_layers_kept_whole_under_mlp_chunks_keep_none_of_the_mlp_share():
 
 def test_recomputed_layers_hold_their_lora_operands_and_kept_attention_in_flight():
     """Recomputed layers hold their LoRA operands (lora.SharedOperands: 3.75 MiB a layer for an 8B at
-    r=16, bf16) from forward to backward; with offload, rows of 4,096 tokens or more also keep two
-    more hidden-sized tensors and the fp32 log-sum-exp per layer in flight (kept_attention.py)."""
+    r=16, bf16) from forward to backward; with offload, rows of 4,096 tokens or more also keep the
+    q/k/v projections, attention's output, the residual and the fp32 log-sum-exp per layer in flight
+    (kept_attention.py)."""
     assert memory.lora_operand_bytes(LLAMA3_8B, 16, memory.lora_targets("all-linear"), 2) == 3.75 * 2**20
     args = ("recipe=llama3_8b_qlora", NATIVE, "hardware.offload=activations", "hardware.gpu_memory_gb=80",
             "train.micro_batch_size=1", "lora.r=16", "lora.lora_dropout=0", "model.checkpoint_layers=all")
@@ -314,7 +316,7 @@ def test_recomputed_layers_hold_their_lora_operands_and_kept_attention_in_flight
         return next(item for item in planned.gpu if item.name.startswith("layer checkpoints")).bytes
 
     assert checkpoints_on_gpu(8192) - checkpoints_on_gpu(8192, "model.keep_attention=false") \
-        == 2 * 8192 * (2 * (4096 + 4096) + 4 * 32)
+        == 2 * 8192 * (2 * (6144 + 4096 + 4096) + 4 * 32)
     assert checkpoints_on_gpu(2048) == checkpoints_on_gpu(2048, "model.keep_attention=false")
 
 

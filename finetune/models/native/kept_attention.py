@@ -7,11 +7,10 @@ j <= i (a kv head shared by Hq / Hkv query heads),
     out_i = sum_j p_ij v_j,   p_ij = exp(q_i . k_j / sqrt(D) - lse_i),   lse_i = log sum_j exp(q_i . k_j / sqrt(D))
 
 saves q, k, v, out and the fp32 row statistics lse; its backward rebuilds p from q, k and lse.
-q, k and v come out of the recompute anyway (the projections before attention are recomputed
-for their own backward), so keeping only out and lse from the first pass spares attention's
-forward in the recompute: a fifth of the GPU's work at 8,192 tokens for an 8B. The layer's
-residual h = x + o_proj(out) is kept too, so that o_proj runs in the recompute only for what its
-backward saves, without its GEMM (as down_proj already does).
+Keeping out and lse from the first pass spares attention's forward in the recompute. The q/k/v
+projections' output [q | k | v] and the layer's residual h = x + o_proj(out) are kept too, so
+that those projections run in the recompute only for what their backward saves, without their
+GEMMs (as down_proj already does); RoPE and the norm run again, cheap elementwise kernels.
 
 Those are SDPA's own kernels called through their private ops, which return lse (the public
 function does not): cuDNN's or flash's on CUDA, the flash kernel on the CPU. Their outputs are
@@ -128,50 +127,63 @@ class _ReplayedAttention(torch.autograd.Function):
         return grad_q, grad_k, grad_v, None
 
 
-class _KeptResidual(torch.autograd.Function):
-    """x + block, whose sum was kept: its value comes back, its gradient goes to both terms."""
+class _Substituted(torch.autograd.Function):
+    """A kept value in place of the sum of `terms` (or of one term) that the recompute left
+    uncomputed: the value comes back, its gradient goes to every term."""
 
     @staticmethod
-    def forward(ctx, x, block, kept_sum):
-        return kept_sum.view_as(kept_sum)
+    def forward(ctx, kept, *terms):
+        ctx.terms = len(terms)
+        return kept.view_as(kept)
 
     @staticmethod
     def backward(ctx, grad):
-        return grad, grad, None
+        return None, *(grad,) * ctx.terms
 
 
 class KeptAttention:
     """One recomputed layer's attention results, from its first pass to its recompute.
 
-    Recording (made empty, in the first pass): `attend` runs attention by a kernel that returns
-    lse too and keeps out and lse; the layer keeps its residual through `keep_residual`.
-    Replaying (made from what was kept, in the recompute): `attend` returns the kept out behind
-    attention's backward, `residual` the kept h behind the add's. `to_save` gives what to save between
-    the two, nothing when attention did not qualify (a mask, a short window): the recompute then runs
-    all of it again (`to_save` gives nothing).
+    Recording (made empty, in the first pass): the layer keeps its q/k/v projections' output
+    through `projections`, `attend` runs attention by a kernel that returns lse too and keeps out
+    and lse, and the layer keeps its residual through `keep_residual`. Replaying (made from what
+    was kept, in the recompute): `projections` and `residual` return the kept q/k/v and h behind
+    their backward (the projections' GEMM and o_proj's were skipped: their outputs unused),
+    `attend` the kept out behind attention's backward. `to_save` gives what to save between the
+    two, nothing when attention did not qualify (a mask, a short window): the recompute then runs
+    all of it again.
     """
 
-    def __init__(self, out=None, lse=None, h=None, extras: tuple = (), backward_kernel=None):
-        self.out, self.lse, self.h, self.extras, self.backward_kernel = out, lse, h, extras, backward_kernel
+    def __init__(self, out=None, lse=None, h=None, qkv=None, extras: tuple = (), backward_kernel=None):
+        self.out, self.lse, self.h, self.qkv = out, lse, h, qkv
+        self.extras, self.backward_kernel = extras, backward_kernel
         self.replaying = out is not None
 
     @classmethod
     def replay(cls, tensors: tuple[torch.Tensor, ...], extras: tuple, backward_kernel) -> KeptAttention:
-        """From `kept` and the `extras` and `backward_kernel` of the recording."""
-        out, lse, h = tensors
+        """From `to_save`'s tensors and extras and the recording's `backward_kernel`."""
+        out, lse, h, qkv = tensors
         *extras, order = extras
         # The kernels' output layout again ((B, T, H, D) memory for a (B, H, T, D) tensor), whatever
         # layout the tensor travelled in.
-        return cls(out.permute(_inverse(order)), lse, h, tuple(extras), backward_kernel)
+        return cls(out.permute(_inverse(order)), lse, h, qkv, tuple(extras), backward_kernel)
 
     def to_save(self) -> tuple[tuple[torch.Tensor, ...], tuple]:
         """What to save until the recompute, and the extras `replay` takes with it: out (in its
-        memory order, contiguous, so that parking's copy keeps its layout), lse and h; nothing when
-        nothing was recorded."""
+        memory order, contiguous, so that parking's copy keeps its layout), lse, h and the q/k/v
+        projections; nothing when nothing was recorded."""
         if self.h is None:
             return (), ()
         order = tuple(sorted(range(self.out.dim()), key=lambda dim: -self.out.stride(dim)))
-        return (self.out.permute(order), self.lse, self.h), (*self.extras, order)
+        return (self.out.permute(order), self.lse, self.h, self.qkv), (*self.extras, order)
+
+    def projections(self, qkv: torch.Tensor) -> torch.Tensor:
+        """The q/k/v projections' output: kept (recording), or the kept one in place of `qkv`, which
+        the recompute left unwritten (replaying)."""
+        if self.replaying:
+            return _Substituted.apply(self.qkv, qkv)
+        self.qkv = qkv
+        return qkv
 
     def applies(self, q: torch.Tensor) -> bool:
         """Whether the kernels take q (B, Hq, T, D): any dtype on the CPU; on CUDA 16-bit with heads
@@ -202,4 +214,5 @@ class KeptAttention:
             self.h = h
 
     def residual(self, x: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
-        return _KeptResidual.apply(x, block, self.h)
+        """x + block as kept, `block` (o_proj's output) left unwritten by the recompute."""
+        return _Substituted.apply(self.h, x, block)

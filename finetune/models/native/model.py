@@ -311,7 +311,11 @@ class Attention(nn.Module):
 
     def forward(self, x, rope, layout: AttentionLayout, kept: KeptAttention | None = None):
         B, T, _ = x.shape
-        qkv = project(x, (self.q_proj, self.k_proj, self.v_proj))
+        replaying = kept is not None and kept.replaying
+        # Replaying kept results, only what the projections save is made, not their GEMMs.
+        qkv = project(x, (self.q_proj, self.k_proj, self.v_proj), output_unused=replaying)
+        if kept is not None:
+            qkv = kept.projections(qkv)
         q, k, v = qkv.split([self.q_proj.out_features, self.k_proj.out_features, self.v_proj.out_features], -1)
         q = q.view(B, T, -1, self.head_dim)  # (B, T, Hq, D)
         k = k.view(B, T, -1, self.head_dim)  # (B, T, Hkv, D)
@@ -322,8 +326,8 @@ class Attention(nn.Module):
         q, k = self.ops.rope(q, k, *rope)
         # (B, T, Hq, D); a decoding cache's layout (decoding.LayerCache) keeps nothing for a recompute.
         y = layout.attend(q, k, v, self.window) if kept is None else layout.attend(q, k, v, self.window, kept)
-        # Replaying kept results, the layer's residual is kept too: only what o_proj saves is made.
-        return project(y.reshape(B, T, -1), (self.o_proj,), output_unused=kept is not None and kept.replaying)
+        # Replaying, the layer's residual is kept too: o_proj's output is unused.
+        return project(y.reshape(B, T, -1), (self.o_proj,), output_unused=replaying)
 
 
 class MLP(nn.Module):
