@@ -185,18 +185,15 @@ class KeptAttention:
         self.qkv = qkv
         return qkv
 
-    def applies(self, q: torch.Tensor) -> bool:
-        """Whether the kernels take q (B, Hq, T, D): any dtype on the CPU; on CUDA 16-bit with heads
-        of at most 128 (the widest that cuDNN's and flash's kernels both take on every card here)."""
-        if self.replaying or q.device.type == "cpu":
-            return True
-        return q.dtype in (torch.bfloat16, torch.float16) and q.shape[-1] <= 128
-
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor | None:
         """Causal attention over q (B, Hq, T, D), k and v (B, Hkv, T, D) -> (B, Hq, T, D); None
-        where no kernel takes it (the caller attends as usual, and nothing is kept)."""
+        where no kernel takes it (the caller attends as usual, and nothing is kept): any dtype on the
+        CPU; on CUDA 16-bit with heads of at most 128 (the widest that cuDNN's and flash's kernels
+        both take on every card here), unless those refused a call before."""
         if self.replaying:
             return _ReplayedAttention.apply(q, k, v, self)
+        if q.device.type != "cpu" and (q.dtype not in (torch.bfloat16, torch.float16) or q.shape[-1] > 128):
+            return None
         pair = kernels(q.device)
         if pair is None:
             return None

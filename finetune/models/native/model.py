@@ -222,7 +222,7 @@ class AttentionLayout:
             allowed = _causal(T, q.device) if allowed is None else allowed
             allowed = allowed & _window(T, window, q.device)
         with sdpa_kernel(SDPA_PRIORITY, set_priority=True):
-            y = kept.attend(q, k, v) if allowed is None and kept is not None and kept.applies(q) else None
+            y = kept.attend(q, k, v) if allowed is None and kept is not None else None
             if y is None and allowed is None:
                 y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
             elif y is None:
@@ -433,8 +433,9 @@ class RecomputedLayer(torch.autograd.Function):
     under DDP each layer runs once a backward (as every objective here does). `rng`: the CPU and
     device generator states before the first pass (_rng_states), replayed for the recompute when
     the layer draws random numbers (LoRA dropout); None when it draws none. `keep_attention`: the
-    first pass also keeps attention's output and log-sum-exp and the layer's residual, saved beside
-    x, so that the recompute runs neither attention's forward nor o_proj's GEMM (kept_attention.py).
+    first pass also keeps the q/k/v projections, attention's output and log-sum-exp and the layer's
+    residual, saved beside x, so that the recompute runs neither attention's forward nor the q/k/v
+    and o_proj GEMMs (kept_attention.py).
     """
 
     @staticmethod
