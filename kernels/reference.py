@@ -90,3 +90,10 @@ def lora_dropout_reference(x: torch.Tensor, lora_A: torch.Tensor, keep: torch.Te
     """xa = (x * keep / (1 - p)) A^T for one layer, with its mask given: lora_dropout.py's forward;
     autograd through it gives the kernels' grad_x term and grad_A."""
     return (x * keep / (1 - p)) @ lora_A.T
+
+
+def host_embedding_reference(table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """table[ids] on ids' device, a zero row for an id outside [0, V)."""
+    valid = (ids >= 0) & (ids < table.shape[0])
+    rows = F.embedding(torch.where(valid, ids, 0).to(table.device), table).to(ids.device)
+    return rows * valid.unsqueeze(-1).to(rows.dtype)

@@ -167,6 +167,11 @@ def dense_weight_bytes(arch: dict, dtype_bytes: int) -> int:
     return (matrices * V * C + norms * C) * dtype_bytes
 
 
+def embedding_bytes(arch: dict, dtype_bytes: int) -> int:
+    """The input embedding table."""
+    return arch["vocab_size"] * arch["hidden_size"] * dtype_bytes
+
+
 def lora_targets(target_modules, layers: int = 1) -> tuple[str, ...]:
     """The projections a lora.target_modules setting adapts in a decoder of `layers` layers, matched
     as the LoRA layers match it (finetune.lora.select_targets, peft's rules): "all-linear", a regular
@@ -368,7 +373,7 @@ def decide_memory_layout(cfg: RunConfig, source: ModelSource, impl: ModelImpl, i
                           "must hold the 4-bit base. Use hardware.offload=none or activations with a shorter "
                           "data.max_seq_len (train.dry_run=true shows what fits), or one process.")
     return MemoryLayout(stream, mode in PARKS_ACTIVATIONS or cfg.model.offload_checkpoints, planned_layers,
-                        planned_chunks)
+                        planned_chunks, host_embeddings=cfg.model.host_embeddings)
 
 
 # ---------------------------------------------------------------- the plan
@@ -473,6 +478,7 @@ class _Run:
     compiled: bool = False  # native path, model.compile: layers keep the outputs others rebuild
     parked_layers: int = 0  # native path: model.parked_layers, of the layers not recomputed
     keep_attention: bool = False  # native path: model.keep_attention
+    host_embeddings: bool = False  # native path: model.host_embeddings, with an LM head of its own
 
     @property
     def parked(self) -> int:
@@ -490,8 +496,13 @@ def _gpu_items(run: _Run, offload: OffloadMode, tokens: int) -> list[LineItem]:
         items.append(LineItem(f"NF4 linear weights, all {L} layers", nf4_linear_bytes(arch, run.double_quant),
                               "0.5 byte/weight + blockwise constants"))
     dense_name = {2: "16-bit", 4: "fp32"}[run.dense_bytes]
-    items.append(LineItem(f"embeddings, LM head, norms ({dense_name})", dense_weight_bytes(arch, run.dense_bytes),
-                          "tied" if arch.get("tie_word_embeddings") else "not quantized, as in QLoRA"))
+    if run.host_embeddings:
+        items.append(LineItem(f"LM head, norms ({dense_name})",
+                              dense_weight_bytes(arch, run.dense_bytes) - embedding_bytes(arch, run.dense_bytes),
+                              "not quantized, as in QLoRA; the input embeddings in host memory"))
+    else:
+        items.append(LineItem(f"embeddings, LM head, norms ({dense_name})", dense_weight_bytes(arch, run.dense_bytes),
+                              "tied" if arch.get("tie_word_embeddings") else "not quantized, as in QLoRA"))
     sizes = lora_tensor_sizes(arch, run.r, run.targets)
     lora = 4 * sum(sizes)
     items.append(LineItem("LoRA weights (fp32)", lora, f"r={run.r}, {len(run.targets)} projections x {L} layers, "
@@ -580,6 +591,9 @@ def _host_items(run: _Run, offload: OffloadMode, tokens: int) -> list[LineItem]:
     if offload in STREAMS_WEIGHTS:
         items.append(LineItem(f"NF4 linear weights, all {L} layers", nf4_linear_bytes(arch, run.double_quant),
                               "pinned, streamed every micro-batch"))
+    if run.host_embeddings:
+        items.append(LineItem("input embeddings", embedding_bytes(arch, run.dense_bytes),
+                              "pinned, the rows a step's tokens name read by the GPU"))
     acts = activation_bytes_per_token(arch, run.compute_bytes, run.r, run.targets, run.lora_dropout, run.impl)
     if offload in PARKS_ACTIVATIONS:
         checkpointed = run.checkpointed_layers
@@ -726,6 +740,8 @@ def plan_for_run(cfg: RunConfig, source: ModelSource, impl: ModelImpl, impl_reas
         compiled=impl is ModelImpl.native and cfg.model.compile,
         parked_layers=cfg.model.parked_layers if impl is ModelImpl.native else 0,
         keep_attention=impl is ModelImpl.native and cfg.model.keep_attention,
+        host_embeddings=impl is ModelImpl.native and cfg.model.host_embeddings
+        and not arch.get("tie_word_embeddings", False),
     )
     tokens = rows * cfg.data.max_seq_len
     budget, budget_source = gpu_budget(cfg.hardware)

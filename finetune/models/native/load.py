@@ -267,6 +267,8 @@ class MemoryLayout:
     planned_checkpoint_layers: int | None = None
     # model.mlp_chunk_tokens unset, as planned for this GPU: the MLP's chunk where the step needs one
     planned_mlp_chunk_tokens: int | None = None
+    # model.host_embeddings on CUDA with an untied LM head: the input embeddings stay in host memory
+    host_embeddings: bool = False
 
 
 class Placement(Enum):
@@ -306,6 +308,10 @@ def build(cfg: RunConfig, source: ModelSource, compute_dtype: torch.dtype, devic
                                   layout.park_checkpoints and device.type == "cuda", cfg.model.parked_layers)
     model.model.set_mlp_chunking(cfg.model.mlp_chunk_tokens or layout.planned_mlp_chunk_tokens)
     model.model.keep_attention = cfg.model.keep_attention
+    # A tied LM head reads the whole table every step. FSDP's processes build on the host or empty
+    # and leave the tables for FSDP to place: those stay.
+    if layout.host_embeddings and placement is Placement.device and not args.tie_word_embeddings:
+        model.host_embeddings()
     if stream_weights:
         model.model.stream_weights(device)
     if cfg.model.compile:

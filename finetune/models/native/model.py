@@ -34,6 +34,7 @@ from finetune.config import ConfigError, LoraConfig
 from finetune.data.samples import IGNORE_INDEX
 from finetune.lora import QLoRALinear, SharedOperands, adapted_layers, linear_layers, project
 from finetune.models.native import decoding, nf4_cache
+from finetune.models.native.host_embedding import HostEmbedding
 from finetune.models.native.kept_attention import MIN_ROW_TOKENS, KeptAttention
 from finetune.models.native.parking import ActivationParking
 from finetune.models.native.streaming import WeightStreamer
@@ -752,9 +753,20 @@ class NativeCausalLM(nn.Module):
 
     def new_cache(self, batch: int, max_len: int) -> decoding.KVCache:
         """An empty KV cache for `batch` rows of up to `max_len` tokens, beside the unquantized weights."""
-        args, embeddings = self.args, self.model.embed_tokens.weight
+        # The LM head, not the input embeddings: those may stay in host memory (host_embeddings).
+        args, head = self.args, self.lm_head.weight
         return decoding.KVCache(args.num_hidden_layers, batch, args.num_key_value_heads, args.head_dim, max_len,
-                                embeddings.dtype, embeddings.device)
+                                head.dtype, head.device)
+
+    def host_embeddings(self) -> None:
+        """Keep the input embedding table in host memory (pinned where the model is on CUDA); each
+        forward reads the rows it needs (host_embedding.py). Not for a tied LM head, which reads
+        the whole table every step."""
+        if self.args.tie_word_embeddings:
+            raise ConfigError("the input embeddings are tied to the LM head, which needs all of them on the GPU "
+                              "every step; they cannot stay in host memory.")
+        self.model.embed_tokens = HostEmbedding.from_embedding(self.model.embed_tokens,
+                                                               pin=self.lm_head.weight.device.type == "cuda")
 
     def sequence_logps(self, input_ids, labels, attention_mask=None, position_ids=None,
                        cu_seqlens=None) -> SequenceLogps:
@@ -849,7 +861,9 @@ class NativeCausalLM(nn.Module):
         # The 4-bit codes are buffers here (parameters once FSDP-ready, counted by their shape alone).
         codes = {id(layer.weight.packed) for layer in linear_layers(self).values()}
         dense = sum(p.numel() for p in self.parameters() if id(p) not in codes)
-        return dense + sum(layer.weight.shape.numel() for layer in linear_layers(self).values())
+        embeddings = self.model.embed_tokens
+        on_host = embeddings.table.numel() if isinstance(embeddings, HostEmbedding) else 0
+        return dense + on_host + sum(layer.weight.shape.numel() for layer in linear_layers(self).values())
 
     def memory_footprint(self) -> int:
         tensors = {t.data_ptr(): t for t in (*self.parameters(), *self.buffers())}
