@@ -219,11 +219,11 @@ class ModelConfig:
     # memory and, on the GPU, those tensors for each of the two layers in flight (Llama-3-8B: 28 KiB
     # a token each). false: recompute them.
     keep_attention: bool = True
-    # Native path, CUDA, an LM head with weights of its own (not tied to the embeddings): the input
-    # embedding table stays in pinned host memory and each forward reads the rows its tokens name
-    # over the bus (models/native/host_embedding.py): 1.0 GiB less on the GPU for Llama-3-8B, 2.1 GB
-    # for a 70B, for 32 MiB read per 4,096 tokens. false: the table on the GPU.
-    host_embeddings: bool = True
+    # Native path, CUDA, training, an LM head with weights of its own (not tied to the embeddings):
+    # the input embedding table stays in page-locked host memory and each forward reads the rows its
+    # tokens name over the bus (models/native/host_embedding.py): 1.0 GiB less on the GPU for
+    # Llama-3-8B, 2.1 GB for a 70B, for 32 MiB read per 4,096 tokens. Off until measured on a GPU.
+    host_embeddings: bool = False
     # Native path, CUDA: up to this many layers besides the recomputed ones (any larger number: all the
     # others) are not recomputed either, and park everything they save for backward in pinned host
     # memory, copied out and back behind the compute (finetune/models/native/parking.py); they are
