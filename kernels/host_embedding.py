@@ -8,8 +8,8 @@ from it: a lookup moves T x C elements over the bus and the GPU never holds the 
 Llama-3-8B that is 1.0 GiB of GPU memory kept free for 32 MiB read per 4,096 tokens.
 
 An out-of-range id must not become a read of arbitrary host memory (a crash with no message at
-best), and checking the ids on the host would wait for the GPU, so such rows read as zeros;
-callers that can check ids cheaply (the data pipeline) do.
+best), and checking the ids on the host would wait for the GPU, so such rows read as zeros
+(where torch's embedding on the GPU stops the process with a device-side assert).
 
 Forward only: the table is frozen (LoRA trains adapters, not embeddings) and the ids are integers.
 """

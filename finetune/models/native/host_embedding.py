@@ -4,7 +4,7 @@ LoRA leaves the embeddings frozen and a step looks up a few thousand of their ro
 (vocab x hidden in the compute dtype: 1.0 GiB for Llama-3-8B, 2.1 GB for a 70B) is otherwise the
 largest unquantized tensor on the GPU. Here it stays in page-locked host memory, which the GPU
 addresses directly, and a Triton kernel (finetune_kernels/host_embedding.py) gathers the rows over
-the bus: 32 MiB per 4,096 tokens of an 8B, a millisecond or two on a PCIe 4/5 link.
+the bus: 32 MiB per 4,096 tokens of an 8B, by estimate a millisecond or two on a PCIe 4/5 link.
 
 Only where the LM head has weights of its own: a tied head reads the whole table every step.
 """
@@ -53,10 +53,6 @@ class HostEmbedding(nn.Module):
         """The embedding's table moved to host memory (`pin`: page-locked, for a CUDA model)."""
         table = embedding.weight.detach().to("cpu", copy=True).contiguous()
         return cls(page_locked(table) if pin else table)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.table.dtype
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         from finetune_kernels.host_embedding import gather_rows
