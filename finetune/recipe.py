@@ -64,6 +64,9 @@ def run(cfg: RunConfig) -> RunResult:
     tokenizer = load_tokenizer(cfg, model_plan.source)
     # Before the weights load (minutes for a large base): a mistake in the data stops the run at once.
     data = load_data(cfg, tokenizer, processes)
+    if "vocab_size" in model_plan.source.config:
+        data_lib.check_vocabulary({"train": data.train_samples, "eval": data.eval_samples},
+                                  model_plan.source.config["vocab_size"])
     if cfg.data.preview:
         processes.say(data_lib.preview(data.train_samples[: cfg.data.preview], tokenizer, color=sys.stdout.isatty()))
         return RunResult(run_dir.path, adapter_dir=None)

@@ -37,6 +37,19 @@ def encoder_decoder_dir(tmp_path):
     return directory
 
 
+def small_vocabulary_model_dir(tmp_path):
+    """A model whose 20 embeddings are far fewer than the ids the demo tokenizer beside it produces."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from finetune.demo import build_tokenizer
+
+    directory = tmp_path / "small-vocabulary"
+    LlamaForCausalLM(LlamaConfig(vocab_size=20, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=1)).save_pretrained(directory)
+    build_tokenizer().save_pretrained(directory)
+    return directory
+
+
 # (id, overrides built from tmp_path, text the message must contain)
 CASES = [
     ("unknown-key-with-suggestion", lambda t: ["lora.rnk=8"], "Did you mean lora.r?"),
@@ -77,6 +90,8 @@ CASES = [
      "objective=dpo trains on data.format=preference"),
     ("non-positive-beta", lambda t: ["objective=simpo", "objective.beta=0"], "objective.beta must be positive"),
     ("missing-start-adapter", lambda t: [f"model.adapter={t / 'no-adapter'}"], "does not exist"),
+    ("token-ids-beyond-the-model-vocabulary", lambda t: [f"model.name_or_path={small_vocabulary_model_dir(t)}"],
+     "the tokenizer is not the model's"),
 ]
 
 

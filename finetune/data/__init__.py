@@ -21,14 +21,14 @@ from finetune.data.formats import chat_template_for, uses_chat
 from finetune.data.preference import (collate_kto, collate_kto_packed, collate_pairs, collate_pairs_packed,
                                       eval_preference_batches, load_preference_splits, preference_batches)
 from finetune.data.report import SplitReport, preview
-from finetune.data.samples import (IGNORE_INDEX, DataError, PreferencePair, PreferenceSplit, Sample,
-                                   TokenizedSplit)
+from finetune.data.samples import (IGNORE_INDEX, DataError, PreferencePair, PreferenceSplit, Sample, TokenizedSplit,
+                                   check_vocabulary)
 from finetune.data.sources import mixture
 from finetune.data.tokenization import TokenizedSource, tokenize_splits
 
 __all__ = [
-    "IGNORE_INDEX", "DataError", "PreferencePair", "PreferenceSplit", "Sample", "TokenizedSplit", "collate",
-    "collate_kto", "collate_kto_packed", "collate_packed", "collate_pairs", "collate_pairs_packed", "count_tokens",
+    "IGNORE_INDEX", "DataError", "PreferencePair", "PreferenceSplit", "Sample", "TokenizedSplit", "check_vocabulary",
+    "collate", "collate_kto", "collate_kto_packed", "collate_packed", "collate_pairs", "collate_pairs_packed", "count_tokens",
     "eval_batches", "eval_preference_batches", "load_preference_splits", "load_splits", "model_inputs",
     "preference_batches", "preview", "train_batches", "use_data_chat_template",
 ]

@@ -94,3 +94,31 @@ class PreferenceSplit(Sequence):
 def numeric_column(dataset, name: str) -> np.ndarray:
     # One Arrow read; `dataset[name]` is a lazy column that converts element by element when indexed.
     return dataset.select_columns([name]).with_format("numpy")[:][name]
+
+
+def check_vocabulary(splits: dict[str, TokenizedSplit | PreferenceSplit], vocab_size: int) -> None:
+    """Refuse a token id the model has no embedding for, naming the first sample that holds one:
+    the tokenizer is then not the model's. (On a GPU torch's embedding would stop the run with a
+    device-side assert; with model.host_embeddings such a row would read as zeros.)"""
+    import pyarrow.compute as pc
+
+    for name, split in splits.items():
+        id_columns = ("input_ids",) if isinstance(split, TokenizedSplit) else ("prompt_ids", "chosen_ids", "rejected_ids")
+        for column in id_columns:
+            # The stored table first (memory-mapped, no copy), which may hold rows the split left out;
+            # only if it holds an id too large are the split's rows gathered to find the sample.
+            stored = pc.max(pc.list_flatten(split.dataset.data.column(column))).as_py()
+            if stored is None or stored < vocab_size:
+                continue
+            ids = split.dataset.select_columns([column]).with_format("arrow")[:][column]
+            flat = pc.list_flatten(ids)
+            if not len(flat) or pc.max(flat).as_py() < vocab_size:
+                continue
+            outside = pc.greater_equal(flat, vocab_size)
+            position = pc.index(outside, True).as_py()
+            row = pc.list_parent_indices(ids)[position].as_py()
+            raise DataError(f"{name} sample {row + 1} ({column}) holds token id {flat[position].as_py():,}, but the "
+                            f"model's vocabulary has {vocab_size:,} entries: the tokenizer is not the model's. Use "
+                            "the tokenizer that comes with model.name_or_path (tokens added to it need embeddings, "
+                            "which LoRA does not train).")
+

@@ -401,3 +401,21 @@ def test_random_conversations_train_only_on_assistant_answers(tokenizer, convers
         # character that merges with the header's newline is left out, never the other way round).
         assert len(runs) == len(answers)
         assert all(answer.endswith(run) and run.endswith("<|im_end|>") for run, answer in zip(runs, answers))
+
+
+def test_token_ids_beyond_the_model_vocabulary_name_the_first_sample_that_holds_one():
+    from datasets import Dataset
+
+    from finetune.data import PreferenceSplit, TokenizedSplit, check_vocabulary
+
+    samples = TokenizedSplit(Dataset.from_dict({"input_ids": [[1, 2], [], [3, 9, 12], [12]]}))
+    check_vocabulary({"train": samples}, vocab_size=13)  # ids up to 12 have embeddings
+    with pytest.raises(DataError, match=r"train sample 3 \(input_ids\) holds token id 12, but the model's "
+                                        r"vocabulary has 12 entries"):
+        check_vocabulary({"train": samples}, vocab_size=12)
+    pairs = PreferenceSplit(Dataset.from_dict({"prompt_ids": [[1], [2]], "chosen_ids": [[3], [4]],
+                                               "rejected_ids": [[5], [40]]}), kto=False, max_seq_len=8)
+    with pytest.raises(DataError, match=r"eval sample 2 \(rejected_ids\) holds token id 40"):
+        check_vocabulary({"train": samples, "eval": pairs}, vocab_size=13)
+    # A row the split left out (dropped as too long, say) is not the run's concern.
+    check_vocabulary({"train": TokenizedSplit(samples.dataset.select([0, 1]))}, vocab_size=12)
