@@ -28,8 +28,8 @@ from finetune.data.tokenization import TokenizedSource, tokenize_splits
 
 __all__ = [
     "IGNORE_INDEX", "DataError", "PreferencePair", "PreferenceSplit", "Sample", "TokenizedSplit", "check_vocabulary",
-    "collate", "collate_kto", "collate_kto_packed", "collate_packed", "collate_pairs", "collate_pairs_packed", "count_tokens",
-    "eval_batches", "eval_preference_batches", "load_preference_splits", "load_splits", "model_inputs",
+    "collate", "collate_kto", "collate_kto_packed", "collate_packed", "collate_pairs", "collate_pairs_packed",
+    "count_tokens", "eval_batches", "eval_preference_batches", "load_preference_splits", "load_splits", "model_inputs",
     "preference_batches", "preview", "train_batches", "use_data_chat_template",
 ]
 

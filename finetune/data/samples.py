@@ -103,7 +103,8 @@ def check_vocabulary(splits: dict[str, TokenizedSplit | PreferenceSplit], vocab_
     import pyarrow.compute as pc
 
     for name, split in splits.items():
-        id_columns = ("input_ids",) if isinstance(split, TokenizedSplit) else ("prompt_ids", "chosen_ids", "rejected_ids")
+        id_columns = ("input_ids",) if isinstance(split, TokenizedSplit) \
+            else ("prompt_ids", "chosen_ids", "rejected_ids")
         for column in id_columns:
             # The stored table first (memory-mapped, no copy), which may hold rows the split left out;
             # only if it holds an id too large are the split's rows gathered to find the sample.
@@ -121,4 +122,3 @@ def check_vocabulary(splits: dict[str, TokenizedSplit | PreferenceSplit], vocab_
                             f"model's vocabulary has {vocab_size:,} entries: the tokenizer is not the model's. Use "
                             "the tokenizer that comes with model.name_or_path (tokens added to it need embeddings, "
                             "which LoRA does not train).")
-

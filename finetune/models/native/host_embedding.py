@@ -60,4 +60,5 @@ class HostEmbedding(nn.Module):
         return gather_rows(self.table, input_ids)
 
     def extra_repr(self) -> str:
-        return f"{self.num_embeddings}, {self.embedding_dim}, in {'pinned ' if self.table.is_pinned() else ''}host memory"
+        pinned = "pinned " if self.table.is_pinned() else ""
+        return f"{self.num_embeddings}, {self.embedding_dim}, in {pinned}host memory"
