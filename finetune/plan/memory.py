@@ -155,21 +155,20 @@ def nf4_linear_bytes(arch: dict, double_quant: bool = True) -> int:
     return arch["num_hidden_layers"] * nf4_layer_bytes(arch, double_quant)
 
 
+def embedding_bytes(arch: dict, dtype_bytes: int) -> int:
+    """The input embedding table (an untied LM head is its size too)."""
+    return arch["vocab_size"] * arch["hidden_size"] * dtype_bytes
+
+
 def dense_weight_bytes(arch: dict, dtype_bytes: int) -> int:
     """The unquantized weights: embeddings, LM head (unless tied to them) and RMSNorm weights.
 
     Biases (Qwen2's q/k/v: under a megabyte) and Qwen3's per-head q/k norms are below the plan's
     resolution and left out.
     """
-    C, V = arch["hidden_size"], arch["vocab_size"]
     matrices = 1 if arch.get("tie_word_embeddings", False) else 2
     norms = 2 * arch["num_hidden_layers"] + 1
-    return (matrices * V * C + norms * C) * dtype_bytes
-
-
-def embedding_bytes(arch: dict, dtype_bytes: int) -> int:
-    """The input embedding table."""
-    return arch["vocab_size"] * arch["hidden_size"] * dtype_bytes
+    return matrices * embedding_bytes(arch, dtype_bytes) + norms * arch["hidden_size"] * dtype_bytes
 
 
 def lora_targets(target_modules, layers: int = 1) -> tuple[str, ...]:
