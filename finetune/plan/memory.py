@@ -38,7 +38,7 @@ from finetune.models.native.kept_attention import MIN_ROW_TOKENS as KEPT_ATTENTI
 from finetune.models.native.parking import LAYERS_IN_FLIGHT
 from finetune.models.native.streaming import SLOTS
 from finetune.models.source import ModelSource, locate_source
-from finetune.plan.perf import ASSUMED_MFU, ASSUMED_PEAK_TFLOPS, DEFAULT_HOST_LINK_GBPS
+from finetune.plan.perf import ASSUMED_MFU, ASSUMED_PEAK_TFLOPS, DEFAULT_HOST_LINK_GBPS, PARKING_COST, LayerFlops
 
 GiB = 2**30
 GB = 10**9
@@ -60,8 +60,9 @@ AUTO_MLP_CHUNK_TOKENS = 8192
 # beat recomputing: Llama-3-8B at 1 x 32768 on an H100, 1.11x with all 32 layers parked; at
 # 2 x 2048 the copies outlasted the compute (0.60x). The dry run suggests them from here on.
 PARKING_PAYS_FROM_TOKENS = 32768
-# Pinned memory is locked in RAM: the suggestion keeps to half the machine's, for everything else.
-PARKING_HINT_RAM_SHARE = 0.5
+# Pinned memory is locked in RAM: what the plan parks for speed, or suggests parking, keeps to half
+# the machine's, for everything else.
+PARKING_RAM_SHARE = 0.5
 # With activation offload the GPU still holds two layer inputs: in forward the current input and
 # the output being copied out, in backward the one being recomputed and the next one copied back.
 OFFLOADED_CHECKPOINTS_ON_GPU = 2
@@ -303,6 +304,15 @@ def useful_flops_per_token(arch: dict, seq_len: int) -> float:
     return 4 * linear + 3 * attention_forward
 
 
+def layer_flops(arch: dict, seq_len: int) -> LayerFlops:
+    """One decoder layer's forward matmul work per token, over rows of `seq_len` tokens."""
+    shapes = projection_shapes(arch)
+    qd, _ = _attention_dims(arch)
+    return LayerFlops(projections=2 * sum(i * o for i, o in shapes.values()),
+                      mlp=2 * sum(i * o for name, (i, o) in shapes.items() if name in MLP_PROJECTIONS),
+                      attention=2 * seq_len * qd)
+
+
 # ---------------------------------------------------------------- the architecture
 
 def checked_architecture(source: ModelSource) -> dict:
@@ -344,7 +354,10 @@ def decide_memory_layout(cfg: RunConfig, source: ModelSource, impl: ModelImpl, i
                            "planner plans one process); pass a number of layers to recompute fewer.")
             auto_layers = False
     planned_layers = planned_chunks = plan = None
-    if mode is OffloadMode.auto or auto_layers:
+    # Kept attention is planned too where it would apply: it gives way where it would not fit.
+    keeps_attention = cfg.model.keep_attention and processes == 1 and \
+        (mode in PARKS_ACTIVATIONS or cfg.model.offload_checkpoints)
+    if mode is OffloadMode.auto or auto_layers or keeps_attention:
         plan = plan_for_run(cfg, source, impl, impl_reason)
         planned = f"planned peak {plan.gpu_total / GiB:.1f} GiB of {plan.budget_bytes / GiB:.1f} GiB " \
                   f"({plan.budget_source})" + ("" if plan.fits else "; the plan says it does not fit, see train.dry_run=true")
@@ -359,6 +372,9 @@ def decide_memory_layout(cfg: RunConfig, source: ModelSource, impl: ModelImpl, i
             planned_chunks = plan.mlp_chunk_tokens
             notices.append(f"model.mlp_chunk_tokens unset: the MLP runs in {planned_chunks:,}-token chunks, "
                            "without which the step would not fit")
+        if cfg.model.keep_attention and not plan.keep_attention:
+            notices.append("model.keep_attention: recomputed layers recompute attention too; keeping its results "
+                           "does not fit, or costs more, by the memory plan (train.dry_run=true shows it)")
     if cfg.model.parked_layers:
         # Parked layers pin their activations (tens of GiB for long sequences): refuse before loading
         # what this machine's RAM cannot hold, rather than fail inside the first step.
@@ -372,7 +388,8 @@ def decide_memory_layout(cfg: RunConfig, source: ModelSource, impl: ModelImpl, i
                           "must hold the 4-bit base. Use hardware.offload=none or activations with a shorter "
                           "data.max_seq_len (train.dry_run=true shows what fits), or one process.")
     return MemoryLayout(stream, mode in PARKS_ACTIVATIONS or cfg.model.offload_checkpoints, planned_layers,
-                        planned_chunks, host_embeddings=cfg.model.host_embeddings)
+                        planned_chunks, host_embeddings=cfg.model.host_embeddings,
+                        keep_attention=plan.keep_attention if plan else True)
 
 
 # ---------------------------------------------------------------- the plan
@@ -411,6 +428,8 @@ class MemoryPlan:
     checkpointed_layers: int  # how many layers recompute in backward (model.checkpoint_layers=auto: the plan's pick)
     mlp_chunk_tokens: int | None  # the MLP's chunk (model.mlp_chunk_tokens, or the plan's where unset); None: whole
     checkpointing_detail: str  # which layers recompute, and MLP chunking, in words
+    # model.keep_attention as planned: False where keeping attention's results would not fit
+    keep_attention: bool
     budget_bytes: int
     budget_source: str
     offload: OffloadMode  # what the plan decided: never auto
@@ -605,12 +624,22 @@ def _host_items(run: _Run, offload: OffloadMode, tokens: int) -> list[LineItem]:
     return items
 
 
+def _keeps_attention(run: _Run, tokens: int) -> bool:
+    """Whether recomputed layers whose inputs are parked keep attention's results (kept_attention.py):
+    native layers, not compiled, in rows of KEPT_ATTENTION_MIN_ROW_TOKENS or more, without a padding
+    mask or a sliding window shorter than the row. Packed rows of shorter samples keep none; the
+    plan cannot know the samples' lengths and counts their rows as kept."""
+    seq_len = tokens // run.micro_batch_size
+    window = run.arch.get("sliding_window") if run.arch.get("use_sliding_window", True) else None
+    return (run.keep_attention and not run.compiled and not run.padding_mask
+            and seq_len >= KEPT_ATTENTION_MIN_ROW_TOKENS and not (window and window < seq_len))
+
+
 def _parked_checkpoint_bytes(run: _Run, acts: ActivationSizes, tokens: int) -> int:
-    """Per token, what a recomputed layer parks: its input, and on the native path from rows of
-    KEPT_ATTENTION_MIN_ROW_TOKENS on also its q/k/v projections, attention's output and log-sum-exp
-    and the layer's residual (kept_attention.py; packed rows of shorter samples keep none, so this
-    may overcount)."""
-    if not run.keep_attention or run.compiled or tokens // run.micro_batch_size < KEPT_ATTENTION_MIN_ROW_TOKENS:
+    """Per token, what a recomputed layer parks: its input, and where it keeps attention's results
+    (`_keeps_attention`) also its q/k/v projections, attention's output and log-sum-exp and the
+    layer's residual."""
+    if not _keeps_attention(run, tokens):
         return acts.checkpoint
     qd, kvd = _attention_dims(run.arch)
     kept = (qd + 2 * kvd) + qd + run.arch["hidden_size"]
@@ -619,6 +648,19 @@ def _parked_checkpoint_bytes(run: _Run, acts: ActivationSizes, tokens: int) -> i
 
 def _gpu_total(run: _Run, offload: OffloadMode, tokens: int) -> int:
     return sum(item.bytes for item in _gpu_items(run, offload, tokens))
+
+
+def _step_matmul_flops(run: _Run, offload: OffloadMode, tokens: int) -> float:
+    """The matmul work of one micro-batch as the plan would run it (LayerFlops.step per layer, and
+    the LM head's forward and input gradient): what hardware.offload=auto weighs settings by."""
+    arch, L = run.arch, run.arch["num_hidden_layers"]
+    flops = layer_flops(arch, tokens // run.micro_batch_size)
+    chunked = bool(run.mlp_chunk_tokens) and tokens > run.mlp_chunk_tokens
+    keeps = offload in PARKS_ACTIVATIONS and _keeps_attention(run, tokens)
+    recomputed = run.checkpointed_layers
+    per_token = (recomputed * flops.step(True, keeps, chunked) + (L - recomputed) * flops.step(False, False, chunked)
+                 + 4 * arch["hidden_size"] * arch["vocab_size"])
+    return tokens * per_token
 
 
 def _longest_seq_len(run: _Run, offload: OffloadMode, budget: int, limit: int) -> int:
@@ -674,14 +716,63 @@ def gpu_budget(hardware: HardwareConfig) -> tuple[int, str]:
                                           f"your card (default {DEFAULT_GPU_GIB:g})")
 
 
-def _layer_and_offload_choices(run: _Run, choices: list[OffloadMode], auto_layers: bool, tokens: int,
-                               budget: int) -> tuple[dict, dict, list[OffloadMode]]:
-    """Per offload setting: the run (with auto, the fewest recomputed layers that fit it; whether it
-    fits at all is decided with every layer recomputed) and its GPU total; and the settings that fit."""
-    runs = {mode: replace(run, checkpointed_layers=_fewest_checkpointed_layers(run, mode, tokens, budget))
-            if auto_layers else run for mode in choices}
-    totals = {mode: _gpu_total(runs[mode], mode, tokens) for mode in choices}
-    return runs, totals, [mode for mode in choices if totals[mode] <= budget]
+@dataclass(frozen=True)
+class _Option:
+    """One way to run the step: the run as planned (layers recomputed, attention kept or not) under
+    one offload setting, and its GPU total."""
+
+    run: _Run
+    offload: OffloadMode
+    gpu_total: int
+    fits: bool
+
+
+def _options(run: _Run, choices: list[OffloadMode], auto_layers: bool, tokens: int, budget: int) -> list[_Option]:
+    """Per offload setting, the run (with auto, the fewest recomputed layers that fit it; whether it
+    fits at all is decided with every layer recomputed); then the same without keeping attention's
+    results, which costs GPU and host memory that a long row may not have (kept_attention.py)."""
+    variants = [run, replace(run, keep_attention=False)] if _keeps_attention(run, tokens) else [run]
+    options = []
+    for variant in variants:
+        for mode in choices:
+            planned = replace(variant, checkpointed_layers=_fewest_checkpointed_layers(variant, mode, tokens, budget)) \
+                if auto_layers else variant
+            total = _gpu_total(planned, mode, tokens)
+            options.append(_Option(planned, mode, total, total <= budget))
+    return options
+
+
+def _fastest(options: list[_Option], tokens: int, host_ram: int) -> tuple[_Option, str | None]:
+    """Of the options that fit, those that stream no weights if any does (streaming waits on the
+    link); of those the first (the cheapest in host traffic, as configured), unless another is
+    predicted to do less matmul work by more than parking costs (perf.PARKING_COST) within
+    PARKING_RAM_SHARE of the RAM: when recomputed layers keep attention's results, or fewer layers
+    recompute. Also why, in words, where the pick is not the first."""
+    fitting = [option for option in options if option.fits]
+    streams = min(option.offload in STREAMS_WEIGHTS for option in fitting)
+    tier = [option for option in fitting if (option.offload in STREAMS_WEIGHTS) == streams]
+    first = tier[0]
+
+    def pinned(option: _Option) -> int:
+        return sum(item.bytes for item in _host_items(option.run, option.offload, tokens))
+
+    def cost(option: _Option) -> float:
+        work = _step_matmul_flops(option.run, option.offload, tokens)
+        return work * (1 + PARKING_COST) if option.offload in PARKS_ACTIVATIONS else work
+
+    allowed = [first] + [option for option in tier[1:] if option.offload not in PARKS_ACTIVATIONS
+                         or pinned(option) <= PARKING_RAM_SHARE * host_ram]
+    best = min(allowed, key=cost)
+    if best is first:
+        return first, None
+    saving = 1 - (_step_matmul_flops(best.run, best.offload, tokens)
+                  / _step_matmul_flops(first.run, first.offload, tokens))
+    recomputed, before = best.run.checkpointed_layers, first.run.checkpointed_layers
+    why = ([f"{recomputed} layers recomputed instead of {before}"] if recomputed != before else []) + \
+        (["recomputed layers keep attention's results"] if recomputed and best.offload in PARKS_ACTIVATIONS
+         and _keeps_attention(best.run, tokens) else [])
+    return best, (f"{best.offload.value}, an estimated {saving:.0%} less matmul work a step than {first.offload.value} "
+                  f"({', '.join(why)}; {pinned(best) / GiB:.1f} GiB pinned),")
 
 
 def _fewest_checkpointed_layers(run: _Run, offload: OffloadMode, tokens: int, budget: int) -> int:
@@ -694,7 +785,7 @@ def _fewest_checkpointed_layers(run: _Run, offload: OffloadMode, tokens: int, bu
     return L
 
 
-def _checkpointing_detail(run: _Run, auto: bool, auto_chunks: bool) -> str:
+def _checkpointing_detail(run: _Run, auto: bool, auto_chunks: bool, attention_dropped: bool) -> str:
     L = run.arch["num_hidden_layers"]
     words = "off" if not run.checkpointed_layers else "on" if run.checkpointed_layers == L \
         else f"on for {run.checkpointed_layers} of {L} layers"
@@ -704,6 +795,8 @@ def _checkpointing_detail(run: _Run, auto: bool, auto_chunks: bool) -> str:
         words += f"; MLP in {run.mlp_chunk_tokens:,}-token chunks"
         if auto_chunks:
             words += " (model.mlp_chunk_tokens unset: the step fits only with them)"
+    if attention_dropped:
+        words += "; attention recomputed too (model.keep_attention: keeping its results does not fit, or costs more)"
     return words
 
 
@@ -747,22 +840,32 @@ def plan_for_run(cfg: RunConfig, source: ModelSource, impl: ModelImpl, impl_reas
 
     choices = _offload_choices(cfg, impl)
     auto_layers = impl is ModelImpl.native and cfg.model.plans_checkpoint_layers()
-    runs, totals, fitting = _layer_and_offload_choices(run, choices, auto_layers, tokens, budget)
-    # model.mlp_chunk_tokens unset: MLP chunks only where no offload setting fits without them.
+    options = _options(run, choices, auto_layers, tokens, budget)
+    # model.mlp_chunk_tokens unset: MLP chunks only where nothing fits without them.
     auto_chunks = impl is ModelImpl.native and cfg.model.mlp_chunk_tokens is None
-    if auto_chunks and tokens > AUTO_MLP_CHUNK_TOKENS and not fitting:
+    if auto_chunks and tokens > AUTO_MLP_CHUNK_TOKENS and not any(option.fits for option in options):
         chunked = replace(run, mlp_chunk_tokens=AUTO_MLP_CHUNK_TOKENS)
-        chunked_choices = _layer_and_offload_choices(chunked, choices, auto_layers, tokens, budget)
-        if chunked_choices[2]:
-            run, (runs, totals, fitting) = chunked, chunked_choices
-    offload = fitting[0] if fitting else choices[-1]
+        chunked_options = _options(chunked, choices, auto_layers, tokens, budget)
+        if any(option.fits for option in chunked_options):
+            run, options = chunked, chunked_options
+    host_ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    fitting = any(option.fits for option in options)
+    # Where nothing fits: the configured run, most offloaded.
+    chosen, faster = _fastest(options, tokens, host_ram) if fitting else (options[len(choices) - 1], None)
+    offload = chosen.offload
+    # Attention's results not kept where keeping them leaves nothing that fits.
+    attention_dropped = _keeps_attention(run, tokens) and not chosen.run.keep_attention \
+        and offload in PARKS_ACTIVATIONS and chosen.run.checkpointed_layers > 0
     # Unset chunks are the plan's to choose: the longest sequence is the one they allow.
-    longest_run = replace(run, mlp_chunk_tokens=AUTO_MLP_CHUNK_TOKENS) if auto_chunks else run
-    run = runs[offload]
+    longest_run = replace(run, keep_attention=chosen.run.keep_attention,
+                          mlp_chunk_tokens=AUTO_MLP_CHUNK_TOKENS if auto_chunks else run.mlp_chunk_tokens)
+    run = chosen.run
     offload_reason = f"hardware.offload={cfg.hardware.offload.value}"
     if len(choices) > 1:
-        offload_reason += (" picked the cheapest that fits" if fitting else ": none fits, the most offloaded shown")
-        offload_reason += " of " + ", ".join(f"{mode.value} {totals[mode] / GiB:.1f} GiB" for mode in choices)
+        offload_reason += (f" picked {faster}" if faster else " picked the cheapest that fits" if fitting
+                           else ": none fits, the most offloaded shown")
+        offload_reason += " of " + ", ".join(f"{option.offload.value} {option.gpu_total / GiB:.1f} GiB"
+                                             for option in options[:len(choices)])
 
     max_positions = arch.get("max_position_embeddings")
     # Up to the model's context (or 1M tokens where it states none): planning further is pointless.
@@ -782,7 +885,6 @@ def plan_for_run(cfg: RunConfig, source: ModelSource, impl: ModelImpl, impl_reas
                      "activations are planned as the kernels' and may be underestimated.")
     if cfg.lora.use_dora:
         notes.append("lora.use_dora=true: DoRA's weight-norm activations are not counted.")
-    host_ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     if fitting and (hint := _parking_hint(run, offload, tokens, budget, host_ram)):
         notes.append(hint)
 
@@ -799,10 +901,12 @@ def plan_for_run(cfg: RunConfig, source: ModelSource, impl: ModelImpl, impl_reas
         impl_reason=impl_reason,
         micro_batch_size=cfg.train.micro_batch_size, seq_len=cfg.data.max_seq_len,
         gradient_checkpointing=cfg.model.gradient_checkpointing, checkpointed_layers=run.checkpointed_layers,
-        mlp_chunk_tokens=run.mlp_chunk_tokens, checkpointing_detail=_checkpointing_detail(run, auto_layers, auto_chunks),
+        mlp_chunk_tokens=run.mlp_chunk_tokens,
+        checkpointing_detail=_checkpointing_detail(run, auto_layers, auto_chunks, attention_dropped),
+        keep_attention=run.keep_attention,
         budget_bytes=budget, budget_source=budget_source,
         offload=offload, offload_reason=offload_reason, gpu=_gpu_items(run, offload, tokens),
-        host=_host_items(run, offload, tokens), gpu_total=totals[offload], fits=totals[offload] <= budget,
+        host=_host_items(run, offload, tokens), gpu_total=chosen.gpu_total, fits=chosen.fits,
         longest_seq_len=longest, max_position_embeddings=max_positions,
         loss_chunk_tokens=loss_chunk_tokens(tokens, arch["hidden_size"], arch["vocab_size"]) if run.chunked_loss
         else None,
@@ -813,7 +917,9 @@ def plan_for_run(cfg: RunConfig, source: ModelSource, impl: ModelImpl, impl_reas
 
 def _parking_hint(run: _Run, offload: OffloadMode, tokens: int, budget: int, host_ram: int) -> str | None:
     """For a long sequence that recomputes layers: the most of them that could park instead
-    (model.parked_layers, MLP chunks) within the GPU budget and a share of the RAM, as a suggestion."""
+    (model.parked_layers, MLP chunks) within the GPU budget and a share of the RAM, as a suggestion
+    where it is predicted to do less matmul work by more than parking costs (a layer that kept
+    attention's results recomputes about what a parked layer's MLP chunks do)."""
     seq_len = tokens // run.micro_batch_size
     if run.impl is not ModelImpl.native or run.compiled or run.parked or not run.checkpointed_layers \
             or seq_len < PARKING_PAYS_FROM_TOKENS:
@@ -824,7 +930,10 @@ def _parking_hint(run: _Run, offload: OffloadMode, tokens: int, budget: int, hos
                             mlp_chunk_tokens=chunk)
         host = sum(item.bytes for item in _host_items(candidate, offload, tokens))
         gpu = _gpu_total(candidate, offload, tokens)
-        if host <= PARKING_HINT_RAM_SHARE * host_ram and gpu <= budget:
+        if host <= PARKING_RAM_SHARE * host_ram and gpu <= budget:
+            if _step_matmul_flops(candidate, offload, tokens) * (1 + PARKING_COST) >= \
+                    _step_matmul_flops(run, offload, tokens):
+                return None
             return (f"model.checkpoint_layers={candidate.checkpointed_layers} model.parked_layers={parked} "
                     f"model.mlp_chunk_tokens={chunk} would skip {parked} layers' recompute, keeping their "
                     f"activations in pinned host memory ({host / GiB:.1f} GiB pinned in all, {gpu / GiB:.1f} GiB "

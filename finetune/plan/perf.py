@@ -1,11 +1,14 @@
 """The rates a run's speed depends on: the card's matmul peak and the host-to-GPU link, measured
-on the GPU (bench.py, the recipe's MFU metric), or assumed where the plan cannot measure them.
+on the GPU (bench.py, the recipe's MFU metric), or assumed where the plan cannot measure them; and
+the matmul work of a step, which the memory plan weighs its choices by where several fit.
 
 MFU, as BENCH.md defines it: useful FLOPs per token (memory.useful_flops_per_token) times
 tokens per second, over `matmul_peak_flops`.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 # Pinned host-to-device copies over PCIe 4.0 x16 (a desktop's link); BENCH.md measured 55 GB/s
 # over the H100's PCIe 5.0 x16.
@@ -14,6 +17,37 @@ DEFAULT_HOST_LINK_GBPS = 25.0
 # the dense bf16 rate of an RTX 4090-class card, where streaming is what makes a 70B model fit.
 ASSUMED_MFU = 0.40
 ASSUMED_PEAK_TFLOPS = 165.0
+# FlashAttention's backward runs five matmuls to its forward's two: the probabilities are rebuilt
+# from q, k and the log-sum-exp before dq, dk and dv.
+ATTENTION_BACKWARD_RATIO = 2.5
+# Parking recomputed layers' inputs in host memory ran 0.97x keeping them on the GPU at 2 x 2048 and
+# 1.00x at 1 x 8192 (Llama-3-8B, H100, the same layers recomputed): the copies mostly hide behind
+# the compute. hardware.offload=auto parks for speed only where the plan predicts a larger saving.
+PARKING_COST = 0.03
+
+
+@dataclass(frozen=True)
+class LayerFlops:
+    """Matmul FLOPs per token of one decoder layer's forward over rows of the run's length: its
+    linear projections (LoRA's rank-r products are below this estimate's resolution), the MLP's
+    share of them, and causal attention (two matmuls over on average half the row)."""
+
+    projections: float
+    mlp: float
+    attention: float
+
+    def step(self, recomputed: bool, keeps_attention: bool, mlp_chunked: bool) -> float:
+        """Per token, one training step of the layer. QLoRA's frozen projections compute only their
+        input's gradient in backward, as much work as their forward; attention's backward
+        ATTENTION_BACKWARD_RATIO times its forward. A recomputed layer runs its forward again, or
+        only its MLP where it kept attention's results and the q/k/v and o_proj outputs
+        (kept_attention.py); an MLP run in chunks runs again chunk by chunk in its backward."""
+        work = 2 * self.projections + (1 + ATTENTION_BACKWARD_RATIO) * self.attention
+        if recomputed:
+            work += self.mlp if keeps_attention else self.projections + self.attention
+        if mlp_chunked:
+            work += self.mlp
+        return work
 
 
 def matmul_peak_flops(device, n: int = 8192, iters: int = 10) -> float:

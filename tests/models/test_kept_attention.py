@@ -140,6 +140,29 @@ def test_kept_attention_only_where_inputs_are_parked(checkpoints):
     assert ops.attention_forwards == 4
 
 
+@pytest.mark.parametrize("planned", [True, False])
+def test_the_memory_plan_can_leave_attention_to_the_recompute(checkpoints, planned):
+    """Where keeping attention's results would not fit, the plan says so (MemoryLayout.keep_attention,
+    tests/plan) and the built model recomputes attention, though model.keep_attention is on."""
+    from finetune.models import native
+    from finetune.models.native.load import MemoryLayout
+    from finetune.models.source import ModelSource
+
+    model_dir = checkpoints("llama")
+    cfg = run_config(model_dir)
+    cfg.model.gradient_checkpointing = True
+    model = native.build(cfg, ModelSource.from_directory(model_dir), torch.float32, torch.device("cpu"),
+                         MemoryLayout(park_checkpoints=True, keep_attention=planned)).train()
+    assert cfg.model.keep_attention and model.model.keep_attention is planned
+    # Parked for real only on CUDA (pinned memory): on the CPU the inputs stay where they are.
+    model.model.set_checkpointing(len(model.model.layers), offload=True)
+    ops = Ops()
+    with pytest.MonkeyPatch.context() as patch, ops:
+        patch.setattr(native_model_module, "MIN_ROW_TOKENS", 1)
+        model(**whole_rows()).loss.backward()
+    assert ops.attention_forwards == (2 if planned else 4)  # two layers; twice each when recomputed whole
+
+
 @pytest.mark.parametrize("refusing", ["forward", "backward"])
 def test_a_refusing_kernel_falls_back_to_recomputing(checkpoints, monkeypatch, refusing):
     """Private kernels change between torch versions: one that refuses a call (an error raised before

@@ -42,6 +42,31 @@ def test_nf4_bytes_match_what_bitsandbytes_stores(shape, double_quant):
     assert memory.nf4_tensor_bytes(shape[0] * shape[1], double_quant) == stored
 
 
+# Measured ratios of tok/s (Llama-3-8B, H100, scripts/bench.py raw loops, same session each):
+# (seq_len, rows, what, measured). 2 x 2048, no layer recomputed against all (15,046 / 10,777);
+# 1 x 8192, all recomputed, attention kept against not (10,867 / 10,197); 1 x 32768, all 32 layers
+# parked with MLP chunks against all recomputed (7,442 / 6,717).
+MEASURED_WORK_RATIOS = [(2048, 2, "no recompute", 1.396), (8192, 1, "kept attention", 1.066),
+                        (32768, 1, "parked, MLP chunks", 1.108)]
+
+
+@pytest.mark.parametrize("seq, rows, what, measured", MEASURED_WORK_RATIOS)
+def test_step_work_estimate_tracks_measured_speedups(seq, rows, what, measured):
+    """The matmul work the plan weighs offload settings by predicts each measured speed-up within 6%
+    (it leaves out the elementwise kernels, dequantization and copies that every setting runs alike,
+    so it overstates each saving a little)."""
+    flops = memory.layer_flops(LLAMA3_8B, seq)
+    # By hand: 7 projections, the MLP's 3 (4096 -> 14336 x 2, 14336 -> 4096), causal attention.
+    assert flops.projections == 2 * (2 * 4096 * 4096 + 2 * 4096 * 1024 + 3 * 4096 * 14336)
+    assert flops.mlp == 2 * 3 * 4096 * 14336 and flops.attention == 2 * seq * 4096
+    head = 4 * 4096 * LLAMA3_8B["vocab_size"]
+    recomputed = 32 * flops.step(True, False, False) + head
+    faster = {"no recompute": flops.step(False, False, False), "kept attention": flops.step(True, True, False),
+              "parked, MLP chunks": flops.step(False, False, True)}[what]
+    predicted = recomputed / (32 * faster + head)
+    assert measured <= predicted <= 1.06 * measured
+
+
 def test_llama3_70b_nf4_weights_are_the_issues_34_2_gb():
     per_layer = 2 * 8192 * 8192 + 2 * 8192 * 1024 + 3 * 8192 * 28672  # q, o; k, v; gate, up, down
     weights = 80 * per_layer
@@ -354,22 +379,76 @@ def test_parked_layers_keep_their_activations_in_host_memory():
     assert kept.gpu_total - parked.gpu_total == pytest.approx((32 - LAYERS_IN_FLIGHT) * layer * 1.05, abs=2)
 
 
-@pytest.mark.parametrize("ram_gib, expected", [(128, "model.checkpoint_layers=0 model.parked_layers=32 "),
-                                                 (24, "model.checkpoint_layers=22 model.parked_layers=10 ")])
-def test_the_plan_suggests_parked_layers_for_long_sequences_within_half_the_ram(ram_gib, expected, monkeypatch):
+def fake_ram(monkeypatch, gib: int) -> None:
     page = 4096
-    pages = ram_gib * GiB // page
+    pages = gib * GiB // page
     monkeypatch.setattr(memory.os, "sysconf", lambda name: page if name == "SC_PAGE_SIZE" else pages)
-    args = ("recipe=llama3_8b_qlora", NATIVE, "hardware.gpu_memory_gb=24", "train.micro_batch_size=1")
+
+
+def test_the_plan_suggests_parked_layers_for_long_sequences_within_half_the_ram(monkeypatch):
+    fake_ram(monkeypatch, 128)
+    args = ("recipe=llama3_8b_qlora", NATIVE, "hardware.gpu_memory_gb=24", "train.micro_batch_size=1",
+            "hardware.offload=none")
     long = plan(*args, "data.max_seq_len=32768")
     (hint,) = [note for note in long.notes if "model.parked_layers" in note]
-    assert hint.startswith(expected) and "model.mlp_chunk_tokens=8192" in hint
+    assert hint.startswith("model.checkpoint_layers=0 model.parked_layers=32 ")
+    assert "model.mlp_chunk_tokens=8192" in hint
     pinned = float(hint.split(" GiB pinned")[0].split("(")[-1])
-    assert pinned <= ram_gib / 2
+    assert pinned <= 128 / 2
     assert not any("parked_layers" in note for note in plan(*args, "data.max_seq_len=4096").notes)
     # Asked for already, or nothing recomputed: nothing to suggest.
     assert not any("parked_layers" in note for note in
                    plan(*args, "data.max_seq_len=32768", "model.parked_layers=4", "model.checkpoint_layers=28").notes)
+    # Within half of 24 GiB only 10 layers could park, and their MLP chunks would run every layer's
+    # MLP once more: more work than the 10 recomputes it saves, so no suggestion (and auto does not
+    # park the inputs either: with kept attention they would pin 34 GiB).
+    fake_ram(monkeypatch, 24)
+    small = plan(*args[:-1], "data.max_seq_len=32768")
+    assert small.offload is OffloadMode.none and not any("parked_layers" in note for note in small.notes)
+
+
+def test_auto_offload_parks_activations_where_kept_attention_saves_more_than_parking_costs(monkeypatch):
+    """Rows of 4,096 tokens or more: parking the recomputed layers' inputs lets them keep attention's
+    results, so that their recompute runs only the MLP (measured at 1 x 8192, every layer recomputed:
+    1.07x not keeping them, H100); parking itself cost 0-3%."""
+    fake_ram(monkeypatch, 128)
+    args = ("recipe=llama3_8b_qlora", NATIVE, "hardware.gpu_memory_gb=24", "train.micro_batch_size=1")
+    long = plan(*args, "data.max_seq_len=8192")
+    assert long.offload is OffloadMode.activations and long.keep_attention and long.fits
+    assert "picked activations, an estimated" in long.offload_reason
+    assert "recomputed layers keep attention's results" in long.offload_reason
+    assert plan(*args, "data.max_seq_len=8192", "hardware.offload=none").checkpointed_layers \
+        == long.checkpointed_layers
+    # A recompute that keeps attention runs about what a parked layer's MLP chunks do: no suggestion.
+    assert not any("parked_layers" in note for note in plan(*args, "data.max_seq_len=32768").notes)
+    # Short rows keep nothing: parking would only cost; nor without model.keep_attention.
+    assert plan(*args, "data.max_seq_len=2048", "train.micro_batch_size=4").offload is OffloadMode.none
+    assert plan(*args, "data.max_seq_len=8192", "model.keep_attention=false").offload is OffloadMode.none
+    # Padded rows (a mask) keep nothing either.
+    assert plan(*args, "data.max_seq_len=4096", "train.micro_batch_size=2", "data.packing=false").offload \
+        is OffloadMode.none
+    # Not beyond half the RAM for speed: on a 16 GiB machine the 4 GiB pinned would do, 34 GiB would not.
+    fake_ram(monkeypatch, 16)
+    assert plan(*args, "data.max_seq_len=8192").offload is OffloadMode.activations
+    assert plan(*args, "data.max_seq_len=32768").offload is OffloadMode.none
+
+
+def test_kept_attention_gives_way_where_it_would_leave_nothing_that_fits(monkeypatch):
+    """Llama-3.1-8B at 1 x 131072 under 24 GiB: the recomputed layers' kept attention in flight
+    (2 x 131072 x 37 KiB) leaves only weight streaming that fits, pinning 148 GiB; without it,
+    activation offload with MLP chunks fits (measured: 18.3 GiB, before attention was kept)."""
+    fake_ram(monkeypatch, 128)
+    args = ("recipe=llama3_8b_qlora", NATIVE, "hardware.gpu_memory_gb=24", "train.micro_batch_size=1",
+            "model.name_or_path=meta-llama/Llama-3.1-8B", "data.max_seq_len=131072")
+    long = plan(*args)
+    assert long.fits and long.offload is OffloadMode.activations and not long.keep_attention
+    assert long.mlp_chunk_tokens == memory.AUTO_MLP_CHUNK_TOKENS and long.host_total <= 128 * GiB
+    assert "attention recomputed too (model.keep_attention: keeping its results does not fit" in \
+        memory.format_plan(long)
+    # Offload and chunks set by hand: attention still gives way where keeping it would not fit.
+    chosen = plan(*args, "hardware.offload=activations", "model.mlp_chunk_tokens=8192")
+    assert chosen.fits and not chosen.keep_attention
+    assert plan(*args[:-1], "data.max_seq_len=32768").keep_attention
 
 
 def test_longest_sequence_grows_with_budget_and_is_the_boundary():
@@ -436,3 +515,28 @@ def test_plan_is_within_ten_percent_of_measured_peaks(model, batch, seq, overrid
                   "model.gradient_checkpointing=true", "data.packing=true", *overrides,
                   *([] if any(o.startswith("model.checkpoint_layers=") for o in overrides) else ["model.checkpoint_layers=all"]))
     assert abs(result.tensors_bytes / memory.GiB / measured_gib - 1) <= 0.10
+
+
+def test_the_run_takes_the_plans_layout(monkeypatch):
+    """decide_memory_layout on a CUDA device (nothing touches the device: the budget is given): what
+    the loader builds from, with a notice for each choice the plan made."""
+    fake_ram(monkeypatch, 128)
+    cuda = torch.device("cuda")
+    args = ("recipe=llama3_8b_qlora", NATIVE, "hardware.gpu_memory_gb=24", "train.micro_batch_size=1",
+            "model.name_or_path=meta-llama/Llama-3.1-8B")
+
+    def layout(*extra):
+        cfg = config(*args, *extra)
+        source = locate_source(cfg.model)
+        notices = []
+        return memory.decide_memory_layout(cfg, source, *memory.choose_impl(cfg, source), cuda, notices), notices
+
+    kept, notices = layout("data.max_seq_len=8192")
+    assert kept.park_checkpoints and kept.keep_attention and any("offload=auto: activations" in n for n in notices)
+    dropped, notices = layout("data.max_seq_len=131072")
+    assert dropped.park_checkpoints and not dropped.keep_attention and dropped.planned_mlp_chunk_tokens == 8192
+    assert any(n.startswith("model.keep_attention: recomputed layers recompute attention too") for n in notices)
+    # Offload and layers set by hand: planned all the same, for attention alone.
+    by_hand, _ = layout("data.max_seq_len=131072", "hardware.offload=activations", "model.checkpoint_layers=all",
+                        "model.mlp_chunk_tokens=8192")
+    assert by_hand.park_checkpoints and not by_hand.keep_attention and by_hand.planned_checkpoint_layers is None

@@ -269,6 +269,8 @@ class MemoryLayout:
     planned_mlp_chunk_tokens: int | None = None
     # model.host_embeddings on CUDA with an untied LM head: the input embeddings stay in host memory
     host_embeddings: bool = False
+    # model.keep_attention as planned for this GPU: False where keeping attention's results would not fit
+    keep_attention: bool = True
 
 
 class Placement(Enum):
@@ -307,7 +309,7 @@ def build(cfg: RunConfig, source: ModelSource, compute_dtype: torch.dtype, devic
     model.model.set_checkpointing(cfg.model.checkpointed_layers(args.num_hidden_layers, layout.planned_checkpoint_layers),
                                   layout.park_checkpoints and device.type == "cuda", cfg.model.parked_layers)
     model.model.set_mlp_chunking(cfg.model.mlp_chunk_tokens or layout.planned_mlp_chunk_tokens)
-    model.model.keep_attention = cfg.model.keep_attention
+    model.model.keep_attention = cfg.model.keep_attention and layout.keep_attention
     # A tied LM head reads the whole table every step. FSDP's processes build on the host or empty
     # and leave the tables for FSDP to place: those stay.
     if layout.host_embeddings and placement is Placement.device and not args.tie_word_embeddings:
