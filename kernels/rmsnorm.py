@@ -12,7 +12,7 @@ prepares them, give an fp32 output).
 
 Backward, with ``dy`` the upstream gradient and ``dn = dy * w`` (the cast counts as identity):
 
-    dw = sum over rows of dy * cast_to_input_dtype(n)
+    dw = sum over rows of dy * cast_to_input_dtype(n)     (only where w trains)
     dx = r * (dn - n * mean(dn * n))
 
 The second line is the derivative of ``x * r(x)``: ``dr/dx_j = -r^3 x_j / D``, so the
@@ -58,6 +58,7 @@ def _rmsnorm_backward_kernel(
     hidden_size,
     rows_per_program,
     BLOCK_SIZE: tl.constexpr,
+    GRAD_WEIGHT: tl.constexpr,
 ):
     program = tl.program_id(0)
     cols = tl.arange(0, BLOCK_SIZE)
@@ -74,13 +75,15 @@ def _rmsnorm_backward_kernel(
         rstd = tl.load(rstd_ptr + row)
         normalized = x * rstd
 
-        grad_weight += grad_y * normalized.to(x_ptr.dtype.element_ty).to(tl.float32)
+        if GRAD_WEIGHT:
+            grad_weight += grad_y * normalized.to(x_ptr.dtype.element_ty).to(tl.float32)
         grad_normalized = grad_y * weight
         correction = tl.sum(grad_normalized * normalized, axis=0) / hidden_size
         grad_x = rstd * (grad_normalized - normalized * correction)
         tl.store(grad_x_ptr + row_offset + cols, grad_x.to(grad_x_ptr.dtype.element_ty), mask=mask)
 
-    tl.store(partial_grad_weight_ptr + program * hidden_size + cols, grad_weight, mask=mask)
+    if GRAD_WEIGHT:
+        tl.store(partial_grad_weight_ptr + program * hidden_size + cols, grad_weight, mask=mask)
 
 
 def _num_warps(block_size: int) -> int:
@@ -120,14 +123,17 @@ class RMSNormFunction(torch.autograd.Function):
         sm_count = torch.cuda.get_device_properties(rows.device).multi_processor_count if rows.is_cuda else 1
         num_programs = max(1, min(num_rows, sm_count * BACKWARD_PROGRAMS_PER_SM))
         rows_per_program = triton.cdiv(num_rows, num_programs)
-        partial_grad_weight = torch.empty((num_programs, hidden_size), dtype=torch.float32, device=rows.device)
+        # A frozen weight (QLoRA's norms) gets no gradient: no partials written, none summed.
+        wants_grad_weight = ctx.needs_input_grad[1]
+        partial_grad_weight = torch.empty((num_programs if wants_grad_weight else 0, hidden_size),
+                                          dtype=torch.float32, device=rows.device)
         block_size = triton.next_power_of_2(hidden_size)
         _rmsnorm_backward_kernel[(num_programs,)](
             grad_y, rows, weight, rstd, grad_x, partial_grad_weight,
             rows.stride(0), num_rows, hidden_size, rows_per_program,
-            BLOCK_SIZE=block_size, num_warps=_num_warps(block_size),
+            BLOCK_SIZE=block_size, GRAD_WEIGHT=wants_grad_weight, num_warps=_num_warps(block_size),
         )
-        grad_weight = partial_grad_weight.sum(0).to(weight.dtype) if ctx.needs_input_grad[1] else None
+        grad_weight = partial_grad_weight.sum(0).to(weight.dtype) if wants_grad_weight else None
         return grad_x.reshape(ctx.input_shape), grad_weight, None
 
 

@@ -82,6 +82,23 @@ def test_matches_transformers_llama_rmsnorm(device, shape, dtype, weight_dtype):
     )
 
 
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype,weight_dtype", DTYPE_PAIRS)
+def test_a_frozen_weight_gets_no_gradient_and_the_same_input_gradient(device, shape, dtype, weight_dtype):
+    """QLoRA's norms are frozen: the backward then skips the weight's partial sums, and dx is the
+    trainable case's bit for bit (the same per-row arithmetic)."""
+    x, weight = _inputs(shape, dtype, weight_dtype, device)
+    grad_out = torch.randn(shape, device=device).to(torch.promote_types(dtype, weight_dtype))
+    trained_dx, _ = torch.autograd.grad(rmsnorm(x, weight, EPS), (x, weight), grad_out)
+    frozen = weight.detach()
+    out = rmsnorm(x, frozen, EPS)
+    (frozen_dx,) = torch.autograd.grad(out, (x,), grad_out)
+    assert torch.equal(frozen_dx, trained_dx)
+    out = rmsnorm(x, frozen, EPS)
+    out.backward(grad_out)
+    assert frozen.grad is None
+
+
 def test_strided_rows(device):
     torch.manual_seed(0)
     wide = torch.randn(9, 80, device=device, requires_grad=True)
