@@ -123,7 +123,8 @@ def _load_merged(model_dir: Path, device: torch.device):
 def generate(model, tokenizer, prompt: str | list[dict], max_new_tokens: int = 64, **sampling) -> str:
     """Reply to a user message (or a whole conversation), rendered with the chat template; greedy
     unless `sampling` says otherwise (finetune.generation.Sampling's fields: temperature, top_p, ...)."""
-    from finetune.generation import Sampling, chat_replies
+    from finetune.generation import chat_replies
+    from finetune.sampling import Sampling
 
     messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
     return chat_replies(model, tokenizer, [messages], Sampling(max_new_tokens=max_new_tokens, **sampling))[0]

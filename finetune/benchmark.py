@@ -115,12 +115,14 @@ def main(argv: list[str] | None = None) -> int:
     if any(arg in ("-h", "--help", "help") for arg in argv):
         print(USAGE)
         return 0
-    keep_hub_code_out()
     # Read by huggingface_hub and datasets when first imported: lm_eval then never reaches the hub
     # for a task's data unless the user set HF_HUB_OFFLINE=0.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
-        run_benchmark(parse_args(argv))
+        # Options first, in a fraction of a second: keep_hub_code_out imports bitsandbytes and torch.
+        config = parse_args(argv)
+        keep_hub_code_out()
+        run_benchmark(config)
     except (UserError, OSError) as e:  # OSError: an unwritable output, a full disk; its message says which
         print(f"finetune-eval: error: {e}", file=sys.stderr)
         return 2

@@ -18,7 +18,7 @@ from typing import Optional
 
 from finetune.config import options_from_args
 from finetune.errors import UserError
-from finetune.generation import Sampling
+from finetune.sampling import Sampling
 
 
 @dataclass

@@ -7,7 +7,8 @@ import math
 import torch
 
 from finetune import data as data_lib
-from finetune.generation import Sampling, chat_replies
+from finetune.generation import chat_replies
+from finetune.sampling import Sampling
 from finetune.models import TrainableModel
 from finetune.training.objective import Objective, add_metrics, metric_means
 

@@ -17,7 +17,8 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.utils import Collator, handle_stop_sequences, normalize_gen_kwargs
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
-from finetune.generation import Sampling, generate_texts, pad_id
+from finetune.generation import generate_texts, pad_id
+from finetune.sampling import Sampling
 from finetune.lora import compute_device
 
 # lm_eval's own default when a task sets no max_gen_toks.

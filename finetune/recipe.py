@@ -24,13 +24,14 @@ from finetune.adapter_format import QuantRecord, read_config
 from finetune.config import ConfigError, ModelImpl, ObjectiveName, RunConfig
 from finetune.errors import TrainingStopped
 from finetune.evaluate import evaluate_loss, evaluate_objective, exact_match, format_metrics, preference_wins
-from finetune.generation import Sampling, chat_replies, pad_id
+from finetune.generation import chat_replies, pad_id
 from finetune.hub_code import keep_hub_code_out
 from finetune.io import IfExists, atomic_dir
 from finetune.models import (LoadedModel, MemoryLayout, Placement, build_model, choose_impl, load_adapter_weights,
                               load_tokenizer)
 from finetune.models.source import ModelSource, resolve_source
 from finetune.plan import memory, perf
+from finetune.sampling import Sampling
 from finetune.tracking import Trackers, open_trackers
 from finetune.training.checkpoint import (TrainerState, gather_trainable_state, optimizer_state_on_cpu,
                                           restore_rng_states, rng_states, save_adapter, save_checkpoint,

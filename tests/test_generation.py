@@ -9,7 +9,8 @@ import pytest
 import torch
 from transformers import AutoTokenizer, GenerationConfig
 
-from finetune.generation import Sampling, chat_replies, generate_ids, generate_texts, stream_reply
+from finetune.generation import chat_replies, generate_ids, generate_texts, stream_reply
+from finetune.sampling import Sampling
 from test_native import (COMMON, bf16_config, checkpoints, copy_lora_from_peft, cuda, generic_model,  # noqa: F401
                          native_model, random_ids, relative_error, transformers_reference)
 

@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 
 from runner import REPO, run_train
 
@@ -105,3 +106,18 @@ def test_existing_output_dir_is_never_overwritten(tmp_path):
     result = run_train(f"output_dir={out}")
     assert result.returncode == 2 and "not empty" in result.stderr
     assert (out / "notes.txt").read_text() == "keep me" and sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+
+
+@pytest.mark.parametrize("module, args, message", [
+    ("finetune.chat", ["adapter=.", "top_p=2"], "finetune-chat: error: top_p must be in (0, 1]"),
+    ("finetune.chat", ["adapter=.", "topp=0.5"], "finetune-chat: error: "),
+    ("finetune.benchmark", ["adapter=.", "tasks=x", "limit=0"], "finetune-eval: error: limit=0"),
+])
+def test_option_mistakes_are_reported_before_the_heavy_imports(module, args, message):
+    """A typo costs a fraction of a second: the commands check their options before importing torch,
+    bitsandbytes or the model code (seconds each)."""
+    probe = (f"import sys; from {module} import main; code = main({args!r}); "
+             "print(code, sorted(m for m in ('torch', 'bitsandbytes', 'transformers') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.stdout.strip() == "2 []", result.stderr[-2000:]
+    assert result.stderr.startswith(message)

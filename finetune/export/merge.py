@@ -178,8 +178,10 @@ def main(argv: list[str] | None = None) -> int:
 
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:
+        # Options first: keep_hub_code_out imports bitsandbytes, seconds before a typo is reported.
+        config = parse_args(argv)
         keep_hub_code_out()
-        merge_adapter(parse_args(argv))
+        merge_adapter(config)
     except MergeError as e:
         print(f"finetune-merge: error: {e}", file=sys.stderr)
         return e.exit_code
