@@ -38,7 +38,8 @@ from finetune.models.native.kept_attention import MIN_ROW_TOKENS as KEPT_ATTENTI
 from finetune.models.native.parking import LAYERS_IN_FLIGHT
 from finetune.models.native.streaming import SLOTS
 from finetune.models.source import ModelSource, locate_source
-from finetune.plan.perf import ASSUMED_MFU, ASSUMED_PEAK_TFLOPS, DEFAULT_HOST_LINK_GBPS, PARKING_COST, LayerFlops
+from finetune.plan.perf import (ASSUMED_MFU, ASSUMED_PEAK_TFLOPS, DEFAULT_HOST_LINK_GBPS, PARKING_BYTES_PER_FORWARD_FLOP,
+                                PARKING_COST, LayerFlops)
 
 GiB = 2**30
 GB = 10**9
@@ -663,6 +664,16 @@ def _step_matmul_flops(run: _Run, offload: OffloadMode, tokens: int) -> float:
     return tokens * per_token
 
 
+def _parking_keeps_pace(run: _Run, offload: OffloadMode, tokens: int) -> bool:
+    """Whether what the step parks (recomputed layers' checkpoints, parked layers' activations) can
+    cross the link during the forward (perf.PARKING_BYTES_PER_FORWARD_FLOP), so that parking for
+    speed does not wait on the copies."""
+    parked = sum(item.bytes for item in _host_items(run, offload, tokens)
+                 if item.name.startswith(("layer checkpoints", "parked activations")))
+    forward = tokens * run.arch["num_hidden_layers"] * layer_flops(run.arch, tokens // run.micro_batch_size).forward
+    return parked <= forward * PARKING_BYTES_PER_FORWARD_FLOP
+
+
 def _longest_seq_len(run: _Run, offload: OffloadMode, budget: int, limit: int) -> int:
     """The longest sequence (at micro_batch_size) whose step fits `budget`; memory grows with length."""
     low, high = 0, limit
@@ -745,9 +756,10 @@ def _options(run: _Run, choices: list[OffloadMode], auto_layers: bool, tokens: i
 def _fastest(options: list[_Option], tokens: int, host_ram: int) -> tuple[_Option, str | None]:
     """Of the options that fit, those that stream no weights if any does (streaming waits on the
     link); of those the first (the cheapest in host traffic, as configured), unless another is
-    predicted to do less matmul work by more than parking costs (perf.PARKING_COST) within
-    PARKING_RAM_SHARE of the RAM: when recomputed layers keep attention's results, or fewer layers
-    recompute. Also why, in words, where the pick is not the first."""
+    predicted to do less matmul work by more than parking costs (perf.PARKING_COST), within
+    PARKING_RAM_SHARE of the RAM and at a pace the link keeps (`_parking_keeps_pace`): when recomputed
+    layers keep attention's results, or fewer layers recompute. Also why, in words, where the pick is
+    not the first."""
     fitting = [option for option in options if option.fits]
     streams = min(option.offload in STREAMS_WEIGHTS for option in fitting)
     tier = [option for option in fitting if (option.offload in STREAMS_WEIGHTS) == streams]
@@ -761,7 +773,8 @@ def _fastest(options: list[_Option], tokens: int, host_ram: int) -> tuple[_Optio
         return work * (1 + PARKING_COST) if option.offload in PARKS_ACTIVATIONS else work
 
     allowed = [first] + [option for option in tier[1:] if option.offload not in PARKS_ACTIVATIONS
-                         or pinned(option) <= PARKING_RAM_SHARE * host_ram]
+                         or (pinned(option) <= PARKING_RAM_SHARE * host_ram
+                             and _parking_keeps_pace(option.run, option.offload, tokens))]
     best = min(allowed, key=cost)
     if best is first:
         return first, None
@@ -919,7 +932,8 @@ def _parking_hint(run: _Run, offload: OffloadMode, tokens: int, budget: int, hos
     """For a long sequence that recomputes layers: the most of them that could park instead
     (model.parked_layers, MLP chunks) within the GPU budget and a share of the RAM, as a suggestion
     where it is predicted to do less matmul work by more than parking costs (a layer that kept
-    attention's results recomputes about what a parked layer's MLP chunks do)."""
+    attention's results recomputes about what a parked layer's MLP chunks do), at a pace the link
+    keeps."""
     seq_len = tokens // run.micro_batch_size
     if run.impl is not ModelImpl.native or run.compiled or run.parked or not run.checkpointed_layers \
             or seq_len < PARKING_PAYS_FROM_TOKENS:
@@ -932,7 +946,7 @@ def _parking_hint(run: _Run, offload: OffloadMode, tokens: int, budget: int, hos
         gpu = _gpu_total(candidate, offload, tokens)
         if host <= PARKING_RAM_SHARE * host_ram and gpu <= budget:
             if _step_matmul_flops(candidate, offload, tokens) * (1 + PARKING_COST) >= \
-                    _step_matmul_flops(run, offload, tokens):
+                    _step_matmul_flops(run, offload, tokens) or not _parking_keeps_pace(candidate, offload, tokens):
                 return None
             return (f"model.checkpoint_layers={candidate.checkpointed_layers} model.parked_layers={parked} "
                     f"model.mlp_chunk_tokens={chunk} would skip {parked} layers' recompute, keeping their "

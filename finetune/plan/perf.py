@@ -24,6 +24,14 @@ ATTENTION_BACKWARD_RATIO = 2.5
 # 1.00x at 1 x 8192 (Llama-3-8B, H100, the same layers recomputed): the copies mostly hide behind
 # the compute. hardware.offload=auto parks for speed only where the plan predicts a larger saving.
 PARKING_COST = 0.03
+# What a step parks leaves during its forward, and hides only if the link carries it meanwhile. An
+# H100 copied 55 GB/s to pinned memory (PCIe 5.0 x16) while its forward ran at an estimated ~590
+# TFLOP/s (Llama-3-8B at 2 x 2048: ~59 TFLOP in ~100 ms, from the profile's GEMM share): ~93 bytes
+# per million FLOPs. A desktop card (PCIe 4.0 at 25 GB/s, ~66 TFLOP/s sustained) has four times that
+# headroom, so the H100's ratio is the one parking for speed must keep within. It separates what was
+# measured: all 32 layers parked at 1 x 32768 (36 GiB in ~1.2 s of forward) paid, 1.11x; at 2 x 2048
+# (26 GB in ~0.1 s) it ran 0.60x.
+PARKING_BYTES_PER_FORWARD_FLOP = 55e9 / 590e12
 
 
 @dataclass(frozen=True)
@@ -35,6 +43,10 @@ class LayerFlops:
     projections: float
     mlp: float
     attention: float
+
+    @property
+    def forward(self) -> float:
+        return self.projections + self.attention
 
     def step(self, recomputed: bool, keeps_attention: bool, mlp_chunked: bool) -> float:
         """Per token, one training step of the layer. QLoRA's frozen projections compute only their
