@@ -877,8 +877,10 @@ def plan_for_run(cfg: RunConfig, source: ModelSource, impl: ModelImpl, impl_reas
     if len(choices) > 1:
         offload_reason += (f" picked {faster}" if faster else " picked the cheapest that fits" if fitting
                            else ": none fits, the most offloaded shown")
+        # The totals of the variant picked: with attention kept, or (where that did not fit) without.
         offload_reason += " of " + ", ".join(f"{option.offload.value} {option.gpu_total / GiB:.1f} GiB"
-                                             for option in options[:len(choices)])
+                                             for option in options
+                                             if option.run.keep_attention == chosen.run.keep_attention)
 
     max_positions = arch.get("max_position_embeddings")
     # Up to the model's context (or 1M tokens where it states none): planning further is pointless.
