@@ -19,6 +19,18 @@ from finetune.lora import compute_device
 from finetune.sampling import Sampling
 
 
+def generation_config(sampling: Sampling, tokenizer, model):
+    """The transformers GenerationConfig that means what `sampling` does."""
+    from transformers import GenerationConfig
+
+    # top_k=0 spelled out: transformers takes an unset top_k as 50.
+    sampled = {} if sampling.greedy else dict(temperature=sampling.temperature, top_k=sampling.top_k,
+                                              top_p=sampling.top_p)
+    return GenerationConfig(max_new_tokens=sampling.max_new_tokens, do_sample=not sampling.greedy,
+                            repetition_penalty=sampling.repetition_penalty,
+                            eos_token_id=eos_ids(tokenizer, model) or None, pad_token_id=pad_id(tokenizer), **sampled)
+
+
 def eos_ids(tokenizer, model) -> list[int]:
     """Every id that ends a reply: the tokenizer's EOS and those of the model's generation_config
     (chat models often end a turn with a token other than the tokenizer's EOS)."""
@@ -79,7 +91,7 @@ def generate_ids(model, tokenizer, prompts: list[list[int]], sampling: Sampling,
     pad = pad_id(tokenizer)
     input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
     attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
-    config = sampling.generation_config(tokenizer, model)
+    config = generation_config(sampling, tokenizer, model)
     model.eval()
     with torch.no_grad(), seeded(sampling.seed, device):
         stopping = [StopOnText(tokenizer, sampling.stop, width)] if sampling.stop else []

@@ -33,15 +33,3 @@ class Sampling:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
-
-    def generation_config(self, tokenizer, model):
-        """The transformers GenerationConfig that means the same."""
-        from transformers import GenerationConfig
-
-        from finetune.generation import eos_ids, pad_id
-
-        # top_k=0 spelled out: transformers takes an unset top_k as 50.
-        sampled = {} if self.greedy else dict(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p)
-        return GenerationConfig(max_new_tokens=self.max_new_tokens, do_sample=not self.greedy,
-                                repetition_penalty=self.repetition_penalty, eos_token_id=eos_ids(tokenizer, model) or None,
-                                pad_token_id=pad_id(tokenizer), **sampled)

@@ -355,10 +355,10 @@ def decide_memory_layout(cfg: RunConfig, source: ModelSource, impl: ModelImpl, i
                            "planner plans one process); pass a number of layers to recompute fewer.")
             auto_layers = False
     planned_layers = planned_chunks = plan = None
-    # Kept attention is planned too where it would apply: it gives way where it would not fit.
-    keeps_attention = cfg.model.keep_attention and processes == 1 and \
+    # Kept attention is planned too where it may apply: it gives way where it would not fit.
+    attention_may_be_kept = cfg.model.keep_attention and processes == 1 and \
         (mode in PARKS_ACTIVATIONS or cfg.model.offload_checkpoints)
-    if mode is OffloadMode.auto or auto_layers or keeps_attention:
+    if mode is OffloadMode.auto or auto_layers or attention_may_be_kept:
         plan = plan_for_run(cfg, source, impl, impl_reason)
         planned = f"planned peak {plan.gpu_total / GiB:.1f} GiB of {plan.budget_bytes / GiB:.1f} GiB " \
                   f"({plan.budget_source})" + ("" if plan.fits else "; the plan says it does not fit, see train.dry_run=true")
