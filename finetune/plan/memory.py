@@ -38,8 +38,8 @@ from finetune.models.native.kept_attention import MIN_ROW_TOKENS as KEPT_ATTENTI
 from finetune.models.native.parking import LAYERS_IN_FLIGHT
 from finetune.models.native.streaming import SLOTS
 from finetune.models.source import ModelSource, locate_source
-from finetune.plan.perf import (ASSUMED_MFU, ASSUMED_PEAK_TFLOPS, DEFAULT_HOST_LINK_GBPS, PARKING_BYTES_PER_FORWARD_FLOP,
-                                PARKING_COST, LayerFlops)
+from finetune.plan.perf import (ASSUMED_MFU, ASSUMED_PEAK_TFLOPS, DEFAULT_HOST_LINK_GBPS,
+                                PARKING_BYTES_PER_FORWARD_FLOP, PARKING_COST, LayerFlops)
 
 GiB = 2**30
 GB = 10**9
@@ -364,7 +364,8 @@ def decide_memory_layout(cfg: RunConfig, source: ModelSource, impl: ModelImpl, i
                   f"({plan.budget_source})" + ("" if plan.fits else "; the plan says it does not fit, see train.dry_run=true")
         if mode is OffloadMode.auto:
             mode = plan.offload
-            notices.append(f"hardware.offload=auto: {mode.value}, {planned}")
+            notices.append(f"hardware.offload=auto: {mode.value}, {planned}"
+                           + (f"; picked {plan.offload_for_speed.rstrip(',')}" if plan.offload_for_speed else ""))
         if auto_layers:
             planned_layers = plan.checkpointed_layers
             notices.append(f"model.checkpoint_layers=auto: recomputing {planned_layers} of "
@@ -435,6 +436,7 @@ class MemoryPlan:
     budget_source: str
     offload: OffloadMode  # what the plan decided: never auto
     offload_reason: str
+    offload_for_speed: str | None  # why auto parks more than it must, in words (None: the cheapest that fits)
     gpu: list[LineItem]
     host: list[LineItem]
     gpu_total: int
@@ -920,7 +922,8 @@ def plan_for_run(cfg: RunConfig, source: ModelSource, impl: ModelImpl, impl_reas
         checkpointing_detail=_checkpointing_detail(run, auto_layers, auto_chunks, attention_dropped),
         keep_attention=run.keep_attention,
         budget_bytes=budget, budget_source=budget_source,
-        offload=offload, offload_reason=offload_reason, gpu=_gpu_items(run, offload, tokens),
+        offload=offload, offload_reason=offload_reason, offload_for_speed=faster,
+        gpu=_gpu_items(run, offload, tokens),
         host=_host_items(run, offload, tokens), gpu_total=chosen.gpu_total, fits=chosen.fits,
         longest_seq_len=longest, max_position_embeddings=max_positions,
         loss_chunk_tokens=loss_chunk_tokens(tokens, arch["hidden_size"], arch["vocab_size"]) if run.chunked_loss
