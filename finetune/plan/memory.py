@@ -669,11 +669,14 @@ def _step_matmul_flops(run: _Run, offload: OffloadMode, tokens: int) -> float:
 def _parking_keeps_pace(run: _Run, offload: OffloadMode, tokens: int) -> bool:
     """Whether what the step parks (recomputed layers' checkpoints, parked layers' activations) can
     cross the link during the forward (perf.PARKING_BYTES_PER_FORWARD_FLOP), so that parking for
-    speed does not wait on the copies."""
+    speed does not wait on the copies. It comes back in the backward, whose matmul work is at least
+    the forward's, beside the streamed weights where they stream (PCIe carries each direction at
+    its own rate: the weights' forward copies do not compete with parking's)."""
     parked = sum(item.bytes for item in _host_items(run, offload, tokens)
                  if item.name.startswith(("layer checkpoints", "parked activations")))
+    streamed = nf4_linear_bytes(run.arch, run.double_quant) if offload in STREAMS_WEIGHTS else 0
     forward = tokens * run.arch["num_hidden_layers"] * layer_flops(run.arch, tokens // run.micro_batch_size).forward
-    return parked <= forward * PARKING_BYTES_PER_FORWARD_FLOP
+    return parked + streamed <= forward * PARKING_BYTES_PER_FORWARD_FLOP
 
 
 def _longest_seq_len(run: _Run, offload: OffloadMode, budget: int, limit: int) -> int:

@@ -444,6 +444,16 @@ def test_parking_for_speed_keeps_within_what_the_link_carries_during_the_forward
     assert memory._parking_keeps_pace(run, OffloadMode.none, rows * seq) is paid
 
 
+def test_streamed_weights_share_the_backward_link_with_what_comes_back(monkeypatch):
+    """Llama-3.1-8B at 1 x 4096 under 8 GiB streams its weights (3.6 GB each way a step): parking
+    25 layers' checkpoints and kept attention too (3.8 GB) would save an estimated 8% of the matmul
+    work, but the backward would then bring back 7.4 GB where the link carries ~5.7 meanwhile."""
+    fake_ram(monkeypatch, 64)
+    streamed = plan("recipe=llama3_8b_qlora", NATIVE, "hardware.gpu_memory_gb=8", "train.micro_batch_size=1",
+                    "data.max_seq_len=4096")
+    assert streamed.offload is OffloadMode.weights and streamed.offload_for_speed is None
+
+
 def test_kept_attention_gives_way_where_it_would_leave_nothing_that_fits(monkeypatch):
     """Llama-3.1-8B at 1 x 131072 under 24 GiB: the recomputed layers' kept attention in flight
     (2 x 131072 x 37 KiB) leaves only weight streaming that fits, pinning 148 GiB; without it,
