@@ -653,6 +653,10 @@ def _gpu_total(run: _Run, offload: OffloadMode, tokens: int) -> int:
     return sum(item.bytes for item in _gpu_items(run, offload, tokens))
 
 
+def _host_total(run: _Run, offload: OffloadMode, tokens: int) -> int:
+    return sum(item.bytes for item in _host_items(run, offload, tokens))
+
+
 def _step_matmul_flops(run: _Run, offload: OffloadMode, tokens: int) -> float:
     """The matmul work of one micro-batch as the plan would run it (LayerFlops.step per layer, and
     the LM head's forward and input gradient): what hardware.offload=auto weighs settings by."""
@@ -770,15 +774,12 @@ def _fastest(options: list[_Option], tokens: int, host_ram: int) -> tuple[_Optio
     tier = [option for option in fitting if (option.offload in STREAMS_WEIGHTS) == streams]
     first = tier[0]
 
-    def pinned(option: _Option) -> int:
-        return sum(item.bytes for item in _host_items(option.run, option.offload, tokens))
-
     def cost(option: _Option) -> float:
         work = _step_matmul_flops(option.run, option.offload, tokens)
         return work * (1 + PARKING_COST) if option.offload in PARKS_ACTIVATIONS else work
 
     allowed = [first] + [option for option in tier[1:] if option.offload not in PARKS_ACTIVATIONS
-                         or (pinned(option) <= PARKING_RAM_SHARE * host_ram
+                         or (_host_total(option.run, option.offload, tokens) <= PARKING_RAM_SHARE * host_ram
                              and _parking_keeps_pace(option.run, option.offload, tokens))]
     best = min(allowed, key=cost)
     if best is first:
@@ -790,7 +791,7 @@ def _fastest(options: list[_Option], tokens: int, host_ram: int) -> tuple[_Optio
         (["recomputed layers keep attention's results"] if recomputed and best.offload in PARKS_ACTIVATIONS
          and _keeps_attention(best.run, tokens) else [])
     return best, (f"{best.offload.value}, an estimated {saving:.0%} less matmul work a step than {first.offload.value} "
-                  f"({', '.join(why)}; {pinned(best) / GiB:.1f} GiB pinned),")
+                  f"({', '.join(why)}; {_host_total(best.run, best.offload, tokens) / GiB:.1f} GiB pinned),")
 
 
 def _fewest_checkpointed_layers(run: _Run, offload: OffloadMode, tokens: int, budget: int) -> int:
@@ -950,7 +951,7 @@ def _parking_hint(run: _Run, offload: OffloadMode, tokens: int, budget: int, hos
     for parked in range(run.checkpointed_layers, 0, -1):
         candidate = replace(run, checkpointed_layers=run.checkpointed_layers - parked, parked_layers=parked,
                             mlp_chunk_tokens=chunk)
-        host = sum(item.bytes for item in _host_items(candidate, offload, tokens))
+        host = _host_total(candidate, offload, tokens)
         gpu = _gpu_total(candidate, offload, tokens)
         if host <= PARKING_RAM_SHARE * host_ram and gpu <= budget:
             if _step_matmul_flops(candidate, offload, tokens) * (1 + PARKING_COST) >= \
